@@ -1,0 +1,1 @@
+"""The scheduler core: schedules, solver plans, the sync-free loop and the functional API."""

@@ -1,0 +1,126 @@
+"""The one model contract: a raw network `fn(x, t, **cond)` wrapped into a denoiser D(x, stage) -> x0.
+
+Parameterizations (epsilon, v, sample, consistency) live only here; classifier-free guidance combines the two
+network outputs here, before the parameterization (exactly where diffusers pipelines combine them); clipping and
+dynamic thresholding of x0 are post-processing steps applied by the loop. Solvers never see any of it.
+
+Each stage's scalars (c_in, c_skip, c_out, timestep) are computed on the host once, before the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .plan import Plan, Stage
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "consistency")
+
+
+@dataclass(frozen=True)
+class Preconditioning:
+    """D(x) = c_skip * x + c_out * fn(c_in * x, timestep), for a VP state x = alpha * x0 + sigma * eps."""
+
+    c_in: float
+    c_skip: float
+    c_out: float
+
+
+def preconditioning(
+    prediction_type: str, stage: Stage, sigma_data: float = 0.5, sigma_min: float = 0.002
+) -> Preconditioning:
+    """The per-stage scalars of a parameterization.
+
+    epsilon: x0 = (x - sigma * eps) / alpha. v_prediction (Salimans & Ho 2022): x0 = alpha * x - sigma * v.
+    sample: the network predicts x0. consistency (Song et al. 2023, appendix C): a network on the VE sample
+    x_ve = x / alpha with c_in = 1 / sqrt(s^2 + sd^2), c_skip = sd^2 / ((s - s_min)^2 + sd^2),
+    c_out = (s - s_min) * sd / sqrt(s^2 + sd^2), s = sigma / alpha.
+    """
+    alpha, sigma = stage.alpha, stage.sigma
+    if prediction_type == "epsilon":
+        return Preconditioning(1.0, 1.0 / alpha, -sigma / alpha)
+    if prediction_type == "v_prediction":
+        return Preconditioning(1.0, alpha, -sigma)
+    if prediction_type == "sample":
+        return Preconditioning(1.0, 0.0, 1.0)
+    if prediction_type == "consistency":
+        s, sd = sigma / alpha, sigma_data
+        c_skip = sd**2 / ((s - sigma_min) ** 2 + sd**2)
+        c_out = (s - sigma_min) * sd / math.sqrt(s**2 + sd**2)
+        return Preconditioning(1.0 / (alpha * math.sqrt(s**2 + sd**2)), c_skip / alpha, c_out)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+
+
+class Denoiser:
+    """D(x, k) for stage k of a plan: the network call(s), guidance and parameterization.
+
+    fn: the raw network, fn(x_in [B', ...], t [B'], **cond) -> output shaped like x_in.
+    cond / uncond: keyword tensors with a leading batch dim B, concatenated as [uncond, cond] when guided.
+    guidance_scale == 1 means one network call per stage and uncond is not used.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        plan: Plan,
+        prediction_type: str,
+        *,
+        batch: int,
+        device: torch.device,
+        cond: Mapping[str, torch.Tensor] | None = None,
+        uncond: Mapping[str, torch.Tensor] | None = None,
+        guidance_scale: float = 1.0,
+        **parameterization: float,
+    ):
+        self.fn = fn
+        self.scalars = [preconditioning(prediction_type, s, **parameterization) for s in plan.stages]
+        self.guided = guidance_scale != 1.0
+        self.guidance_scale = guidance_scale
+        copies = 2 if self.guided else 1
+        timestep_dtype = torch.int64 if plan.integer_timesteps else torch.float32
+        # [stages, copies * B]: the timestep each network call receives, built once (no per-step host->device copy)
+        times = torch.tensor([s.timestep for s in plan.stages], dtype=torch.float64)
+        if plan.integer_timesteps:
+            times = times.round()
+        self.timesteps = times.to(timestep_dtype)[:, None].expand(-1, copies * batch).to(device)
+        cond = dict(cond or {})
+        if self.guided:
+            uncond = dict(uncond or {})
+            cond = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
+        self.cond = cond
+
+    def __call__(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x: [B, ...] the state at stage k's evaluation point -> the (guided) denoised estimate [B, ...]."""
+        c = self.scalars[k]
+        x_in = x if c.c_in == 1.0 else x * c.c_in
+        if self.guided:
+            out_uncond, out_cond = self.fn(torch.cat([x_in, x_in]), self.timesteps[k], **self.cond).chunk(2)
+            out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
+        else:
+            out = self.fn(x_in, self.timesteps[k], **self.cond)
+        if out.shape != x.shape:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}; it must "
+                             "return a prediction shaped like its input (split off learned-variance channels)")
+        return c.c_skip * x + c.c_out * out if c.c_skip != 0.0 else c.c_out * out
+
+
+def clip(limit: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x0 clipped to [-limit, limit] (DDPM's clip_sample)."""
+    return lambda x0: x0.clamp(-limit, limit)
+
+
+def dynamic_threshold(ratio: float, max_value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): per sample, s = the `ratio` quantile of
+    |x0| clamped to [1, max_value]; x0 -> clamp(x0, -s, s) / s. Statistics in float32 or better."""
+
+    def threshold(x0: torch.Tensor) -> torch.Tensor:
+        flat = x0.reshape(x0.shape[0], -1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)[:, None]  # [B, 1]
+        return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+    return threshold

@@ -1,0 +1,85 @@
+"""A sampler as data: the float64 coefficient plan that the loop interprets (ARCHITECTURE.md contract 2).
+
+Every sampler in blitzdiff is compiled, on the host and once, into a `Plan`: a sequence of stages, one per network
+evaluation. Stage k evaluates the denoiser D at a point that is a linear combination of the state x, the denoised
+history and fresh noise, then (optionally) replaces the state by another such combination. First-step, final-step,
+lower-order-final and sigma_next == 0 special cases are all resolved here, so the loop never branches on data.
+
+State convention (see schedules.py): x = alpha * x0 + sigma * eps with alpha^2 + sigma^2 = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Combination:
+    """x * self.x + sum_j self.denoised[j] * D[-1 - j] + self.raw * D_raw[-1] + self.noise * z.
+
+    D is the history of (post-processed) denoised estimates, newest last; D_raw[-1] the newest estimate before
+    clipping / thresholding (only DDIM's "direction pointing to x_t" uses it); z is fresh unit Gaussian noise,
+    drawn per sample from its seed.
+    """
+
+    x: float = 1.0
+    denoised: tuple[float, ...] = ()
+    raw: float = 0.0
+    noise: float = 0.0
+
+    def then(self, outer: Combination) -> Combination:
+        """The combination `outer` applied to the result of `self` (no new evaluation in between).
+
+        Both sides share the same history; noise may appear in only one of them (each stage draws once).
+        """
+        assert self.noise == 0.0 or outer.noise == 0.0, "composed combinations may draw noise only once"
+        width = max(len(self.denoised), len(outer.denoised))
+        inner_d = self.denoised + (0.0,) * (width - len(self.denoised))
+        outer_d = outer.denoised + (0.0,) * (width - len(outer.denoised))
+        return Combination(
+            x=outer.x * self.x,
+            denoised=tuple(o + outer.x * i for i, o in zip(inner_d, outer_d, strict=True)),
+            raw=outer.raw + outer.x * self.raw,
+            noise=outer.noise + outer.x * self.noise,
+        )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One network evaluation.
+
+    timestep: what the network receives at this evaluation (diffusers' timestep value).
+    alpha, sigma: the evaluation point's noise level, x = alpha * x0 + sigma * eps.
+    point: where D is evaluated; None means at the state x itself.
+    update: the state after this evaluation; None leaves it unchanged (e.g. Heun's first stage).
+    """
+
+    timestep: float
+    alpha: float
+    sigma: float
+    point: Combination | None = None
+    update: Combination | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """stages: one per network evaluation. init_scale: initial state = init_scale * unit noise (diffusers'
+    init_noise_sigma, mapped into the VP state). output_scale: returned sample = output_scale * final state (maps
+    back to the space the diffusers scheduler returns its sample in). integer_timesteps: whether the network gets
+    int64 timesteps (discrete schedulers) or float32 ones (sigma-interpolated schedulers).
+    """
+
+    stages: tuple[Stage, ...]
+    init_scale: float = 1.0
+    output_scale: float = 1.0
+    integer_timesteps: bool = True
+
+    @property
+    def history(self) -> int:
+        """How many past denoised estimates the loop must keep (at least 1)."""
+        used = [len(c.denoised) for s in self.stages for c in (s.point, s.update) if c is not None]
+        return max([1, *used])
+
+    @property
+    def stochastic(self) -> bool:
+        return any(c.noise != 0.0 for s in self.stages for c in (s.point, s.update) if c is not None)

@@ -1,0 +1,35 @@
+"""The solver table: diffusers scheduler class name -> plan builder `build(config, steps, **options) -> Plan`.
+
+Options a builder accepts are its keyword arguments (e.g. DDIM's `eta`, LCM's custom `timesteps`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from ..config import SchedulerConfig
+from ..plan import Plan
+from . import ddim
+
+BUILDERS: dict[str, Callable[..., Plan]] = {
+    "DDIMScheduler": ddim.ddim,
+    "DDPMScheduler": ddim.ddpm,
+}
+
+
+def build_plan(config: SchedulerConfig, steps: int, **options: Any) -> Plan:
+    """The plan for `steps` steps of the configured sampler. Options the sampler does not take are an error."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    limit = config.num_train_timesteps
+    if steps > limit:
+        raise ValueError(f"steps={steps} exceeds the training schedule (num_train_timesteps={limit}); "
+                         f"allowed: 1..{limit}")
+    builder = BUILDERS[config.class_name]
+    accepted = set(inspect.signature(builder).parameters) - {"config", "steps"}
+    extra = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    if extra:
+        raise ValueError(f"{config.name} does not take option(s) {extra}; it takes: {sorted(accepted) or 'none'}")
+    return builder(config, steps, **{k: v for k, v in options.items() if v is not None})
