@@ -5,18 +5,32 @@ Options a builder accepts are its keyword arguments (e.g. DDIM's `eta`, LCM's cu
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from ..config import SchedulerConfig
 from ..plan import Plan
-from . import ddim
 
-BUILDERS: dict[str, Callable[..., Plan]] = {
-    "DDIMScheduler": ddim.ddim,
-    "DDPMScheduler": ddim.ddpm,
+# class -> "module:function" in this package
+BUILDERS: dict[str, str] = {
+    "DDIMScheduler": "ddim:ddim",
+    "DDPMScheduler": "ddim:ddpm",
+    "EulerDiscreteScheduler": "euler:euler",
+    "EulerAncestralDiscreteScheduler": "euler:euler_ancestral",
+    "HeunDiscreteScheduler": "euler:heun",
+    "DPMSolverMultistepScheduler": "dpm_multistep:dpm_multistep",
+    "DPMSolverSinglestepScheduler": "dpm_singlestep:dpm_singlestep",
+    "UniPCMultistepScheduler": "unipc:unipc",
+    "LCMScheduler": "consistency:lcm",
+    "CMStochasticIterativeScheduler": "consistency:consistency",
 }
+
+
+def builder(class_name: str) -> Callable[..., Plan]:
+    module, function = BUILDERS[class_name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), function)
 
 
 def build_plan(config: SchedulerConfig, steps: int, **options: Any) -> Plan:
@@ -27,9 +41,9 @@ def build_plan(config: SchedulerConfig, steps: int, **options: Any) -> Plan:
     if steps > limit:
         raise ValueError(f"steps={steps} exceeds the training schedule (num_train_timesteps={limit}); "
                          f"allowed: 1..{limit}")
-    builder = BUILDERS[config.class_name]
-    accepted = set(inspect.signature(builder).parameters) - {"config", "steps"}
+    build = builder(config.class_name)
+    accepted = set(inspect.signature(build).parameters) - {"config", "steps"}
     extra = sorted(k for k, v in options.items() if v is not None and k not in accepted)
     if extra:
         raise ValueError(f"{config.name} does not take option(s) {extra}; it takes: {sorted(accepted) or 'none'}")
-    return builder(config, steps, **{k: v for k, v in options.items() if v is not None})
+    return build(config, steps, **{k: v for k, v in options.items() if v is not None})
