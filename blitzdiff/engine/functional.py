@@ -49,7 +49,7 @@ def sample(
     fn: Callable[..., torch.Tensor],
     noise: torch.Tensor,
     *,
-    steps: int,
+    steps: int | None = None,
     sampler: str | None = None,
     scheduler_config: Mapping[str, Any] | str | Path | None = None,
     prediction_type: str | None = None,

@@ -33,8 +33,20 @@ def builder(class_name: str) -> Callable[..., Plan]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), function)
 
 
-def build_plan(config: SchedulerConfig, steps: int, **options: Any) -> Plan:
-    """The plan for `steps` steps of the configured sampler. Options the sampler does not take are an error."""
+def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Plan:
+    """The plan for `steps` steps of the configured sampler. Options the sampler does not take are an error.
+
+    With explicit `timesteps` (samplers that take them), steps may be None: it is then len(timesteps).
+    """
+    timesteps = options.get("timesteps")
+    if timesteps is not None:
+        count = len(timesteps)
+        if steps is not None and steps != count:
+            raise ValueError(f"steps={steps} but {count} timesteps were given; pass matching counts or only "
+                             "timesteps")
+        steps = count
+    elif steps is None:
+        raise ValueError("steps is required (it may be left out only when explicit timesteps are given)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     limit = config.num_train_timesteps
