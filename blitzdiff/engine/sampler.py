@@ -25,15 +25,18 @@ def combine(
     seeds: torch.Tensor,
     stream: int,
 ) -> torch.Tensor:
-    """Evaluate a Combination; zero coefficients were dropped on the host, so only the live terms run."""
-    out = x * c.x if c.x != 1.0 else x
-    for j, coef in enumerate(c.denoised):
-        if coef != 0.0:
-            out = torch.add(out, history[-1 - j], alpha=coef)
-    if c.raw != 0.0:
-        out = torch.add(out, raw, alpha=c.raw)
+    """Evaluate a Combination. Terms with a zero coefficient are skipped on the host (a zero is never multiplied,
+    so an infinite or unused tensor cannot leak NaN into the result); the noise is drawn only when used."""
+    terms = [(c.x, x), *((coef, history[-1 - j]) for j, coef in enumerate(c.denoised)), (c.raw, raw)]
     if c.noise != 0.0:
-        out = torch.add(out, gaussian(seeds, stream, x.shape[1:], x.dtype), alpha=c.noise)
+        terms.append((c.noise, gaussian(seeds, stream, x.shape[1:], x.dtype)))
+    live = [(coef, tensor) for coef, tensor in terms if coef != 0.0]
+    if not live:
+        return torch.zeros_like(x)
+    first_coef, out = live[0]
+    out = out * first_coef if first_coef != 1.0 else out
+    for coef, tensor in live[1:]:
+        out = torch.add(out, tensor, alpha=coef)
     return out
 
 
