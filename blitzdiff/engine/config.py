@@ -83,6 +83,16 @@ _UNSUPPORTED_VALUES: Mapping[str, tuple[Any, ...]] = {
     "use_lu_lambdas": (False,), "solver_p": (None,), "shift_terminal": (None,),
 }
 
+# Values diffusers' __init__ silently rewrites (so a DPM-Solver config can be loaded into UniPC and back):
+# class -> field -> {given value: the value diffusers registers}.
+_DPM_ALIASES = {"algorithm_type": {"deis": "dpmsolver++"},
+                "solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}}
+_ALIASES: Mapping[str, Mapping[str, Mapping[Any, Any]]] = {
+    "DPMSolverMultistepScheduler": _DPM_ALIASES,
+    "DPMSolverSinglestepScheduler": _DPM_ALIASES,
+    "UniPCMultistepScheduler": {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}},
+}
+
 # name -> (diffusers class, the fields the name fixes)
 SAMPLERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -183,6 +193,9 @@ def resolve(
     if bad_overrides:
         raise ValueError(f"{class_name} has no field(s) {bad_overrides}; its fields: {sorted(defaults)}")
     fields = {**defaults, **{k: v for k, v in given.items() if k in defaults}, **fixed, **overrides}
+    for field, aliases in _ALIASES.get(class_name, {}).items():
+        if isinstance(fields[field], str) and fields[field] in aliases:
+            fields[field] = aliases[fields[field]]
     config = SchedulerConfig(class_name, MappingProxyType(fields))
     validate(config)
     return config

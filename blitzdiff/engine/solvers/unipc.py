@@ -1,0 +1,220 @@
+"""UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models")
+as a plan, with diffusers' UniPCMultistepScheduler conventions.
+
+diffusers' step k: evaluate the network at the predicted sample x_k; correct x_k with UniC (from the previous
+corrected sample and the model outputs up to the new one); predict x_{k+1} from the corrected sample with UniP.
+In the plan the state is the corrected sample, stage k's point is the predictor result and its update the
+corrector; the last stage's update also applies the final predictor (that is the sample diffusers returns).
+
+Both updates are linear in the state and the model outputs m_j (x0 estimates when predict_x0, else noise
+estimates). A noise estimate eps_j = (x_j - alpha_j D_j) / sigma_j depends on its own evaluation point, so in that
+mode every combination is tracked exactly in terms of the state and the whole denoised history (see _Tracker): its
+plans keep all `steps` estimates (their weights decay geometrically but never vanish), data-prediction plans only
+solver_order + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..config import SchedulerConfig
+from ..plan import Combination, Plan, Stage
+from ..schedules import exponential_sigmas, karras_sigmas, sigma_to_t, vp_from_ve
+from .common import train_ve_sigmas
+
+
+def unipc_schedule(config: SchedulerConfig, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """UniPCMultistepScheduler.set_timesteps: (timesteps [steps] as the network receives them, VE sigmas
+    [steps + 1] with the final one appended), sigmas rounded to float32 as diffusers stores them.
+
+    The timesteps come from steps + 1 spaced points minus the last (linspace, leading) or the trailing spacing;
+    Karras / exponential sigmas replace them by each sigma's fractional training timestep (interpolated in
+    log(sigma)), rounded for Karras and truncated toward zero for exponential (diffusers' int64 cast).
+    """
+    n = config.num_train_timesteps
+    if config.timestep_spacing == "linspace":
+        timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif config.timestep_spacing == "leading":
+        ratio = n // (steps + 1)
+        timesteps = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + config.steps_offset
+    else:  # trailing
+        timesteps = np.arange(n, 0, -n / steps).round().astype(np.int64) - 1
+    train_sigmas = train_ve_sigmas(config)  # float32 [T]
+    if config.use_karras_sigmas or config.use_exponential_sigmas:
+        sigma_min = config.sigma_min if config.sigma_min is not None else float(train_sigmas[0])
+        sigma_max = config.sigma_max if config.sigma_max is not None else float(train_sigmas[-1])
+        if config.use_karras_sigmas:
+            sigmas = karras_sigmas(sigma_min, sigma_max, steps)
+            timesteps = sigma_to_t(sigmas, np.log(train_sigmas)).round()
+        else:
+            sigmas = exponential_sigmas(sigma_min, sigma_max, steps)
+            timesteps = np.trunc(sigma_to_t(sigmas, np.log(train_sigmas)))
+        sigma_last = sigmas[-1]
+    else:
+        sigmas = np.interp(timesteps, np.arange(n), train_sigmas)
+        sigma_last = train_sigmas[0]
+    sigma_last = sigma_last if config.final_sigmas_type == "sigma_min" else 0.0
+    sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32).astype(np.float64)
+    return timesteps.astype(np.float64), sigmas
+
+
+def _check(config: SchedulerConfig, steps: int) -> None:
+    """Refuse the configurations where diffusers' own UniPC returns NaN / inf or ignores a field."""
+    disabled = config.disable_corrector
+    if not isinstance(disabled, Sequence) or not all(isinstance(i, int) for i in disabled):
+        raise ValueError(f"UniPCMultistepScheduler: disable_corrector must be a list of step indices (ints), got "
+                         f"{disabled!r}")
+    if config.final_sigmas_type == "zero":
+        # At sigma_next = 0, h = inf: B(h) = h (bh1) and the noise-prediction terms sigma_next * (e^h - 1) are inf * 0.
+        if config.solver_type == "bh1":
+            raise ValueError("UniPCMultistepScheduler: solver_type='bh1' with final_sigmas_type='zero' returns NaN in "
+                             "diffusers (B(h) = h is infinite at the final sigma 0); use solver_type='bh2' or "
+                             "final_sigmas_type='sigma_min'")
+        if not config.predict_x0:
+            raise ValueError("UniPCMultistepScheduler: predict_x0=False with final_sigmas_type='zero' returns NaN in "
+                             "diffusers (the noise-prediction update is undefined at sigma 0); use predict_x0=True or "
+                             "final_sigmas_type='sigma_min'")
+        if not config.lower_order_final and config.solver_order > 1 and steps > 1:
+            raise ValueError("UniPCMultistepScheduler: lower_order_final=False with final_sigmas_type='zero' fails in "
+                             "diffusers (a multistep update into sigma 0 divides by zero); use "
+                             "lower_order_final=True or final_sigmas_type='sigma_min'")
+    if config.thresholding and not config.predict_x0:
+        raise ValueError("UniPCMultistepScheduler: thresholding acts only on x0 estimates (predict_x0=True); "
+                         "diffusers ignores it with predict_x0=False. Set thresholding=False or predict_x0=True")
+
+
+def _uni_bh(
+    lambdas: np.ndarray, alphas: np.ndarray, sigmas: np.ndarray, s0: int, order: int, *, corrector: bool,
+    predict_x0: bool, bh1: bool,
+) -> tuple[float, dict[int, float]]:
+    """One UniP (or UniC when `corrector`) B(h) update from noise level s0 to s0 + 1 (Zhao et al. 2023, sec. 3;
+    diffusers' multistep_uni_p_bh_update / multistep_uni_c_bh_update): x_next = a * x + sum_j c_j * m_j.
+
+    Uses m_{s0}, ..., m_{s0 - order + 1} and, for UniC, the new m_{s0 + 1}. Returns (a, {j: c_j}).
+    """
+    t = s0 + 1
+    h = lambdas[t] - lambdas[s0]
+    hh = -h if predict_x0 else h
+    h_phi_1 = np.expm1(hh)  # h phi_1(h) = e^h - 1
+    b_h = hh if bh1 else np.expm1(hh)  # B(h): bh1 is B1(h) = h, bh2 is B2(h) = e^h - 1
+    if predict_x0:  # data prediction: x_t = sigma_t / sigma_s0 x - alpha_t (e^-h - 1) m_s0 - alpha_t B(h) sum
+        a, base, scale = sigmas[t] / sigmas[s0], alphas[t] * h_phi_1, alphas[t] * b_h
+    else:  # noise prediction: x_t = alpha_t / alpha_s0 x - sigma_t (e^h - 1) m_s0 - sigma_t B(h) sum
+        a, base, scale = alphas[t] / alphas[s0], sigmas[t] * h_phi_1, sigmas[t] * b_h
+    ratios = [(lambdas[s0 - k] - lambdas[s0]) / h for k in range(1, order)]  # r_k, k = 1 .. order - 1
+    if order == 1:
+        rhos = [0.5] if corrector else []
+    elif order == 2 and not corrector:
+        rhos = [0.5]  # diffusers' simplified second-order predictor
+    else:
+        # the order conditions sum_k rho_k r_k^(i-1) = b_i, b_i = (i - 1)! h phi_i(h) / B(h), with r = 1 appended for
+        # the new point (UniP drops its row and column), solved on the host in float64
+        b, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1
+        for i in range(1, order + 1):
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        powers = np.array(ratios + [1.0]) ** np.arange(order)[:, None]  # [order, order], row i: r^i
+        size = order if corrector else order - 1
+        rhos = list(np.linalg.solve(powers[:size, :size], np.array(b[:size])))
+    # x_t = a x - base m_s0 - scale (sum_k rho_k (m_{s0-k} - m_s0) / r_k [+ rho_last (m_t - m_s0)])
+    coefficients = {s0: -base}
+    for k, (rho, r_k) in enumerate(zip(rhos[:order - 1], ratios, strict=True), start=1):
+        coefficients[s0 - k] = -scale * rho / r_k
+        coefficients[s0] += scale * rho / r_k
+    if corrector:
+        coefficients[t] = -scale * rhos[-1]
+        coefficients[s0] += scale * rhos[-1]
+    return float(a), {j: float(c) for j, c in coefficients.items()}
+
+
+class _Tracker:
+    """Vectors over [state, D_0, ..., D_{n-1}]: index 0 the current state's coefficient, index 1 + j D_j's.
+
+    When the state moves to u (a vector in the old basis), every held vector is rebased onto the new state. x0
+    estimates are pure history vectors and never change; noise estimates carry the state and so, after rebasing,
+    reach back through the whole history (exactly: no truncation).
+    """
+
+    def __init__(self, evaluations: int):
+        self.size = 1 + evaluations
+
+    def state(self) -> np.ndarray:
+        v = np.zeros(self.size)
+        v[0] = 1.0
+        return v
+
+    def denoised(self, j: int) -> np.ndarray:
+        v = np.zeros(self.size)
+        v[1 + j] = 1.0
+        return v
+
+    @staticmethod
+    def rebase(v: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """v = b S + d, with the new state S' = u_0 S + u_d, is (b / u_0) S' + d - (b / u_0) u_d."""
+        if v[0] == 0.0:
+            return v
+        assert u[0] != 0.0, "the state is lost before the last step"
+        ratio = v[0] / u[0]
+        out = v - ratio * u
+        out[0] = ratio
+        return out
+
+    @staticmethod
+    def combination(v: np.ndarray, newest: int) -> Combination:
+        """v as a Combination when the history's newest entry is D_newest."""
+        assert not np.any(v[2 + newest:]), "a combination cannot use a future evaluation"
+        denoised = v[1:2 + newest][::-1]
+        used = np.flatnonzero(denoised)
+        width = used[-1] + 1 if len(used) else 0
+        return Combination(x=float(v[0]), denoised=tuple(float(c) for c in denoised[:width]))
+
+
+def unipc(config: SchedulerConfig, steps: int) -> Plan:
+    """UniPC-p multistep with UniC after every evaluation but the first and those listed in disable_corrector.
+
+    Orders follow diffusers: warm-up (order k + 1 at step k), lower_order_final (order <= steps left), and the
+    corrector at step k reuses the order of the predictor that produced x_k.
+    """
+    _check(config, steps)
+    timesteps, sigmas_ve = unipc_schedule(config, steps)
+    alphas, sigmas = np.array([vp_from_ve(s) for s in sigmas_ve]).T  # [steps + 1] each
+    with np.errstate(divide="ignore"):
+        lambdas = np.log(alphas) - np.log(sigmas)  # half log-SNR; +inf at a final sigma of 0
+    if np.any(np.diff(lambdas[:-1]) <= 0):
+        raise ValueError(f"UniPCMultistepScheduler: steps={steps} with timestep_spacing="
+                         f"{config.timestep_spacing!r} repeats a noise level; use fewer steps")
+    variant = {"predict_x0": config.predict_x0, "bh1": config.solver_type == "bh1"}
+    tracker = _Tracker(steps)
+    outputs: dict[int, np.ndarray] = {}  # model outputs m_j as vectors over the current state and history
+    point = tracker.state()  # x_0 is the initial noise itself
+    order = 0
+    stages = []
+    for k in range(steps):
+        if config.predict_x0:
+            outputs[k] = tracker.denoised(k)
+        else:  # eps_k = (x_k - alpha_k D_k) / sigma_k at the evaluation point x_k
+            outputs[k] = (point - alphas[k] * tracker.denoised(k)) / sigmas[k]
+        if k > 0 and k - 1 not in config.disable_corrector:
+            a, coefficients = _uni_bh(lambdas, alphas, sigmas, k - 1, order, corrector=True, **variant)
+            corrected = a * tracker.state() + sum(c * outputs[j] for j, c in coefficients.items())
+        else:  # no corrector: the predicted sample is kept as it is
+            corrected = point
+        update = tracker.combination(corrected, newest=k)
+        outputs = {j: tracker.rebase(m, corrected) for j, m in outputs.items() if j > k - config.solver_order}
+        limit = min(config.solver_order, steps - k) if config.lower_order_final else config.solver_order
+        order = min(limit, k + 1)
+        a, coefficients = _uni_bh(lambdas, alphas, sigmas, k, order, corrector=False, **variant)
+        predicted = a * tracker.state() + sum(c * outputs[j] for j, c in coefficients.items())
+        stage_point = None if k == 0 else tracker.combination(point, newest=k - 1)
+        if k == steps - 1:  # diffusers returns the final prediction
+            update = update.then(tracker.combination(predicted, newest=k))
+        if not all(np.isfinite([c.x, *c.denoised]).all() for c in (update, stage_point) if c is not None):
+            raise ValueError(f"UniPCMultistepScheduler: step {k} of {steps} has non-finite coefficients (as in "
+                             "diffusers) for this configuration")
+        stages.append(Stage(float(timesteps[k]), float(alphas[k]), float(sigmas[k]), point=stage_point,
+                            update=None if update == Combination() else update))
+        point = predicted
+    return Plan(tuple(stages))
