@@ -106,6 +106,7 @@ def dpm_schedule(
     sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32).astype(np.float64)
     if len(timesteps) > 1 and timesteps[0] == timesteps[1]:
         # diffusers' index_for_timestep then starts at the second entry and runs off the end of its sigmas
-        raise ValueError(f"{config.class_name}: {steps} steps with timestep_spacing={spacing!r} repeat the first "
-                         f"timestep {timesteps[0]}; use fewer steps")
+        raise ValueError(f"{config.class_name}: {steps} steps repeat the first timestep {timesteps[0]} (diffusers "
+                         "then skips the first noise level and fails at the last step); use fewer steps or another "
+                         "timestep_spacing / sigma schedule")
     return timesteps, sigmas

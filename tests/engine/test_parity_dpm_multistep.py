@@ -1,0 +1,235 @@
+"""Multistep DPM-Solver / DPM-Solver++ (ODE and SDE) against diffusers' DPMSolverMultistepScheduler loop: same
+config, network and noise -> same final sample (float64).
+
+Every case is compared twice: with diffusers as it ships (relative error < 1e-5), and with diffusers' own step run
+in float64 on the same float32 sigma values (`float64_steps`, relative error < 1e-10), which shows the plan is
+diffusers' algorithm up to float64 rounding. As shipped, diffusers computes lambda, h and every coefficient from its
+float32 sigma table and truncates the sample to float32 at each step; that alone moves its result by more than 1e-5
+(so only the float64 comparison is asserted) where
+- the noise-prediction update (dpmsolver, sde-dpmsolver) weighs the float32 sample by alpha_{i+1} / alpha_i, up to
+  sigma_max = 157 (4096 with rescale_betas_zero_snr), and the result is small (thresholding) or sigma_max large;
+- float32 h (about 5e-7 absolute against h ~ 0.01) at ~1000 steps: sde-dpmsolver++, whose noise weight
+  sigma_t * sqrt(1 - exp(-2h)) carries h's relative error, and exponential sigmas;
+- sde-dpmsolver++ third order from ~150 steps: its D2 weight is O(1) (dpm_multistep._step) and amplifies every
+  rounding until the sample blows up (norm 1e32 at 999 steps).
+"""
+
+import contextlib
+import types
+from unittest import mock
+
+import pytest
+import torch
+
+import blitzdiff
+from blitzdiff.engine.config import resolve
+from blitzdiff.engine.solvers import build_plan
+
+from .parity import diffusers_loop, relative_error, toy_network
+
+CLASS = "DPMSolverMultistepScheduler"
+STEPS = [1, 2, 3, 5, 7, 10, 25, 50]
+SPACINGS = ["linspace", "leading", "trailing"]
+# (algorithm_type, solver_order, solver_type): every update diffusers has (order 1 ignores solver_type; order 3
+# uses it in its second-order warm-up and lower-order-final steps)
+VARIANTS = [
+    (algorithm, order, solver_type)
+    for algorithm in ("dpmsolver++", "sde-dpmsolver++", "dpmsolver")
+    for order, solver_type in ((1, "midpoint"), (2, "midpoint"), (2, "heun"), (3, "midpoint"), (3, "heun"))
+] + [("sde-dpmsolver", 1, "midpoint")]
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*deprecated:FutureWarning"),  # diffusers on dpmsolver / sde-dpmsolver
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # diffusers on numpy 2
+]
+
+
+@pytest.fixture
+def noise():
+    return torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+class _Float64Torch(types.ModuleType):
+    """torch, except that torch.float32 is float64 (for diffusers' `sample.to(torch.float32)` and its noise)."""
+
+    float32 = torch.float64
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def float64_steps():
+    """diffusers' loop with its float32 sigma values promoted to float64 and its step run in float64: the same
+    schedule and algorithm at the precision blitzdiff's plan is computed in (the training betas stay float32)."""
+    import diffusers
+    from diffusers.schedulers import scheduling_dpmsolver_multistep as module
+
+    cls = getattr(diffusers, CLASS)
+    set_timesteps, step = cls.set_timesteps, cls.step
+
+    def promoted_set_timesteps(self, *args, **kwargs):
+        set_timesteps(self, *args, **kwargs)
+        self.sigmas = self.sigmas.double()
+
+    def float64_step(self, *args, **kwargs):
+        with mock.patch.object(module, "torch", _Float64Torch("torch")):
+            return step(self, *args, **kwargs)
+
+    with mock.patch.object(cls, "set_timesteps", promoted_set_timesteps), mock.patch.object(cls, "step", float64_step):
+        yield
+
+
+def errors(noise, steps, config, sampler=None):
+    """blitzdiff's relative error against diffusers as shipped and against diffusers' step in float64, on the
+    resolved config (so a sampler name's fixed fields reach diffusers too)."""
+    config = {"_class_name": CLASS, **config}
+    ours = blitzdiff.sample(toy_network, noise, steps=steps, sampler=sampler, scheduler_config=config)
+    fields = dict(resolve(sampler, config).fields)
+    stock = relative_error(ours, diffusers_loop(CLASS, fields, toy_network, noise, steps))
+    with float64_steps():
+        exact = relative_error(ours, diffusers_loop(CLASS, fields, toy_network, noise, steps))
+    return stock, exact
+
+
+def variant_config(algorithm, order, solver_type):
+    # noise prediction needs a nonzero final sigma (config.validate and diffusers both refuse "zero")
+    final = "sigma_min" if algorithm in ("dpmsolver", "sde-dpmsolver") else "zero"
+    return {"algorithm_type": algorithm, "solver_order": order, "solver_type": solver_type,
+            "final_sigmas_type": final}
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_matches_diffusers(noise, variant, steps, spacing):
+    config = {**variant_config(*variant), "timestep_spacing": spacing, "steps_offset": int(spacing == "leading")}
+    stock, exact = errors(noise, steps, config)
+    assert stock < 1e-5 and exact < 1e-10
+
+
+OPTIONS = {
+    "final-sigma-min": {"final_sigmas_type": "sigma_min"},
+    "no-lower-order-final": {"final_sigmas_type": "sigma_min", "lower_order_final": False},
+    "euler-at-final": {"final_sigmas_type": "sigma_min", "euler_at_final": True, "lower_order_final": False},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "cosine-clipped": {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
+    "cosine-clipped-trailing": {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1,
+                                "timestep_spacing": "trailing"},
+    "threshold": {"thresholding": True, "sample_max_value": 1.5},
+    "v-scaled": {"prediction_type": "v_prediction", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012},
+    "sample": {"prediction_type": "sample", "timestep_spacing": "leading", "steps_offset": 1},
+    "zero-snr": {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    "zero-snr-karras": {"rescale_betas_zero_snr": True, "use_karras_sigmas": True},
+    "threshold-karras-sample": {"thresholding": True, "use_karras_sigmas": True, "prediction_type": "sample"},
+}
+# noise prediction weighs diffusers' float32 sample by up to sigma_max (module docstring): as shipped, diffusers is
+# 1e-5-accurate only in float64 here
+FLOAT32_AMPLIFIED = {"threshold", "zero-snr", "zero-snr-karras", "threshold-karras-sample"}
+
+
+@pytest.mark.parametrize("steps", [1, 4, 14, 15, 20])
+@pytest.mark.parametrize("variant", [("dpmsolver++", 3, "midpoint"), ("sde-dpmsolver++", 2, "heun"),
+                                     ("dpmsolver", 3, "heun"), ("sde-dpmsolver", 1, "midpoint")],
+                         ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("option", OPTIONS)
+def test_options_match_diffusers(noise, option, variant, steps):
+    """14 / 15 steps straddle diffusers' lower_order_final threshold (< 15 steps)."""
+    config = {**variant_config(*variant), **OPTIONS[option]}
+    noise_prediction = variant[0] in ("dpmsolver", "sde-dpmsolver")
+    sigmas_end_at_sigma_min = config.get("use_karras_sigmas") or config.get("use_exponential_sigmas")
+    if sigmas_end_at_sigma_min and config["final_sigmas_type"] == "sigma_min" and steps >= 15:
+        # final_sigmas_type="sigma_min" repeats the last Karras / exponential sigma: a zero-length last step, which
+        # diffusers' second-order heun and third-order updates turn into NaN
+        if variant[1] == 3 or variant[1:] == (2, "heun"):
+            test_refused_schedules(noise, config, steps, "zero-length step")
+            return
+    stock, exact = errors(noise, steps, config)
+    assert exact < 1e-10
+    assert stock < 1e-5 or (noise_prediction and option in FLOAT32_AMPLIFIED)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10, 25])
+@pytest.mark.parametrize("sampler", ["dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_sampler_names_match_diffusers(noise, sampler, steps):
+    """The names on a Stable Diffusion 1.x scheduler config (PNDM's fields are dropped, as from_config does)."""
+    sd_config = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                 "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None}
+    stock, exact = errors(noise, steps, sd_config, sampler=sampler)
+    assert stock < 1e-5 and exact < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("config", "steps", "stock_holds"),
+    [
+        ({}, 999, True),
+        ({"solver_order": 3, "use_karras_sigmas": True}, 1000, True),
+        ({"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3}, 999, True),
+        ({"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1, "timestep_spacing": "trailing"}, 999,
+         True),
+        ({"solver_order": 1}, 1000, True),
+        ({"algorithm_type": "sde-dpmsolver++"}, 999, False),
+        ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}, 200, False),
+        ({"use_exponential_sigmas": True}, 1000, False),
+    ],
+    ids=["2m", "3m-karras", "dpmsolver-3", "cosine-trailing-zero-length-step", "euler-repeated-timestep", "2m-sde",
+         "3m-sde", "exponential"],
+)
+def test_many_steps_match_diffusers(noise, config, steps, stock_holds):
+    """cosine-trailing ends at timestep -1, whose sigma repeats timestep 0's (a zero-length midpoint step, the
+    identity in diffusers); at 1000 linspace steps one timestep repeats (a zero-length first-order step). Where
+    stock_holds is False, diffusers' float32 h alone moves its result by more than 1e-5 (module docstring)."""
+    stock, exact = errors(noise, steps, config)
+    assert exact < 1e-10
+    assert stock < 1e-5 or not stock_holds
+
+
+@pytest.mark.parametrize(
+    ("config", "steps", "match"),
+    [
+        ({"beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True}, 10, "repeat the first timestep"),
+        ({"rescale_betas_zero_snr": True, "use_karras_sigmas": True}, 40, "repeat the first timestep"),
+        ({"timestep_spacing": "leading"}, 1000, "repeat the first timestep"),
+        ({"timestep_spacing": "leading", "steps_offset": 1}, 999, "zero-length step"),
+        ({}, 1000, "zero-length step"),
+        ({"solver_type": "heun", "timestep_spacing": "trailing", "lambda_min_clipped": -5.1,
+          "beta_schedule": "squaredcos_cap_v2"}, 999, "zero-length step"),
+    ],
+    ids=["cosine-karras", "zero-snr-karras", "leading", "leading-offset", "linspace", "cosine-trailing-heun"],
+)
+def test_refused_schedules(noise, config, steps, match):
+    """What diffusers cannot run (it raises IndexError or returns NaN) is a ValueError that says why."""
+    config = resolve(None, {"_class_name": CLASS, **config})
+    with pytest.raises(ValueError, match=match):
+        build_plan(config, steps)
+    try:
+        sample = diffusers_loop(CLASS, dict(config.fields), toy_network, noise, steps)
+    except IndexError:
+        return
+    assert sample.isnan().any()
+
+
+def test_second_order_sde_dpmsolver_is_refused():
+    """Its eps_{i-1} needs x_{i-1}, whose SDE noise the plan cannot reach (dpm_multistep's module docstring)."""
+    with pytest.raises(ValueError, match="solver_order=1 only"):
+        build_plan(resolve("dpm_solver", algorithm_type="sde-dpmsolver"), 5)
+
+
+def test_noise_prediction_history_is_bounded():
+    """dpmsolver rebuilds x_{i-1}, x_{i-2} from the denoised history; negligible old terms are dropped (the float64
+    comparisons above at 25-999 steps bound what that costs)."""
+    for order in (2, 3):
+        assert build_plan(resolve("dpm_solver", solver_order=order), 999).history <= 40
+    assert build_plan(resolve("dpmpp_3m"), 50).history == 3
+
+
+def test_plan_structure():
+    plan = build_plan(resolve("dpmpp_2m"), 10)
+    assert not plan.stochastic and plan.integer_timesteps and plan.init_scale == plan.output_scale == 1.0
+    assert [s.timestep for s in plan.stages] == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    last = plan.stages[-1].update  # first order to sigma = 0: exactly the newest denoised estimate
+    assert (last.x, last.denoised, last.noise) == (0.0, (1.0,), 0.0)
+    assert build_plan(resolve("dpmpp_3m_sde"), 10).stochastic
