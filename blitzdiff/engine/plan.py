@@ -13,19 +13,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def _add(a: tuple[float, ...], b: tuple[float, ...], scale: float) -> tuple[float, ...]:
+    """a + scale * b for coefficient tuples of different lengths (missing entries are 0)."""
+    width = max(len(a), len(b))
+    a, b = a + (0.0,) * (width - len(a)), b + (0.0,) * (width - len(b))
+    return tuple(x + scale * y for x, y in zip(a, b, strict=True))
+
+
 @dataclass(frozen=True)
 class Combination:
-    """x * self.x + sum_j self.denoised[j] * D[-1 - j] + self.raw * D_raw[-1] + self.noise * z.
+    """x * self.x + sum_j self.denoised[j] * D[-1 - j] + sum_j self.points[j] * P[-1 - j]
+    + self.raw * D_raw[-1] + self.noise * z.
 
-    D is the history of (post-processed) denoised estimates, newest last; D_raw[-1] the newest estimate before
-    clipping / thresholding (only DDIM's "direction pointing to x_t" uses it); z is fresh unit Gaussian noise,
-    drawn per sample from its seed.
+    D is the history of (post-processed) denoised estimates, newest last; P the history of the points they were
+    evaluated at (noise-prediction solvers need eps_j = (P_j - alpha_j * D_j) / sigma_j of past steps); D_raw[-1]
+    the newest estimate before clipping / thresholding (only DDIM's "direction pointing to x_t" uses it); z is
+    fresh unit Gaussian noise, drawn per sample from its seed.
     """
 
     x: float = 1.0
     denoised: tuple[float, ...] = ()
     raw: float = 0.0
     noise: float = 0.0
+    points: tuple[float, ...] = ()
 
     def then(self, outer: Combination) -> Combination:
         """The combination `outer` applied to the result of `self` (no new evaluation in between).
@@ -33,14 +43,12 @@ class Combination:
         Both sides share the same history; noise may appear in only one of them (each stage draws once).
         """
         assert self.noise == 0.0 or outer.noise == 0.0, "composed combinations may draw noise only once"
-        width = max(len(self.denoised), len(outer.denoised))
-        inner_d = self.denoised + (0.0,) * (width - len(self.denoised))
-        outer_d = outer.denoised + (0.0,) * (width - len(outer.denoised))
         return Combination(
             x=outer.x * self.x,
-            denoised=tuple(o + outer.x * i for i, o in zip(inner_d, outer_d, strict=True)),
+            denoised=_add(outer.denoised, self.denoised, outer.x),
             raw=outer.raw + outer.x * self.raw,
             noise=outer.noise + outer.x * self.noise,
+            points=_add(outer.points, self.points, outer.x),
         )
 
 
@@ -76,8 +84,8 @@ class Plan:
 
     @property
     def history(self) -> int:
-        """How many past denoised estimates the loop must keep (at least 1)."""
-        used = [len(c.denoised) for s in self.stages for c in (s.point, s.update) if c is not None]
+        """How many past denoised estimates (and evaluation points) the loop must keep (at least 1)."""
+        used = [max(len(c.denoised), len(c.points)) for s in self.stages for c in (s.point, s.update) if c is not None]
         return max([1, *used])
 
     @property

@@ -21,13 +21,19 @@ def combine(
     c: Combination,
     x: torch.Tensor,
     history: list[torch.Tensor],
+    points: list[torch.Tensor],
     raw: torch.Tensor | None,
     seeds: torch.Tensor,
     stream: int,
 ) -> torch.Tensor:
     """Evaluate a Combination. Terms with a zero coefficient are skipped on the host (a zero is never multiplied,
     so an infinite or unused tensor cannot leak NaN into the result); the noise is drawn only when used."""
-    terms = [(c.x, x), *((coef, history[-1 - j]) for j, coef in enumerate(c.denoised)), (c.raw, raw)]
+    terms = [
+        (c.x, x),
+        *((coef, history[-1 - j]) for j, coef in enumerate(c.denoised)),
+        *((coef, points[-1 - j]) for j, coef in enumerate(c.points)),
+        (c.raw, raw),
+    ]
     if c.noise != 0.0:
         terms.append((c.noise, gaussian(seeds, stream, x.shape[1:], x.dtype)))
     live = [(coef, tensor) for coef, tensor in terms if coef != 0.0]
@@ -52,11 +58,13 @@ def run_plan(
     seeds: int64 [B], one per sample; stage k draws its noise from streams 2k (point) and 2k + 1 (update).
     """
     history: list[torch.Tensor] = []  # post-processed denoised estimates, newest last
+    points: list[torch.Tensor] = []  # where each of them was evaluated (tensors are never mutated: no copies)
     raw = None
     for k, stage in enumerate(plan.stages):
-        point = x if stage.point is None else combine(stage.point, x, history, raw, seeds, 2 * k)
+        point = x if stage.point is None else combine(stage.point, x, history, points, raw, seeds, 2 * k)
         raw = denoise(point, k)
         history = [*history, raw if postprocess is None else postprocess(raw)][-plan.history:]
+        points = [*points, point][-plan.history:]
         if stage.update is not None:
-            x = combine(stage.update, x, history, raw, seeds, 2 * k + 1)
+            x = combine(stage.update, x, history, points, raw, seeds, 2 * k + 1)
     return x * plan.output_scale if plan.output_scale != 1.0 else x
