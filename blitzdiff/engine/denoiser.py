@@ -85,7 +85,8 @@ class Denoiser:
         times = torch.tensor([s.timestep for s in plan.stages], dtype=torch.float64)
         if plan.integer_timesteps:
             times = times.round()
-        self.timesteps = times.to(timestep_dtype)[:, None].expand(-1, copies * batch).to(device)
+        table = times.to(timestep_dtype)[:, None].expand(-1, copies * batch).to(device)
+        self.timesteps = list(table.unbind(0))  # per-stage views, so a call does no tensor indexing
         cond = dict(cond or {})
         if self.guided:
             uncond = dict(uncond or {})
@@ -104,7 +105,7 @@ class Denoiser:
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}; it must "
                              "return a prediction shaped like its input (split off learned-variance channels)")
-        return c.c_skip * x + c.c_out * out if c.c_skip != 0.0 else c.c_out * out
+        return torch.add(x * c.c_skip, out, alpha=c.c_out) if c.c_skip != 0.0 else out * c.c_out
 
 
 def clip(limit: float) -> Callable[[torch.Tensor], torch.Tensor]:

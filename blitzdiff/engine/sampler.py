@@ -60,11 +60,12 @@ def run_plan(
     history: list[torch.Tensor] = []  # post-processed denoised estimates, newest last
     points: list[torch.Tensor] = []  # where each of them was evaluated (tensors are never mutated: no copies)
     raw = None
+    depth = plan.history
     for k, stage in enumerate(plan.stages):
         point = x if stage.point is None else combine(stage.point, x, history, points, raw, seeds, 2 * k)
         raw = denoise(point, k)
-        history = [*history, raw if postprocess is None else postprocess(raw)][-plan.history:]
-        points = [*points, point][-plan.history:]
+        history = [*history, raw if postprocess is None else postprocess(raw)][-depth:]
+        points = [*points, point][-depth:]
         if stage.update is not None:
             x = combine(stage.update, x, history, points, raw, seeds, 2 * k + 1)
     return x * plan.output_scale if plan.output_scale != 1.0 else x

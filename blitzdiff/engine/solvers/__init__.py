@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,19 @@ BUILDERS: dict[str, str] = {
 def builder(class_name: str) -> Callable[..., Plan]:
     module, function = BUILDERS[class_name].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+
+
+_CACHE_SIZE = 64
+_plans: OrderedDict[tuple, Plan] = OrderedDict()  # LRU: a plan is a pure function of (config, steps, options)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for config / option values (lists, dicts, arrays)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        return tuple(_frozen(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
+    return value
 
 
 def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Plan:
@@ -58,4 +72,12 @@ def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Pl
     extra = sorted(k for k, v in options.items() if v is not None and k not in accepted)
     if extra:
         raise ValueError(f"{config.name} does not take option(s) {extra}; it takes: {sorted(accepted) or 'none'}")
-    return build(config, steps, **{k: v for k, v in options.items() if v is not None})
+    options = {k: v for k, v in options.items() if v is not None}
+    key = (config.class_name, _frozen(config.fields), steps, _frozen(options))
+    if key in _plans:
+        _plans.move_to_end(key)
+        return _plans[key]
+    plan = _plans[key] = build(config, steps, **options)
+    if len(_plans) > _CACHE_SIZE:
+        _plans.popitem(last=False)
+    return plan

@@ -1,0 +1,120 @@
+"""Per-step overhead of the scheduler core vs diffusers' `scheduler.step()`, on CPU, same tensors, one run.
+
+"Overhead" is everything in a sampling step except the network: the network is replaced by a function that
+returns a precomputed tensor, so both loops do identical network work (none) and the time left is the scheduler's:
+model-input scaling, prediction-type conversion and the solver update (and, for diffusers, its Python bookkeeping).
+
+    python benchmarks/bench_scheduler_overhead.py [--steps 50] [--repeats 15] [--json out.json]
+
+Reports the median over repeats (after warm-up) of microseconds per step, for each sampler and shape, and the
+ratio diffusers / blitzdiff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import blitzdiff
+from blitzdiff.engine.config import resolve
+from blitzdiff.engine.denoiser import Denoiser
+from blitzdiff.engine.functional import parameterization, postprocessing
+from blitzdiff.engine.noise import seed_tensor
+from blitzdiff.engine.sampler import run_plan
+from blitzdiff.engine.solvers import build_plan
+
+CASES = {  # name -> (blitzdiff sampler, diffusers class)
+    "ddim": ("ddim", "DDIMScheduler"),
+    "euler": ("euler", "EulerDiscreteScheduler"),
+    "euler_ancestral": ("euler_ancestral", "EulerAncestralDiscreteScheduler"),
+    "dpmpp_2m": ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde", "DPMSolverMultistepScheduler"),
+    "unipc": ("unipc", "UniPCMultistepScheduler"),
+}
+SHAPES = {"pixel 1x3x32x32": (1, 3, 32, 32), "latent 1x4x64x64": (1, 4, 64, 64), "latent 8x4x64x64": (8, 4, 64, 64)}
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()  # warm-up (also builds caches on both sides)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def blitzdiff_loop(sampler: str, shape, steps: int):
+    noise = torch.randn(shape)
+    output = torch.randn(shape)
+    config = resolve(sampler, {"clip_sample": False})
+    kind, constants = parameterization(config)
+
+    def run():
+        # The plan is built inside the timed region: host math is part of the cost we claim.
+        plan = build_plan(config, steps)
+        denoiser = Denoiser(lambda x, t: output, plan, kind, batch=shape[0], device=noise.device, **constants)
+        return run_plan(plan, denoiser, noise * plan.init_scale, seed_tensor(0, shape[0], noise.device),
+                        postprocessing(config))
+
+    return run
+
+
+def diffusers_loop(sampler: str, class_name: str, shape, steps: int):
+    import diffusers
+
+    noise = torch.randn(shape)
+    output = torch.randn(shape)
+    fields = dict(resolve(sampler, {"clip_sample": False}).fields)
+    scheduler = getattr(diffusers, class_name).from_config(fields)
+
+    def run():
+        scheduler.set_timesteps(steps)
+        x = noise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(x, t)
+            x = scheduler.step(output, t, x).prev_sample
+        return x
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--samplers", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import diffusers
+
+    print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
+          f"torch {torch.__version__}, diffusers {diffusers.__version__}, blitzdiff {blitzdiff.__version__}; "
+          f"{args.steps} steps, median of {args.repeats}")
+    print(f"{'sampler':<16} {'shape':<18} {'blitzdiff us/step':>18} {'diffusers us/step':>18} {'ratio':>7}")
+    rows = []
+    for name in args.samplers:
+        sampler, class_name = CASES[name]
+        for shape_name, shape in SHAPES.items():
+            ours = _median_seconds(blitzdiff_loop(sampler, shape, args.steps), args.repeats) / args.steps * 1e6
+            theirs = _median_seconds(diffusers_loop(sampler, class_name, shape, args.steps), args.repeats)
+            theirs = theirs / args.steps * 1e6
+            rows.append({"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": ours,
+                         "diffusers_us_per_step": theirs, "ratio": theirs / ours})
+            print(f"{name:<16} {shape_name:<18} {ours:>18.1f} {theirs:>18.1f} {theirs / ours:>6.1f}x")
+    if args.json:
+        meta = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "diffusers": diffusers.__version__, "steps": args.steps, "repeats": args.repeats}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
