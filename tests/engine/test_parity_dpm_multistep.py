@@ -2,21 +2,18 @@
 config, network and noise -> same final sample (float64).
 
 Every case is compared twice: with diffusers as it ships (relative error < 1e-5), and with diffusers' own step run
-in float64 on the same float32 sigma values (`float64_steps`, relative error < 1e-10), which shows the plan is
-diffusers' algorithm up to float64 rounding. As shipped, diffusers computes lambda, h and every coefficient from its
-float32 sigma table and truncates the sample to float32 at each step; that alone moves its result by more than 1e-5
-(so only the float64 comparison is asserted) where
+in float64 on the same float32 sigma values (`diffusers_loop(..., float64=True)`, relative error < 1e-10), which
+shows the plan is diffusers' algorithm up to float64 rounding. As shipped, diffusers computes lambda, h and every
+coefficient from its float32 sigma table and truncates the sample to float32 at each step; that alone moves its
+result by more than 1e-5 (so only the float64 comparison is asserted) where
 - the noise-prediction update (dpmsolver, sde-dpmsolver) weighs the float32 sample by alpha_{i+1} / alpha_i, up to
   sigma_max = 157 (4096 with rescale_betas_zero_snr), and the result is small (thresholding) or sigma_max large;
-- float32 h (about 5e-7 absolute against h ~ 0.01) at ~1000 steps: sde-dpmsolver++, whose noise weight
-  sigma_t * sqrt(1 - exp(-2h)) carries h's relative error, and exponential sigmas;
+- float32 h (about 5e-7 absolute against h ~ 0.01) at ~1000 steps: sde-dpmsolver++ and sde-dpmsolver, whose noise
+  weights sigma_t * sqrt(1 - exp(-2h)) and sigma_t * sqrt(exp(2h) - 1) carry h's relative error, and exponential
+  sigmas;
 - sde-dpmsolver++ third order from ~150 steps: its D2 weight is O(1) (dpm_multistep._step) and amplifies every
   rounding until the sample blows up (norm 1e32 at 999 steps).
 """
-
-import contextlib
-import types
-from unittest import mock
 
 import pytest
 import torch
@@ -30,13 +27,15 @@ from .parity import diffusers_loop, relative_error, toy_network
 CLASS = "DPMSolverMultistepScheduler"
 STEPS = [1, 2, 3, 5, 7, 10, 25, 50]
 SPACINGS = ["linspace", "leading", "trailing"]
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 # (algorithm_type, solver_order, solver_type): every update diffusers has (order 1 ignores solver_type; order 3
 # uses it in its second-order warm-up and lower-order-final steps)
 VARIANTS = [
     (algorithm, order, solver_type)
-    for algorithm in ("dpmsolver++", "sde-dpmsolver++", "dpmsolver")
+    for algorithm in ALGORITHMS
     for order, solver_type in ((1, "midpoint"), (2, "midpoint"), (2, "heun"), (3, "midpoint"), (3, "heun"))
-] + [("sde-dpmsolver", 1, "midpoint")]
+]
+NOISE_PREDICTION = ("dpmsolver", "sde-dpmsolver")
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*deprecated:FutureWarning"),  # diffusers on dpmsolver / sde-dpmsolver
@@ -49,37 +48,6 @@ def noise():
     return torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
-class _Float64Torch(types.ModuleType):
-    """torch, except that torch.float32 is float64 (for diffusers' `sample.to(torch.float32)` and its noise)."""
-
-    float32 = torch.float64
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def float64_steps():
-    """diffusers' loop with its float32 sigma values promoted to float64 and its step run in float64: the same
-    schedule and algorithm at the precision blitzdiff's plan is computed in (the training betas stay float32)."""
-    import diffusers
-    from diffusers.schedulers import scheduling_dpmsolver_multistep as module
-
-    cls = getattr(diffusers, CLASS)
-    set_timesteps, step = cls.set_timesteps, cls.step
-
-    def promoted_set_timesteps(self, *args, **kwargs):
-        set_timesteps(self, *args, **kwargs)
-        self.sigmas = self.sigmas.double()
-
-    def float64_step(self, *args, **kwargs):
-        with mock.patch.object(module, "torch", _Float64Torch("torch")):
-            return step(self, *args, **kwargs)
-
-    with mock.patch.object(cls, "set_timesteps", promoted_set_timesteps), mock.patch.object(cls, "step", float64_step):
-        yield
-
-
 def errors(noise, steps, config, sampler=None):
     """blitzdiff's relative error against diffusers as shipped and against diffusers' step in float64, on the
     resolved config (so a sampler name's fixed fields reach diffusers too)."""
@@ -87,14 +55,32 @@ def errors(noise, steps, config, sampler=None):
     ours = blitzdiff.sample(toy_network, noise, steps=steps, sampler=sampler, scheduler_config=config)
     fields = dict(resolve(sampler, config).fields)
     stock = relative_error(ours, diffusers_loop(CLASS, fields, toy_network, noise, steps))
-    with float64_steps():
-        exact = relative_error(ours, diffusers_loop(CLASS, fields, toy_network, noise, steps))
+    exact = relative_error(ours, diffusers_loop(CLASS, fields, toy_network, noise, steps, float64=True))
     return stock, exact
+
+
+def third_order_sde_dpmsolver(algorithm, order, steps, lower_order_final=True):
+    """Whether diffusers would take a third-order sde-dpmsolver step, for which it has no update (it fails with
+    UnboundLocalError): from step 2 on, except that lower_order_final lowers the last two orders below 15 steps."""
+    return algorithm == "sde-dpmsolver" and order == 3 and steps >= (5 if lower_order_final else 3)
+
+
+def assert_refused(noise, config, steps, match):
+    """What diffusers cannot run (it raises IndexError or UnboundLocalError, or returns NaN) is a ValueError that
+    says why."""
+    config = resolve(None, {"_class_name": CLASS, **config})
+    with pytest.raises(ValueError, match=match):
+        build_plan(config, steps)
+    try:
+        sample = diffusers_loop(CLASS, dict(config.fields), toy_network, noise, steps)
+    except (IndexError, UnboundLocalError):
+        return
+    assert sample.isnan().any()
 
 
 def variant_config(algorithm, order, solver_type):
     # noise prediction needs a nonzero final sigma (config.validate and diffusers both refuse "zero")
-    final = "sigma_min" if algorithm in ("dpmsolver", "sde-dpmsolver") else "zero"
+    final = "sigma_min" if algorithm in NOISE_PREDICTION else "zero"
     return {"algorithm_type": algorithm, "solver_order": order, "solver_type": solver_type,
             "final_sigmas_type": final}
 
@@ -104,6 +90,9 @@ def variant_config(algorithm, order, solver_type):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_matches_diffusers(noise, variant, steps, spacing):
     config = {**variant_config(*variant), "timestep_spacing": spacing, "steps_offset": int(spacing == "leading")}
+    if third_order_sde_dpmsolver(*variant[:2], steps):
+        assert_refused(noise, config, steps, "no third-order update")
+        return
     stock, exact = errors(noise, steps, config)
     assert stock < 1e-5 and exact < 1e-10
 
@@ -132,19 +121,20 @@ FLOAT32_AMPLIFIED = {"threshold", "zero-snr", "zero-snr-karras", "threshold-karr
 
 @pytest.mark.parametrize("steps", [1, 4, 14, 15, 20])
 @pytest.mark.parametrize("variant", [("dpmsolver++", 3, "midpoint"), ("sde-dpmsolver++", 2, "heun"),
-                                     ("dpmsolver", 3, "heun"), ("sde-dpmsolver", 1, "midpoint")],
+                                     ("dpmsolver", 3, "heun"), ("sde-dpmsolver", 1, "midpoint"),
+                                     ("sde-dpmsolver", 2, "heun")],
                          ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("option", OPTIONS)
 def test_options_match_diffusers(noise, option, variant, steps):
     """14 / 15 steps straddle diffusers' lower_order_final threshold (< 15 steps)."""
     config = {**variant_config(*variant), **OPTIONS[option]}
-    noise_prediction = variant[0] in ("dpmsolver", "sde-dpmsolver")
+    noise_prediction = variant[0] in NOISE_PREDICTION
     sigmas_end_at_sigma_min = config.get("use_karras_sigmas") or config.get("use_exponential_sigmas")
     if sigmas_end_at_sigma_min and config["final_sigmas_type"] == "sigma_min" and steps >= 15:
         # final_sigmas_type="sigma_min" repeats the last Karras / exponential sigma: a zero-length last step, which
         # diffusers' second-order heun and third-order updates turn into NaN
         if variant[1] == 3 or variant[1:] == (2, "heun"):
-            test_refused_schedules(noise, config, steps, "zero-length step")
+            assert_refused(noise, config, steps, "zero-length step")
             return
     stock, exact = errors(noise, steps, config)
     assert exact < 1e-10
@@ -172,11 +162,12 @@ def test_sampler_names_match_diffusers(noise, sampler, steps):
          True),
         ({"solver_order": 1}, 1000, True),
         ({"algorithm_type": "sde-dpmsolver++"}, 999, False),
+        ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun"}, 999, False),
         ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}, 200, False),
         ({"use_exponential_sigmas": True}, 1000, False),
     ],
     ids=["2m", "3m-karras", "dpmsolver-3", "cosine-trailing-zero-length-step", "euler-repeated-timestep", "2m-sde",
-         "3m-sde", "exponential"],
+         "sde-dpmsolver-2-heun", "3m-sde", "exponential"],
 )
 def test_many_steps_match_diffusers(noise, config, steps, stock_holds):
     """cosine-trailing ends at timestep -1, whose sigma repeats timestep 0's (a zero-length midpoint step, the
@@ -201,29 +192,30 @@ def test_many_steps_match_diffusers(noise, config, steps, stock_holds):
     ids=["cosine-karras", "zero-snr-karras", "leading", "leading-offset", "linspace", "cosine-trailing-heun"],
 )
 def test_refused_schedules(noise, config, steps, match):
-    """What diffusers cannot run (it raises IndexError or returns NaN) is a ValueError that says why."""
-    config = resolve(None, {"_class_name": CLASS, **config})
-    with pytest.raises(ValueError, match=match):
-        build_plan(config, steps)
-    try:
-        sample = diffusers_loop(CLASS, dict(config.fields), toy_network, noise, steps)
-    except IndexError:
-        return
-    assert sample.isnan().any()
+    assert_refused(noise, config, steps, match)
 
 
-def test_second_order_sde_dpmsolver_is_refused():
-    """Its eps_{i-1} needs x_{i-1}, whose SDE noise the plan cannot reach (dpm_multistep's module docstring)."""
-    with pytest.raises(ValueError, match="solver_order=1 only"):
-        build_plan(resolve("dpm_solver", algorithm_type="sde-dpmsolver"), 5)
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize(("steps", "lower_order_final"), [(5, True), (20, True), (3, False), (10, False)])
+def test_third_order_sde_dpmsolver_is_refused(noise, solver_type, steps, lower_order_final):
+    """diffusers' multistep_dpm_solver_third_order_update has no sde-dpmsolver branch; below 5 steps with
+    lower_order_final it never takes a third-order step, and those runs are compared above."""
+    assert third_order_sde_dpmsolver("sde-dpmsolver", 3, steps, lower_order_final)
+    config = {**variant_config("sde-dpmsolver", 3, solver_type), "lower_order_final": lower_order_final}
+    assert_refused(noise, config, steps, "no third-order update")
 
 
-def test_noise_prediction_history_is_bounded():
-    """dpmsolver rebuilds x_{i-1}, x_{i-2} from the denoised history; negligible old terms are dropped (the float64
-    comparisons above at 25-999 steps bound what that costs)."""
-    for order in (2, 3):
-        assert build_plan(resolve("dpm_solver", solver_order=order), 999).history <= 40
-    assert build_plan(resolve("dpmpp_3m"), 50).history == 3
+@pytest.mark.parametrize("option", ["default", "no-lower-order-final", "euler-at-final", "threshold", "zero-snr"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_history_is_solver_order_deep(variant, option):
+    """Noise prediction reads eps_{i-1}, eps_{i-2} from the kept evaluation points: every plan keeps exactly
+    solver_order estimates, however many steps it has."""
+    fields = {"_class_name": CLASS, **variant_config(*variant), **OPTIONS.get(option, {})}
+    steps, expected = 200, variant[1]
+    if third_order_sde_dpmsolver(*variant[:2], steps):  # refused past 4 steps: its plans take orders 1, 2, 2, 1
+        fields["lower_order_final"] = True
+        steps, expected = 4, 2
+    assert build_plan(resolve(None, fields), steps).history == expected
 
 
 def test_plan_structure():

@@ -52,23 +52,6 @@ def diffusers_scheduler(config: dict, steps: int):
 
 
 @contextlib.contextmanager
-def float64_coefficients():
-    """diffusers keeps its sigmas in float32, so every coefficient of its step is a float32 scalar; promoting the
-    same sigma values to float64 runs diffusers' own step math at the precision blitzdiff's plan is computed in."""
-    import diffusers
-
-    cls = diffusers.DPMSolverSinglestepScheduler
-    set_timesteps = cls.set_timesteps
-
-    def promoted(self, *args, **kwargs):
-        set_timesteps(self, *args, **kwargs)
-        self.sigmas = self.sigmas.double()
-
-    with mock.patch.object(cls, "set_timesteps", promoted):
-        yield
-
-
-@contextlib.contextmanager
 def singlestep_noise(config: dict, steps: int):
     """diffusers draws SDE noise at every step. A step that ends inside a singlestep only makes the next evaluation's
     point, so blitzdiff draws that noise from the next stage's point stream 2(k+1) instead of the update stream
@@ -85,9 +68,10 @@ def singlestep_noise(config: dict, steps: int):
 
 
 def reference(config: dict, noise: torch.Tensor, steps: int, *, exact: bool = False, **kwargs) -> torch.Tensor:
-    """diffusers' loop; exact=True with its coefficients in float64 (see float64_coefficients)."""
-    with singlestep_noise(config, steps), float64_coefficients() if exact else contextlib.nullcontext():
-        return diffusers_loop(CLASS, config, toy_network, noise, steps, **kwargs)
+    """diffusers' loop; exact=True in float64 arithmetic on the same float32 sigma values: diffusers keeps its sigmas
+    in float32, so every coefficient of its step is a float32 scalar (parity.float64_arithmetic)."""
+    with singlestep_noise(config, steps):
+        return diffusers_loop(CLASS, config, toy_network, noise, steps, float64=exact, **kwargs)
 
 
 def ours(config: dict, noise: torch.Tensor, steps: int, **kwargs) -> torch.Tensor:
@@ -215,6 +199,17 @@ def test_sde_noise_is_per_sample_and_matches_with_seeds(noise):
     assert relative_error(result, ours(config, noise, 10)) > 1e-3  # the noise is really drawn
     alone = ours(config, noise[1:], 10, seeds=seeds[1:])  # sample 1 does not depend on the batch around it
     assert torch.equal(alone[0], result[1])
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("ending", ENDINGS, ids=["-".join(map(str, e)) for e in ENDINGS])
+def test_history_is_bounded(ending, order, solver_type):
+    """A singlestep reads only its own group's estimates: at most solver_order, at any number of steps."""
+    algorithm, final, lower_order_final = ending
+    config = {"_class_name": CLASS, "algorithm_type": algorithm, "final_sigmas_type": final,
+              "lower_order_final": lower_order_final, "solver_order": order, "solver_type": solver_type}
+    assert build_plan(resolve(None, config), 200).history == order
 
 
 def test_plan_holds_the_group_start_inside_a_singlestep():

@@ -4,18 +4,12 @@ same timesteps at the same number of network evaluations.
 diffusers' Euler and Euler-ancestral steps round the sample to float32 ("upcast"), and all three hold their sigmas as
 0-dim float32 tensors, so in ill-conditioned cases (a jump from sigma ~ 4096 or ~ 157 down to ~ 1e-2, or Heun's
 (D2 - D1) / sigma_next with a tiny sigma_next) diffusers' own float32 rounding alone moves its result by more than
-1e-5. Each case is therefore also run through `float64_scalars`: diffusers' unchanged step code with the same float32
-sigma / timestep / init_noise_sigma values, but float64 arithmetic. blitzdiff must match that to float64 rounding, and
-stock diffusers to 1e-5 or to within twice diffusers' own float32 error, whichever is larger.
+1e-5. Each case is therefore also run through `diffusers_loop(..., float64=True)`: diffusers' unchanged step code with
+the same float32 sigma / timestep / init_noise_sigma values, but float64 arithmetic. blitzdiff must match that to
+float64 rounding, and stock diffusers to 1e-5 or to within twice diffusers' own float32 error, whichever is larger.
 """
 
 from __future__ import annotations
-
-import contextlib
-import sys
-import types
-from types import SimpleNamespace
-from unittest import mock
 
 import diffusers
 import pytest
@@ -81,37 +75,6 @@ def noise():
     return torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
-class _Float64Torch(types.ModuleType):
-    """The torch module, except that `torch.float32` names float64 (for `sample.to(torch.float32)` in step)."""
-
-    def __getattr__(self, name):
-        return torch.float64 if name == "float32" else getattr(torch, name)
-
-
-@contextlib.contextmanager
-def float64_scalars(class_name: str):
-    """diffusers' own scheduler code with its float32 arithmetic promoted to float64: the same float32-valued
-    sigmas, timesteps and init_noise_sigma, but no float32 rounding of the sample or of sigma expressions."""
-    cls = getattr(diffusers, class_name)
-    module = sys.modules[cls.__module__]
-    set_timesteps, step, init_noise_sigma = cls.set_timesteps, cls.step, cls.init_noise_sigma
-
-    def set_timesteps64(self, *args, **kwargs):
-        set_timesteps(self, *args, **kwargs)
-        self.sigmas = self.sigmas.double()  # the same float32 values
-
-    def step64(self, *args, **kwargs):
-        with mock.patch.object(module, "torch", _Float64Torch("torch")):
-            return step(self, *args, **kwargs)
-
-    def init_noise_sigma64(self):  # diffusers' float32 value
-        return init_noise_sigma.fget(SimpleNamespace(sigmas=self.sigmas.float(), config=self.config)).double()
-
-    patches = {"set_timesteps": set_timesteps64, "step": step64, "init_noise_sigma": property(init_noise_sigma64)}
-    with mock.patch.multiple(cls, **patches):
-        yield
-
-
 def recording(calls: list[torch.Tensor]):
     """toy_network that records the timesteps it receives (one entry per network evaluation)."""
 
@@ -127,8 +90,7 @@ def assert_parity(name: str, config: dict, steps: int, noise: torch.Tensor, seed
     ours = blitzdiff.sample(recording(ours_calls), noise, steps=steps, sampler=name, scheduler_config=config,
                             seeds=seeds)
     stock = diffusers_loop(CLASSES[name], config, recording(stock_calls), noise, steps, seeds=seeds)
-    with float64_scalars(CLASSES[name]):
-        exact = diffusers_loop(CLASSES[name], config, recording(exact_calls), noise, steps, seeds=seeds)
+    exact = diffusers_loop(CLASSES[name], config, recording(exact_calls), noise, steps, seeds=seeds, float64=True)
     # the same number of network evaluations, at exactly the same (float32) timesteps
     assert len(ours_calls) == len(stock_calls) == len(exact_calls)
     assert torch.equal(torch.stack(ours_calls), torch.stack(stock_calls))

@@ -1,9 +1,9 @@
 """UniPC against diffusers' own UniPCMultistepScheduler loop: same config, network and noise -> same final sample
-(float64), through blitzdiff.sample with the sampler name "unipc"."""
+(float64), through blitzdiff.sample with the sampler name "unipc": to 1e-5 against diffusers as it ships, and to
+1e-10 against diffusers' own code in float64 arithmetic on the same float32 sigma values
+(`diffusers_loop(..., float64=True)`), which shows the plan is diffusers' algorithm up to float64 rounding."""
 
-import contextlib
 import json
-from unittest import mock
 
 import diffusers
 import numpy as np
@@ -32,8 +32,9 @@ def spaced(config: dict, spacing: str) -> dict:
 
 def assert_parity(noise, config, steps):
     ours = blitzdiff.sample(toy_network, noise, steps=steps, sampler="unipc", scheduler_config=config)
-    ref = diffusers_loop("UniPCMultistepScheduler", config, toy_network, noise, steps)
-    assert relative_error(ours, ref) < 1e-5
+    stock = diffusers_loop("UniPCMultistepScheduler", config, toy_network, noise, steps)
+    exact = diffusers_loop("UniPCMultistepScheduler", config, toy_network, noise, steps, float64=True)
+    assert relative_error(ours, stock) < 1e-5 and relative_error(ours, exact) < 1e-10
 
 
 # final_sigmas_type="zero" (the default) makes diffusers return NaN with bh1 or predict_x0=False: those use sigma_min
@@ -56,6 +57,8 @@ def test_unipc_matches_diffusers(noise, solver, steps, spacing):
 
 OPTIONS = {
     "disable-corrector": {"disable_corrector": [0, 2, 3, 7], "solver_order": 3},
+    "eps-disable-corrector": {"disable_corrector": [0, 2, 3, 7], "solver_order": 3, "predict_x0": False,
+                              "final_sigmas_type": "sigma_min"},
     "no-lower-order-final": {"lower_order_final": False, "solver_order": 3, "final_sigmas_type": "sigma_min"},
     "karras": {"use_karras_sigmas": True, "solver_order": 3},
     "karras-sigma-min": {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"},
@@ -76,19 +79,6 @@ def test_unipc_options_match_diffusers(noise, config, steps):
     assert_parity(noise, config, steps)
 
 
-@contextlib.contextmanager
-def float64_diffusers_sigmas():
-    """diffusers keeps its sigmas in float32 and derives alpha, sigma, lambda and h from them in float32."""
-    set_timesteps = diffusers.UniPCMultistepScheduler.set_timesteps
-
-    def float64_set_timesteps(self, *args, **kwargs):
-        set_timesteps(self, *args, **kwargs)
-        self.sigmas = self.sigmas.double()
-
-    with mock.patch.object(diffusers.UniPCMultistepScheduler, "set_timesteps", float64_set_timesteps):
-        yield
-
-
 @pytest.mark.parametrize("steps", [1, 2, 4, 5, 25])
 @pytest.mark.parametrize("sigmas", ["default", "karras"])
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
@@ -96,13 +86,12 @@ def test_unipc_noise_prediction_of_v_and_x0_networks(noise, prediction_type, sig
     """predict_x0=False on a network that predicts v or x0. The noise-prediction update subtracts two large nearly
     equal terms (alpha_t / alpha_s x and sigma_t (e^h - 1) eps, both ~alpha_t / alpha_s ~ 100 at the first step),
     which amplifies diffusers' float32 host rounding of alpha, sigma and h (and of its eps conversion) to ~1e-4
-    relative. So the reference is the same diffusers loop with its sigmas in float64: there, parity is ~1e-13."""
+    relative. So the reference is the same diffusers loop in float64 arithmetic: there, parity is ~1e-13."""
     config = {"prediction_type": prediction_type, "predict_x0": False, "final_sigmas_type": "sigma_min",
               "solver_order": 3, "use_karras_sigmas": sigmas == "karras"}
     ours = blitzdiff.sample(toy_network, noise, steps=steps, sampler="unipc", scheduler_config=config)
-    with float64_diffusers_sigmas():
-        ref = diffusers_loop("UniPCMultistepScheduler", config, toy_network, noise, steps)
-    assert relative_error(ours, ref) < 1e-5
+    ref = diffusers_loop("UniPCMultistepScheduler", config, toy_network, noise, steps, float64=True)
+    assert relative_error(ours, ref) < 1e-10
 
 
 def test_unipc_from_a_diffusers_config_file(noise, tmp_path):
@@ -135,13 +124,28 @@ def test_unipc_schedule_matches_diffusers(config, steps):
     np.testing.assert_allclose(sigmas, scheduler.sigmas.double().numpy(), rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("predict_x0", [True, False])
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_unipc_plan_shape(order):
-    """One evaluation per step; data prediction needs only the last `order` estimates plus the new one."""
-    plan = build_plan(resolve("unipc", {"solver_order": order}), 25)
+def test_unipc_plan_shape(order, predict_x0):
+    """One evaluation per step; the corrector needs only the last `order` estimates plus the new one (and, for
+    noise prediction, the points they were evaluated at)."""
+    config = {"solver_order": order, "predict_x0": predict_x0, "final_sigmas_type": "sigma_min"}
+    plan = build_plan(resolve("unipc", config), 25)
     assert len(plan.stages) == 25 and not plan.stochastic and plan.integer_timesteps
     assert plan.history == order + 1
     assert plan.stages[0].point is None  # the first evaluation is at the initial noise
+
+
+@pytest.mark.parametrize("config", [*SOLVERS.values(), *OPTIONS.values()], ids=[*SOLVERS, *OPTIONS])
+@pytest.mark.parametrize("predict_x0", [True, False])
+def test_unipc_history_is_bounded(config, predict_x0):
+    """solver_order + 1 estimates at any number of steps, also for noise prediction (its eps_j are read from the
+    kept evaluation points)."""
+    config = {**config, "predict_x0": predict_x0}
+    if not predict_x0:  # diffusers returns NaN at a final sigma of 0 and ignores thresholding: both are refused
+        config = {**config, "final_sigmas_type": "sigma_min", "thresholding": False}
+    plan = build_plan(resolve("unipc", config), 200)
+    assert plan.history == resolve("unipc", config).solver_order + 1 <= 4
 
 
 @pytest.mark.parametrize(

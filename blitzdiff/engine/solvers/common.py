@@ -1,4 +1,5 @@
-"""Helpers shared by the solver builders: the training schedule of a config and diffusers' timestep spacings."""
+"""Helpers shared by the solver builders: the training schedule of a config, diffusers' timestep spacings, and the
+model outputs of multistep solvers as plan combinations."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 
 from ..config import SchedulerConfig
+from ..plan import Combination
 from ..schedules import alphas_cumprod, exponential_sigmas, karras_sigmas, sigma_to_t, training_betas
 
 
@@ -110,3 +112,46 @@ def dpm_schedule(
                          "then skips the first noise level and fails at the last step); use fewer steps or another "
                          "timestep_spacing / sigma schedule")
     return timesteps, sigmas
+
+
+def _trimmed(coefficients: list[float]) -> tuple[float, ...]:
+    """Without trailing zeros: a history entry with weight 0 is never read, so the plan need not keep it."""
+    while coefficients and coefficients[-1] == 0.0:
+        coefficients.pop()
+    return tuple(coefficients)
+
+
+def linear(*terms: tuple[float, Combination]) -> Combination:
+    """sum_k w_k * c_k over combinations of the same state and histories."""
+    denoised = [0.0] * max(len(c.denoised) for _, c in terms)
+    points = [0.0] * max(len(c.points) for _, c in terms)
+    for w, c in terms:
+        for j, d in enumerate(c.denoised):
+            denoised[j] += w * d
+        for j, p in enumerate(c.points):
+            points[j] += w * p
+    return Combination(x=sum(w * c.x for w, c in terms), denoised=_trimmed(denoised),
+                       raw=sum(w * c.raw for w, c in terms), noise=sum(w * c.noise for w, c in terms),
+                       points=_trimmed(points))
+
+
+def denoised_estimate(age: int) -> Combination:
+    """D of the evaluation `age` evaluations before the newest (a data-prediction model output)."""
+    return Combination(x=0.0, denoised=(0.0,) * age + (1.0,))
+
+
+def noise_estimate(age: int, alpha: float, sigma: float) -> Combination:
+    """eps = (P - alpha * D) / sigma of the evaluation `age` evaluations before the newest, at its point P and noise
+    level (alpha, sigma): the noise-prediction model output, exactly (also of a clipped / thresholded D, which
+    diffusers converts back to eps the same way)."""
+    pad = (0.0,) * age
+    return Combination(x=0.0, denoised=(*pad, -alpha / sigma), points=(*pad, 1.0 / sigma))
+
+
+def at_state(c: Combination) -> Combination:
+    """c with the newest evaluation point read as the state: for a stage evaluated at its state (point None) whose
+    update has not moved it yet, saving the loop one term."""
+    if not c.points:
+        return c
+    return Combination(x=c.x + c.points[0], denoised=c.denoised, raw=c.raw, noise=c.noise,
+                       points=_trimmed([0.0, *c.points[1:]]))

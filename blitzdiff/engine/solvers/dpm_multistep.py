@@ -10,11 +10,9 @@ D1, D2 the divided differences of the outputs in lambda. The outputs are data pr
 sde-dpmsolver++ (the denoised history D itself) and noise predictions eps_j = (x_j - alpha_j D_j) / sigma_j for
 dpmsolver / sde-dpmsolver (with thresholding, diffusers also converts the thresholded x0 back to eps this way).
 
-A plan reaches only the current state x_i and the denoised history, not the earlier states x_{i-1}, x_{i-2} that
-eps_{i-1}, eps_{i-2} need. They are rebuilt on the host: an ODE update is x_{i+1} = u * x_i + sum_j d_j D_{i-j}, so
-x_i = (x_{i+1} - sum_j d_j D_{i-j}) / u. Through a run of steps of order >= 2 that reaches ever older estimates with
-geometrically shrinking weights; those below float64 resolution are dropped (`_truncated`), so dpmsolver keeps ~20-35
-estimates instead of 3. The SDE's noise draws cannot be rebuilt, so sde-dpmsolver is first order only.
+eps_{i-1}, eps_{i-2} are read from the points the loop keeps next to the denoised history (Combination.points),
+so every variant keeps solver_order estimates. diffusers has no third-order sde-dpmsolver update (it fails with
+UnboundLocalError); such a step is refused.
 """
 
 from __future__ import annotations
@@ -24,37 +22,7 @@ import math
 from ..config import SchedulerConfig
 from ..plan import Combination, Plan, Stage
 from ..schedules import vp_from_ve
-from .common import dpm_schedule
-
-STATE = Combination()  # x_i itself
-
-
-def _unit(j: int) -> Combination:
-    """D_{i-j}: the j-th newest denoised estimate."""
-    return Combination(x=0.0, denoised=(0.0,) * j + (1.0,))
-
-
-def _sum(*terms: tuple[float, Combination]) -> Combination:
-    """sum_k w_k * c_k over combinations of the same state and history."""
-    denoised = [0.0] * max(len(c.denoised) for _, c in terms)
-    for w, c in terms:
-        for j, d in enumerate(c.denoised):
-            denoised[j] += w * d
-    return Combination(x=sum(w * c.x for w, c in terms), denoised=tuple(denoised),
-                       noise=sum(w * c.noise for w, c in terms))
-
-
-def _truncated(c: Combination) -> Combination:
-    """c without its trailing history terms below float64 resolution (2**-64 of its largest coefficient).
-
-    A rebuilt state's weights on old estimates shrink geometrically with their age (about 10x per step at 50
-    steps); dropping the ones that cannot change a float64 result keeps the history bounded (about 20 entries).
-    """
-    scale = max(abs(c.x), *(abs(d) for d in c.denoised))
-    keep = len(c.denoised)
-    while keep > 1 and abs(c.denoised[keep - 1]) < 2.0**-64 * scale:
-        keep -= 1
-    return Combination(x=c.x, denoised=c.denoised[:keep], raw=c.raw, noise=c.noise)
+from .common import at_state, dpm_schedule, linear, noise_estimate
 
 
 def _lambda(sigma_ve: float) -> float:
@@ -102,7 +70,7 @@ def _step(
         c0 = -k * sigma_t * phi_1
         if order > 1 and h != 0.0:
             c1 = -k * sigma_t * (phi_1 / h - 1.0)
-            c2 = -sigma_t * ((phi_1 - h) / h**2 - 0.5)
+            c2 = -sigma_t * ((phi_1 - h) / h**2 - 0.5)  # dpmsolver only: sde-dpmsolver has no third order
         noise = sigma_t * math.sqrt(math.expm1(2.0 * h)) if sde else 0.0
     if order == 1:
         return a, (c0,), noise
@@ -125,19 +93,18 @@ def dpm_multistep(config: SchedulerConfig, steps: int) -> Plan:
     """DPM-Solver / DPM-Solver++ multistep (orders 1-3, midpoint / heun, ODE or SDE) as a plan."""
     algorithm = config.algorithm_type
     noise_prediction = algorithm in ("dpmsolver", "sde-dpmsolver")
-    if algorithm == "sde-dpmsolver" and config.solver_order > 1:
-        raise ValueError(f"DPMSolverMultistepScheduler: algorithm_type='sde-dpmsolver' supports solver_order=1 only "
-                         f"in blitzdiff (got {config.solver_order}): its multistep update needs the previous state, "
-                         "whose noise the plan does not keep; use algorithm_type='sde-dpmsolver++'")
     timesteps, sigmas = dpm_schedule(
         config, steps, round_karras_timesteps=config.beta_schedule != "squaredcos_cap_v2"
     )
     sigmas = [float(s) for s in sigmas]
     n = len(timesteps)
-    previous: list[Combination] = []  # noise prediction: x_{i-1}, x_{i-2} in terms of x_i and the history
     stages = []
     for i, t in enumerate(timesteps):
         order = _order(config, i, n)
+        if order == 3 and algorithm == "sde-dpmsolver":
+            raise ValueError(f"DPMSolverMultistepScheduler: algorithm_type='sde-dpmsolver' has no third-order update "
+                             f"in diffusers (it fails with UnboundLocalError), and solver_order=3 takes one at step "
+                             f"{i} of {steps}; use solver_order <= 2 (or lower_order_final with at most 4 steps)")
         # zero-length steps (a repeated noise level: linspace / leading spacing near num_train_timesteps steps,
         # trailing spacing's final timestep -1) in this step's window, oldest first; the divided differences divide
         # by their length, so diffusers returns NaN except for a current zero-length midpoint step (the identity)
@@ -147,22 +114,10 @@ def dpm_multistep(config: SchedulerConfig, steps: int) -> Plan:
                              f"{timesteps[i]}, a zero-length step that diffusers' order-{order} update divides by "
                              "(it returns NaN); use fewer steps or solver_order=1")
         a, weights, noise = _step(config, order, [sigmas[i - j] for j in range(order)], sigmas[i + 1])
-        if noise_prediction:
-            points = [STATE, *previous]
-            eps = []
-            for j in range(order):
-                alpha_j, sigma_j = vp_from_ve(sigmas[i - j])
-                eps.append(_sum((1.0 / sigma_j, points[j]), (-alpha_j / sigma_j, _unit(j))))
-            update = _sum((a, STATE), *zip(weights, eps, strict=True), (noise, Combination(x=0.0, noise=1.0)))
-            if config.solver_order > 1:
-                # x_i in terms of x_{i+1} and the history (newest D_i first): invert this update
-                assert update.noise == 0.0 and update.x != 0.0
-                state = Combination(x=1.0 / update.x, denoised=(0.0, *(-d / update.x for d in update.denoised)))
-                shifted = [Combination(x=p.x, denoised=(0.0, *p.denoised)) for p in previous]
-                previous = [_truncated(p) for p in [state, *(state.then(p) for p in shifted)]]
-                previous = previous[: config.solver_order - 1]
-        else:
-            update = Combination(x=a, denoised=weights, noise=noise)
+        update = Combination(x=a, denoised=weights, noise=noise)
+        if noise_prediction:  # eps_{i-j} from the point and estimate of step i - j; the newest point is x_i itself
+            eps = [noise_estimate(j, *vp_from_ve(sigmas[i - j])) for j in range(order)]
+            update = at_state(linear((1.0, Combination(x=a, noise=noise)), *zip(weights, eps, strict=True)))
         alpha, sigma = vp_from_ve(sigmas[i])
         stages.append(Stage(float(t), alpha, sigma, update=update))
     return Plan(tuple(stages))

@@ -6,11 +6,9 @@ corrected sample and the model outputs up to the new one); predict x_{k+1} from 
 In the plan the state is the corrected sample, stage k's point is the predictor result and its update the
 corrector; the last stage's update also applies the final predictor (that is the sample diffusers returns).
 
-Both updates are linear in the state and the model outputs m_j (x0 estimates when predict_x0, else noise
-estimates). A noise estimate eps_j = (x_j - alpha_j D_j) / sigma_j depends on its own evaluation point, so in that
-mode every combination is tracked exactly in terms of the state and the whole denoised history (see _Tracker): its
-plans keep all `steps` estimates (their weights decay geometrically but never vanish), data-prediction plans only
-solver_order + 1.
+Both updates are linear in the state and the model outputs m_j: x0 estimates D_j when predict_x0, else noise
+estimates eps_j = (x_j - alpha_j D_j) / sigma_j at the evaluation points x_j, which the loop keeps next to the
+denoised history (Combination.points). Either way a plan keeps solver_order + 1 estimates (the corrector's window).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import numpy as np
 from ..config import SchedulerConfig
 from ..plan import Combination, Plan, Stage
 from ..schedules import exponential_sigmas, karras_sigmas, sigma_to_t, vp_from_ve
-from .common import train_ve_sigmas
+from .common import denoised_estimate, linear, noise_estimate, train_ve_sigmas
 
 
 def unipc_schedule(config: SchedulerConfig, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,46 +128,11 @@ def _uni_bh(
     return float(a), {j: float(c) for j, c in coefficients.items()}
 
 
-class _Tracker:
-    """Vectors over [state, D_0, ..., D_{n-1}]: index 0 the current state's coefficient, index 1 + j D_j's.
-
-    When the state moves to u (a vector in the old basis), every held vector is rebased onto the new state. x0
-    estimates are pure history vectors and never change; noise estimates carry the state and so, after rebasing,
-    reach back through the whole history (exactly: no truncation).
-    """
-
-    def __init__(self, evaluations: int):
-        self.size = 1 + evaluations
-
-    def state(self) -> np.ndarray:
-        v = np.zeros(self.size)
-        v[0] = 1.0
-        return v
-
-    def denoised(self, j: int) -> np.ndarray:
-        v = np.zeros(self.size)
-        v[1 + j] = 1.0
-        return v
-
-    @staticmethod
-    def rebase(v: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """v = b S + d, with the new state S' = u_0 S + u_d, is (b / u_0) S' + d - (b / u_0) u_d."""
-        if v[0] == 0.0:
-            return v
-        assert u[0] != 0.0, "the state is lost before the last step"
-        ratio = v[0] / u[0]
-        out = v - ratio * u
-        out[0] = ratio
-        return out
-
-    @staticmethod
-    def combination(v: np.ndarray, newest: int) -> Combination:
-        """v as a Combination when the history's newest entry is D_newest."""
-        assert not np.any(v[2 + newest:]), "a combination cannot use a future evaluation"
-        denoised = v[1:2 + newest][::-1]
-        used = np.flatnonzero(denoised)
-        width = used[-1] + 1 if len(used) else 0
-        return Combination(x=float(v[0]), denoised=tuple(float(c) for c in denoised[:width]))
+def _output(j: int, newest: int, alphas: np.ndarray, sigmas: np.ndarray, predict_x0: bool) -> Combination:
+    """The model output m_j of evaluation j when the newest is evaluation `newest`: D_j, or eps_j."""
+    if predict_x0:
+        return denoised_estimate(newest - j)
+    return noise_estimate(newest - j, float(alphas[j]), float(sigmas[j]))
 
 
 def unipc(config: SchedulerConfig, steps: int) -> Plan:
@@ -187,34 +150,30 @@ def unipc(config: SchedulerConfig, steps: int) -> Plan:
         raise ValueError(f"UniPCMultistepScheduler: steps={steps} with timestep_spacing="
                          f"{config.timestep_spacing!r} repeats a noise level; use fewer steps")
     variant = {"predict_x0": config.predict_x0, "bh1": config.solver_type == "bh1"}
-    tracker = _Tracker(steps)
-    outputs: dict[int, np.ndarray] = {}  # model outputs m_j as vectors over the current state and history
-    point = tracker.state()  # x_0 is the initial noise itself
+
+    def bh_update(s0: int, order: int, *, corrector: bool) -> Combination:
+        """_uni_bh's update as a combination; the newest evaluation is s0 + 1 for UniC, s0 for UniP."""
+        a, coefficients = _uni_bh(lambdas, alphas, sigmas, s0, order, corrector=corrector, **variant)
+        newest = s0 + corrector
+        outputs = [(c, _output(j, newest, alphas, sigmas, config.predict_x0)) for j, c in coefficients.items()]
+        return linear((a, Combination()), *outputs)
+
+    point = None  # x_0 is the initial noise itself
     order = 0
     stages = []
     for k in range(steps):
-        if config.predict_x0:
-            outputs[k] = tracker.denoised(k)
-        else:  # eps_k = (x_k - alpha_k D_k) / sigma_k at the evaluation point x_k
-            outputs[k] = (point - alphas[k] * tracker.denoised(k)) / sigmas[k]
         if k > 0 and k - 1 not in config.disable_corrector:
-            a, coefficients = _uni_bh(lambdas, alphas, sigmas, k - 1, order, corrector=True, **variant)
-            corrected = a * tracker.state() + sum(c * outputs[j] for j, c in coefficients.items())
-        else:  # no corrector: the predicted sample is kept as it is
-            corrected = point
-        update = tracker.combination(corrected, newest=k)
-        outputs = {j: tracker.rebase(m, corrected) for j, m in outputs.items() if j > k - config.solver_order}
+            corrected = bh_update(k - 1, order, corrector=True)
+        else:  # no corrector: the predicted sample is kept as it is (at k = 0, the state itself)
+            corrected = Combination() if k == 0 else Combination(x=0.0, points=(1.0,))
         limit = min(config.solver_order, steps - k) if config.lower_order_final else config.solver_order
         order = min(limit, k + 1)
-        a, coefficients = _uni_bh(lambdas, alphas, sigmas, k, order, corrector=False, **variant)
-        predicted = a * tracker.state() + sum(c * outputs[j] for j, c in coefficients.items())
-        stage_point = None if k == 0 else tracker.combination(point, newest=k - 1)
-        if k == steps - 1:  # diffusers returns the final prediction
-            update = update.then(tracker.combination(predicted, newest=k))
-        if not all(np.isfinite([c.x, *c.denoised]).all() for c in (update, stage_point) if c is not None):
+        predicted = bh_update(k, order, corrector=False)
+        update = corrected.then(predicted) if k == steps - 1 else corrected  # diffusers returns the final prediction
+        if not all(np.isfinite([c.x, *c.denoised, *c.points]).all() for c in (update, point) if c is not None):
             raise ValueError(f"UniPCMultistepScheduler: step {k} of {steps} has non-finite coefficients (as in "
                              "diffusers) for this configuration")
-        stages.append(Stage(float(timesteps[k]), float(alphas[k]), float(sigmas[k]), point=stage_point,
+        stages.append(Stage(float(timesteps[k]), float(alphas[k]), float(sigmas[k]), point=point,
                             update=None if update == Combination() else update))
         point = predicted
     return Plan(tuple(stages))
