@@ -10,10 +10,16 @@ result by more than 1e-5 (so only the float64 comparison is asserted) where
   sigma_max = 157 (4096 with rescale_betas_zero_snr), and the result is small (thresholding) or sigma_max large;
 - float32 h (about 5e-7 absolute against h ~ 0.01) at ~1000 steps: sde-dpmsolver++ and sde-dpmsolver, whose noise
   weights sigma_t * sqrt(1 - exp(-2h)) and sigma_t * sqrt(exp(2h) - 1) carry h's relative error, and exponential
-  sigmas;
-- sde-dpmsolver++ third order from ~150 steps: its D2 weight is O(1) (dpm_multistep._step) and amplifies every
-  rounding until the sample blows up (norm 1e32 at 999 steps).
+  sigmas.
+
+sde-dpmsolver++ at third order deliberately differs from diffusers (dpm_multistep._step): diffusers' D2 weight has
+-0.5 where k-diffusion's sample_dpmpp_3m_sde (Lu's DPM-Solver++(3M) in 2h) has +0.5. Those cases are compared with
+diffusers' third-order update corrected by alpha_t * D2 (`fixed_third_order_sde`); test_dpmpp_3m_sde_* show the
+divergence from diffusers as shipped, whose O(1) D2 weight blows the sample up at a few hundred steps.
 """
+
+import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -48,14 +54,57 @@ def noise():
     return torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
+@contextlib.contextmanager
+def fixed_third_order_sde():
+    """diffusers' DPMSolverMultistepScheduler with k-diffusion's sign in its sde-dpmsolver++ third-order update:
+    diffusers' own x_t plus alpha_t * D2, which turns its D2 weight alpha_t * (... - 0.5) into alpha_t * (... + 0.5)
+    (dpm_multistep._step). D2 and alpha_t are recomputed from the same outputs and sigmas, as diffusers' method does;
+    other algorithm types are left alone."""
+    import diffusers
+
+    cls = diffusers.DPMSolverMultistepScheduler
+    third_order_update = cls.multistep_dpm_solver_third_order_update
+
+    def fixed(self, model_output_list, *args, **kwargs):
+        x_t = third_order_update(self, model_output_list, *args, **kwargs)
+        if self.config.algorithm_type != "sde-dpmsolver++":
+            return x_t
+        i = self.step_index
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[i + 1])
+        alpha_s0, sigma_s0 = self._sigma_to_alpha_sigma_t(self.sigmas[i])
+        alpha_s1, sigma_s1 = self._sigma_to_alpha_sigma_t(self.sigmas[i - 1])
+        alpha_s2, sigma_s2 = self._sigma_to_alpha_sigma_t(self.sigmas[i - 2])
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+        lambda_s2 = torch.log(alpha_s2) - torch.log(sigma_s2)
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
+        r0, r1 = h_0 / h, h_1 / h
+        D1_0, D1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+        D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+        return x_t + alpha_t * 1.0 * D2
+
+    with mock.patch.object(cls, "multistep_dpm_solver_third_order_update", fixed):
+        yield
+
+
+def reference(noise, steps, fields, *, float64=False, stock=False):
+    """diffusers' loop on the resolved fields; sde-dpmsolver++ third order with k-diffusion's sign unless stock."""
+    third_order_sde = fields.get("algorithm_type") == "sde-dpmsolver++" and fields.get("solver_order") == 3
+    with fixed_third_order_sde() if third_order_sde and not stock else contextlib.nullcontext():
+        return diffusers_loop(CLASS, fields, toy_network, noise, steps, float64=float64)
+
+
 def errors(noise, steps, config, sampler=None):
     """blitzdiff's relative error against diffusers as shipped and against diffusers' step in float64, on the
-    resolved config (so a sampler name's fixed fields reach diffusers too)."""
+    resolved config (so a sampler name's fixed fields reach diffusers too); for sde-dpmsolver++ third order, against
+    diffusers with k-diffusion's sign (`fixed_third_order_sde`) in both."""
     config = {"_class_name": CLASS, **config}
     ours = blitzdiff.sample(toy_network, noise, steps=steps, sampler=sampler, scheduler_config=config)
     fields = dict(resolve(sampler, config).fields)
-    stock = relative_error(ours, diffusers_loop(CLASS, fields, toy_network, noise, steps))
-    exact = relative_error(ours, diffusers_loop(CLASS, fields, toy_network, noise, steps, float64=True))
+    stock = relative_error(ours, reference(noise, steps, fields))
+    exact = relative_error(ours, reference(noise, steps, fields, float64=True))
     return stock, exact
 
 
@@ -163,7 +212,7 @@ def test_sampler_names_match_diffusers(noise, sampler, steps):
         ({"solver_order": 1}, 1000, True),
         ({"algorithm_type": "sde-dpmsolver++"}, 999, False),
         ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun"}, 999, False),
-        ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}, 200, False),
+        ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}, 200, True),
         ({"use_exponential_sigmas": True}, 1000, False),
     ],
     ids=["2m", "3m-karras", "dpmsolver-3", "cosine-trailing-zero-length-step", "euler-repeated-timestep", "2m-sde",
@@ -193,6 +242,31 @@ def test_many_steps_match_diffusers(noise, config, steps, stock_holds):
 )
 def test_refused_schedules(noise, config, steps, match):
     assert_refused(noise, config, steps, match)
+
+
+def dpmpp_3m_sde(noise, steps, **reference_kwargs):
+    """(blitzdiff's sample, diffusers' sample) for dpmpp_3m_sde on its resolved config."""
+    fields = dict(resolve("dpmpp_3m_sde", {"_class_name": CLASS}).fields)
+    ours = blitzdiff.sample(toy_network, noise, steps=steps, sampler="dpmpp_3m_sde", scheduler_config=fields)
+    return ours, reference(noise, steps, fields, **reference_kwargs)
+
+
+def test_dpmpp_3m_sde_differs_from_stock_diffusers(noise):
+    """The deliberate divergence (module docstring): diffusers as shipped, with its -0.5, is far from blitzdiff (a
+    relative difference of 0.31 here), which matches the sign-corrected diffusers to float32 rounding."""
+    ours, stock = dpmpp_3m_sde(noise, 25, stock=True)
+    assert relative_error(ours, stock) > 1e-4
+    assert relative_error(ours, dpmpp_3m_sde(noise, 25)[1]) < 1e-5
+
+
+def test_dpmpp_3m_sde_is_stable_at_many_steps(noise):
+    """At 500 steps blitzdiff's sample stays the size of its 25-step sample (and is the sign-corrected diffusers' in
+    float64), where diffusers as shipped amplifies D2 to a norm of ~4e14."""
+    ours, fixed = dpmpp_3m_sde(noise, 500, float64=True)
+    assert torch.isfinite(ours).all() and relative_error(ours, fixed) < 1e-10
+    assert 0.5 < ours.norm() / dpmpp_3m_sde(noise, 25)[0].norm() < 2.0
+    stock = dpmpp_3m_sde(noise, 500, stock=True)[1]
+    assert not torch.isfinite(stock).all() or stock.norm() > 1e6 * ours.norm()
 
 
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])

@@ -12,7 +12,8 @@ dpmsolver / sde-dpmsolver (with thresholding, diffusers also converts the thresh
 
 eps_{i-1}, eps_{i-2} are read from the points the loop keeps next to the denoised history (Combination.points),
 so every variant keeps solver_order estimates. diffusers has no third-order sde-dpmsolver update (it fails with
-UnboundLocalError); such a step is refused.
+UnboundLocalError); such a step is refused. sde-dpmsolver++ at third order deliberately differs from diffusers: it has
+k-diffusion's sign on the 0.5 in the D2 weight, not diffusers' (see _step).
 """
 
 from __future__ import annotations
@@ -58,9 +59,17 @@ def _step(
         c0 = alpha_t * phi_1
         if order > 1 and h != 0.0:
             c1 = alpha_t * (1.0 - phi_1 / hh)
-            # diffusers quirk, mirrored: its sde-dpmsolver++ third order has -0.5 where the integral (and
-            # k-diffusion's sample_dpmpp_3m_sde) has +0.5, i.e. D2 weighs about -alpha_t instead of O(h)
-            c2 = alpha_t * ((-0.5 if sde else 0.5) - (hh - phi_1) / hh**2)
+            # D2 weight of DPM-Solver++(3M) (Lu et al. 2022b's code, multistep_dpm_solver_third_order_update;
+            # k-diffusion's sample_dpmpp_3m_sde: x += phi_2 * d1 - phi_3 * d2, phi_2 = 1 - phi_1 / hh,
+            # phi_3 = phi_2 / hh - 0.5, hh = h_eta = 2h for the SDE): alpha_t * -phi_3 = alpha_t * (0.5 - (hh -
+            # phi_1) / hh^2) = alpha_t * (hh / 6 + O(hh^2)), the ODE's weight with h -> hh as for c0 and c1.
+            # (Integrating the quadratic interpolant m_0 + D1 s + D2 s^2, s = (lambda - lambda_i) / h, against the
+            # kernel exactly gives twice this, alpha_t * (1 - 2 / hh + 2 phi_1 / hh^2); Lu's half weight, which
+            # every 3M shares, diffusers' ODE branch included, leaves the update second order, test_convergence.)
+            # Deliberate divergence from diffusers: its sde-dpmsolver++ branch has -0.5 for +0.5, a D2 weight of
+            # alpha_t * (-1 + O(h)); with it the update is first order and amplifies D2 until the sample blows up
+            # at a few hundred steps (norm 1e32 at 999). We use k-diffusion's sign for both variants.
+            c2 = alpha_t * (0.5 - (hh - phi_1) / hh**2)
         noise = sigma_t * math.sqrt(-math.expm1(-2.0 * h)) if sde else 0.0
     else:
         # noise prediction (Lu et al. 2022a, eq. 3.7-3.8; the SDE doubles the output weights, Lu et al. 2022b sec. 5)
