@@ -24,7 +24,7 @@ import blitzdiff
 from blitzdiff.engine.config import resolve
 from blitzdiff.engine.denoiser import Denoiser
 from blitzdiff.engine.functional import parameterization, postprocessing
-from blitzdiff.engine.noise import seed_tensor
+from blitzdiff.engine.noise import NOISE_BACKENDS, resolve_noise_backend, seed_tensor
 from blitzdiff.engine.sampler import run_plan
 from blitzdiff.engine.solvers import build_plan
 
@@ -49,10 +49,11 @@ def _median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def blitzdiff_loop(sampler: str, shape, steps: int):
+def blitzdiff_loop(sampler: str, shape, steps: int, noise_backend: str):
     noise = torch.randn(shape)
     output = torch.randn(shape)
     config = resolve(sampler, {"clip_sample": False})
+    backend = resolve_noise_backend(noise_backend, noise.device, noise.dtype)
     kind, constants = parameterization(config)
 
     def run():
@@ -60,7 +61,7 @@ def blitzdiff_loop(sampler: str, shape, steps: int):
         plan = build_plan(config, steps)
         denoiser = Denoiser(lambda x, t: output, plan, kind, batch=shape[0], device=noise.device, **constants)
         return run_plan(plan, denoiser, noise * plan.init_scale, seed_tensor(0, shape[0], noise.device),
-                        postprocessing(config))
+                        postprocessing(config), backend)
 
     return run
 
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--samplers", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--noise-backend", default="auto", choices=NOISE_BACKENDS,
+                        help="how stochastic samplers draw noise (auto: the compiled C++ kernel where built)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,13 +100,14 @@ def main() -> None:
 
     print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}, blitzdiff {blitzdiff.__version__}; "
-          f"{args.steps} steps, median of {args.repeats}")
+          f"{args.steps} steps, median of {args.repeats}, noise backend {args.noise_backend}")
     print(f"{'sampler':<16} {'shape':<18} {'blitzdiff us/step':>18} {'diffusers us/step':>18} {'ratio':>7}")
     rows = []
     for name in args.samplers:
         sampler, class_name = CASES[name]
         for shape_name, shape in SHAPES.items():
-            ours = _median_seconds(blitzdiff_loop(sampler, shape, args.steps), args.repeats) / args.steps * 1e6
+            ours = _median_seconds(blitzdiff_loop(sampler, shape, args.steps, args.noise_backend), args.repeats)
+            ours = ours / args.steps * 1e6
             theirs = _median_seconds(diffusers_loop(sampler, class_name, shape, args.steps), args.repeats)
             theirs = theirs / args.steps * 1e6
             rows.append({"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": ours,
@@ -111,7 +115,8 @@ def main() -> None:
             print(f"{name:<16} {shape_name:<18} {ours:>18.1f} {theirs:>18.1f} {theirs / ours:>6.1f}x")
     if args.json:
         meta = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "diffusers": diffusers.__version__, "steps": args.steps, "repeats": args.repeats}
+                "diffusers": diffusers.__version__, "steps": args.steps, "repeats": args.repeats,
+                "noise_backend": args.noise_backend}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 

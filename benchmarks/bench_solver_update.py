@@ -9,10 +9,9 @@ GB/s counts the compulsory traffic (4 tensors read, 1 written).
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_us  # benchmarks/ is on sys.path when run as a script
 
 from blitzdiff import _C
 from blitzdiff.kernels import solver_update
@@ -26,17 +25,6 @@ def cpu_name() -> str:
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     return names[0] if names else "unknown CPU"
 
-
-def median_us(run, repeats: int, inner: int) -> float:
-    for _ in range(10 * inner):  # warm-up: allocator caches, first-call dispatch
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            run()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times) * 1e6
 
 
 def variants(shape) -> dict:

@@ -10,7 +10,7 @@ import torch
 
 from .config import SchedulerConfig, resolve
 from .denoiser import Denoiser, clip, dynamic_threshold
-from .noise import seed_tensor
+from .noise import resolve_noise_backend, seed_tensor
 from .sampler import Postprocess, run_plan
 from .solvers import build_plan
 
@@ -59,6 +59,7 @@ def sample(
     eta: float | None = None,
     timesteps: Sequence[int] | None = None,
     seeds: int | Sequence[int] | torch.Tensor | None = None,
+    noise_backend: str = "auto",
 ) -> torch.Tensor:
     """Sample with a raw network `fn(x, t, **cond)` from unit-variance `noise` [B, ...]; returns the final sample.
 
@@ -69,6 +70,9 @@ def sample(
     guidance_scale != 1 runs classifier-free guidance with `uncond`. eta: DDIM's noise weight. timesteps: explicit
     training timesteps for samplers that take them (lcm, consistency). seeds: per-sample seeds of the sampler's own
     noise (an int s means s, s+1, ...; default 0, 1, ...): sample i depends only on its own seed.
+    noise_backend: how that noise is drawn: "auto" (default: the compiled kernel for noise's device where one is
+    built, else "ref"), "ref" (plain tensor ops: what torch.compile fuses best and export traces), "cpu", "cuda".
+    All give the same integer hash; their float32 log / cos may differ by an ulp, so pin one to compare runs.
     """
     overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
     config = resolve(sampler, scheduler_config, **overrides)
@@ -77,8 +81,12 @@ def sample(
     if not torch.isfinite(noise).all():
         raise ValueError("noise contains NaN or Inf")
     batch, device = noise.shape[0], noise.device
+    backend = resolve_noise_backend(noise_backend, device, noise.dtype)
     _check_conditioning("cond", cond, batch, device)
     if guidance_scale != 1.0:
+        if not cond:
+            raise ValueError(f"guidance_scale={guidance_scale} needs conditioning: pass cond and uncond (same "
+                             "keys), or guidance_scale=1.0 for unguided sampling")
         if set(uncond or {}) != set(cond or {}):
             raise ValueError(f"guidance_scale={guidance_scale} needs uncond with the same keys as cond "
                              f"({sorted(cond or {})}), got {sorted(uncond or {})}")
@@ -88,4 +96,4 @@ def sample(
     denoiser = Denoiser(fn, plan, kind, batch=batch, device=device, cond=cond, uncond=uncond,
                         guidance_scale=guidance_scale, **constants)
     x = noise * plan.init_scale
-    return run_plan(plan, denoiser, x, seed_tensor(seeds, batch, device), postprocessing(config))
+    return run_plan(plan, denoiser, x, seed_tensor(seeds, batch, device), postprocessing(config), backend)

@@ -37,6 +37,14 @@ class Combination:
     noise: float = 0.0
     points: tuple[float, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Builders compute in numpy float64; the loop must see plain Python floats so that torch.compile treats
+        # them as constants (a numpy scalar in `coef != 0.0` breaks fullgraph tracing).
+        for name in ("x", "raw", "noise"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("denoised", "points"):
+            object.__setattr__(self, name, tuple(float(c) for c in getattr(self, name)))
+
     def then(self, outer: Combination) -> Combination:
         """The combination `outer` applied to the result of `self` (no new evaluation in between).
 
@@ -68,6 +76,10 @@ class Stage:
     point: Combination | None = None
     update: Combination | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("timestep", "alpha", "sigma"):  # plain Python floats, as in Combination
+            object.__setattr__(self, name, float(getattr(self, name)))
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -81,6 +93,10 @@ class Plan:
     init_scale: float = 1.0
     output_scale: float = 1.0
     integer_timesteps: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "init_scale", float(self.init_scale))
+        object.__setattr__(self, "output_scale", float(self.output_scale))
 
     @property
     def history(self) -> int:

@@ -7,10 +7,12 @@ so it never links to torch. One `torch.library` op covers all backends, so torch
 see a single node; the backend is an explicit argument, never chosen at import.
 """
 
-import importlib
 
 import torch
 from torch import Tensor
+
+from ._library import define
+from ._library import native as _native_module
 
 BACKENDS = ("ref", "cpu", "cuda")
 # dtypes the compiled kernels take; "ref" takes any floating dtype.
@@ -18,7 +20,6 @@ KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
-_BUILD_HINT = "build it with `pip install -e . --no-build-isolation` from the repository root, or use backend='ref'"
 
 
 def solver_update_ref(
@@ -68,22 +69,8 @@ def _check_inputs(
             raise ValueError(f"solver_update: backend {backend!r} needs {backend} tensors, got x on {x.device}")
 
 
-def _native(backend: str):
-    """blitzdiff._C, imported on first use so that the package imports without the compiled extension."""
-    try:
-        native = importlib.import_module("blitzdiff._C")
-    except ImportError as e:
-        raise RuntimeError(f"solver_update: the compiled extension blitzdiff._C is missing; {_BUILD_HINT}") from e
-    if backend == "cuda" and not native.has_cuda:
-        raise RuntimeError(
-            "solver_update: blitzdiff._C was built without CUDA (no nvcc found, or -DBLITZDIFF_CUDA=OFF); "
-            f"put nvcc on PATH (or set CUDACXX) and rebuild: {_BUILD_HINT}"
-        )
-    return native
 
-
-@torch.library.custom_op("blitzdiff::solver_update", mutates_args=())
-def solver_update(
+def _solver_update_kernel(
     x: Tensor,
     d0: Tensor,
     d1: Tensor | None,
@@ -95,15 +82,17 @@ def solver_update(
     *,
     backend: str,
 ) -> Tensor:
-    """out = a*x + b*d0 + c*d1 + s*noise, computed by `backend` ("ref", "cpu" or "cuda").
-
-    x, d0, d1, noise: same shape, dtype and device; d1 (noise) may be None when c (s) is 0.0. Non-contiguous
-    inputs are copied to contiguous ones first. Returns a new contiguous tensor of x's shape and dtype.
-    """
     _check_inputs(x, d0, d1, noise, c, s, backend)
     if backend == "ref":
         return solver_update_ref(x, d0, d1, noise, a, b, c, s).contiguous()
-    native = _native(backend)
+    needs_grad = x.requires_grad or d0.requires_grad or (d1 is not None and d1.requires_grad)
+    if (needs_grad or (noise is not None and noise.requires_grad)) and torch.is_grad_enabled():
+        # The op's Autograd key is a fallthrough (kernels/_library.py): fail here rather than drop the gradient.
+        raise ValueError(
+            f"solver_update: backend {backend!r} is not differentiable and an input requires grad; "
+            "use backend='ref', or call it under torch.no_grad() / torch.inference_mode()"
+        )
+    native = _native_module("solver_update", backend)
     # The kernels walk flat memory: inputs must be dense, the output is fresh (never aliases an input).
     x, d0 = x.contiguous(), d0.contiguous()
     d1 = None if d1 is None else d1.contiguous()
@@ -131,8 +120,7 @@ def solver_update(
     return out
 
 
-@solver_update.register_fake
-def _(
+def _solver_update_fake(
     x: Tensor,
     d0: Tensor,
     d1: Tensor | None,
@@ -146,3 +134,31 @@ def _(
 ) -> Tensor:
     _check_inputs(x, d0, d1, noise, c, s, backend)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_solver_update_op = define(
+    "solver_update(Tensor x, Tensor d0, Tensor? d1, Tensor? noise, float a, float b, float c, float s, *, "
+    "str backend) -> Tensor",
+    _solver_update_kernel,
+    _solver_update_fake,
+)
+
+
+def solver_update(
+    x: Tensor,
+    d0: Tensor,
+    d1: Tensor | None,
+    noise: Tensor | None,
+    a: float,
+    b: float,
+    c: float,
+    s: float,
+    *,
+    backend: str,
+) -> Tensor:
+    """out = a*x + b*d0 + c*d1 + s*noise, by `backend` ("ref", "cpu" or "cuda"): `blitzdiff::solver_update`.
+
+    x, d0, d1, noise: same shape, dtype and device; d1 (noise) may be None when c (s) is 0.0. Non-contiguous
+    inputs are copied to contiguous ones first. Returns a new contiguous tensor of x's shape and dtype.
+    """
+    return _solver_update_op(x, d0, d1, noise, a, b, c, s, backend=backend)

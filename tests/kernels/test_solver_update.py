@@ -141,6 +141,19 @@ def test_bad_inputs_raise_value_error(case):
         solver_update(*change(make_inputs(7, torch.float32)), backend=backend)
 
 
+def test_ref_differentiates_and_kernels_refuse_grad():
+    # The op's Autograd key falls through (blitzdiff/kernels/_library.py): the spec's own ops carry gradients,
+    # a compiled kernel says it cannot instead of dropping them.
+    x, d0, d1, noise, a, b, c, s = make_inputs(7, torch.float32)
+    x.requires_grad_(True)
+    solver_update(x, d0, d1, noise, a, b, c, s, backend="ref").sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, a))
+    with pytest.raises(ValueError, match="not differentiable"):
+        solver_update(x, d0, d1, noise, a, b, c, s, backend="cpu")
+    with torch.no_grad():
+        solver_update(x, d0, d1, noise, a, b, c, s, backend="cpu")
+
+
 def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setitem(sys.modules, "blitzdiff._C", None)  # makes `import blitzdiff._C` fail
     with pytest.raises(RuntimeError, match="pip install -e"):

@@ -1,0 +1,55 @@
+"""The `blitzdiff` torch.library namespace that every kernels/<op>.py defines its op in (ARCHITECTURE.md contract 5).
+
+Ops are registered one level below `torch.library.custom_op`: a schema (`Library.define`), one Python kernel for
+every device (`CompositeExplicitAutograd`, as custom_op does, so the "ref" backend runs anywhere) and a fake
+kernel (`register_fake`, which also serves the Meta device). torch.compile, CUDA graphs, export and opcheck see the
+same single op either way; what differs is the per-call cost. custom_op also routes every call through a Python
+autograd kernel and its own argument handling: 17-18 us per call against 8-9 us here, of which about 4 us is the
+Python kernel itself (solver_update and gaussian_noise on tiny CPU tensors, 2-core AMD EPYC, torch 2.13; the
+"op cpu" minus "_C kernel" rows of benchmarks/bench_gaussian_noise.py show it).
+
+Autograd is a fallthrough (no per-call cost): the ops are for sampling, not training. Eagerly, the "ref" backend's
+PyTorch ops record gradients as usual; the compiled kernels are not differentiable, and an op refuses inputs that
+require grad for them, rather than PyTorch's deprecated fallback, which warns on backward and returns no gradient.
+"""
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+NAMESPACE = "blitzdiff"
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # module-level: the registrations live as long as it does
+
+
+def define(schema: str, kernel: Callable, fake: Callable) -> torch._ops.OpOverload:
+    """Define `blitzdiff::<schema>` with `kernel` for every device and `fake` for meta / fake tensors.
+
+    Returns the op's default overload, the cheapest callable to dispatch through.
+    """
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")  # not differentiable: outputs never need grad
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.blitzdiff, name).default
+
+
+_BUILD_HINT = "build it with `pip install -e . --no-build-isolation` from the repository root, or use backend='ref'"
+
+
+def native(op: str, backend: str):
+    """blitzdiff._C for `op`'s "cpu" / "cuda" backend, imported on first use (the package imports without it).
+
+    Raises RuntimeError saying how to build it when the module, or its CUDA part, is missing.
+    """
+    try:
+        module = importlib.import_module("blitzdiff._C")
+    except ImportError as e:
+        raise RuntimeError(f"{op}: the compiled extension blitzdiff._C is missing; {_BUILD_HINT}") from e
+    if backend == "cuda" and not module.has_cuda:
+        raise RuntimeError(
+            f"{op}: blitzdiff._C was built without CUDA (no nvcc found, or -DBLITZDIFF_CUDA=OFF); "
+            f"put nvcc on PATH (or set CUDACXX) and rebuild: {_BUILD_HINT}"
+        )
+    return module
