@@ -23,7 +23,15 @@ from unittest import mock
 
 import torch
 
-from blitzdiff.engine.noise import gaussian, seed_tensor
+from blitzdiff.engine import noise as engine_noise
+from blitzdiff.engine.noise import seed_tensor
+
+
+def gaussian(seeds: torch.Tensor, stream: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The noise blitzdiff.sample draws by default (noise_backend="auto": the C++ kernel on CPU where built)."""
+    backend = engine_noise.resolve_noise_backend("auto", seeds.device, dtype)
+    return engine_noise.gaussian(seeds, stream, shape, dtype, backend=backend)
+
 
 SCHEDULER_MODULES = [
     "scheduling_ddim", "scheduling_ddpm", "scheduling_euler_discrete", "scheduling_euler_ancestral_discrete",
@@ -103,6 +111,7 @@ def diffusers_loop(
 
     def our_noise(shape, *args, **kwargs):  # the noise blitzdiff draws after the latest evaluation
         return gaussian(seeds, 2 * (evaluations - 1) + 1, tuple(shape[1:]), kwargs.get("dtype") or noise.dtype)
+
 
     with contextlib.ExitStack() as stack:
         for name in SCHEDULER_MODULES:
