@@ -170,7 +170,11 @@ def resolve(
     contradictory / unsupported values."""
     given = read_config(scheduler_config)
     config_class = given.pop("_class_name", None)
-    given = {k: v for k, v in given.items() if not k.startswith("_")}
+    # An in-memory diffusers config (scheduler.config) lists in `_use_default_values` the fields its owner never
+    # set; diffusers' from_config drops them so that another class keeps its own defaults (e.g. DDIM's "leading"
+    # timestep_spacing does not leak into DPM-Solver's "linspace"). A saved scheduler_config.json has no such list.
+    implicit = set(given.get("_use_default_values") or ())
+    given = {k: v for k, v in given.items() if not k.startswith("_") and k not in implicit}
     if sampler is not None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")

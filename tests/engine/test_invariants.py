@@ -286,6 +286,18 @@ def test_foreign_class_with_a_sampler_name_works():
     assert torch.isfinite(out).all()
 
 
+def test_in_memory_diffusers_config_keeps_the_other_class_defaults():
+    """scheduler.config of a live diffusers scheduler lists the fields its owner never set; another class keeps its
+    own defaults for them, as diffusers' from_config does (DDIM's "leading" spacing is not DPM-Solver's)."""
+    import diffusers
+
+    ddim = diffusers.DDIMScheduler(clip_sample=False, steps_offset=1)
+    expected = diffusers.DPMSolverMultistepScheduler.from_config(ddim.config).config
+    fields = resolve("dpmpp_2m", {**ddim.config, "_class_name": "DDIMScheduler"}).fields
+    assert fields["timestep_spacing"] == expected["timestep_spacing"] == "linspace"
+    assert fields["steps_offset"] == expected["steps_offset"] == 1
+
+
 def test_class_defaults_are_diffusers_defaults():
     diffusers = pytest.importorskip("diffusers")
     import inspect
