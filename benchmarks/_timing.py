@@ -1,4 +1,4 @@
-"""Timing helper shared by the CPU micro-benchmarks: warm-up, batches of calls long enough to time, medians."""
+"""Timing helpers shared by the CPU benchmarks: warm-up, batches of calls long enough to time, medians."""
 
 import statistics
 import time
@@ -23,3 +23,14 @@ def median_us(run, repeats: int, inner: int | None = None) -> float:
             run()
         times.append((time.perf_counter() - start) / inner)
     return statistics.median(times) * 1e6
+
+
+def median_seconds(run, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `run`, after one warm-up call (which also fills caches)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
+from _timing import median_seconds  # benchmarks/ is on sys.path when run as a script
 
 import blitzdiff
 from blitzdiff.engine.config import resolve
@@ -38,15 +37,6 @@ CASES = {  # name -> (blitzdiff sampler, diffusers class)
 }
 SHAPES = {"pixel 1x3x32x32": (1, 3, 32, 32), "latent 1x4x64x64": (1, 4, 64, 64), "latent 8x4x64x64": (8, 4, 64, 64)}
 
-
-def _median_seconds(run, repeats: int) -> float:
-    run()  # warm-up (also builds caches on both sides)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def blitzdiff_loop(sampler: str, shape, steps: int, noise_backend: str):
@@ -106,9 +96,9 @@ def main() -> None:
     for name in args.samplers:
         sampler, class_name = CASES[name]
         for shape_name, shape in SHAPES.items():
-            ours = _median_seconds(blitzdiff_loop(sampler, shape, args.steps, args.noise_backend), args.repeats)
+            ours = median_seconds(blitzdiff_loop(sampler, shape, args.steps, args.noise_backend), args.repeats)
             ours = ours / args.steps * 1e6
-            theirs = _median_seconds(diffusers_loop(sampler, class_name, shape, args.steps), args.repeats)
+            theirs = median_seconds(diffusers_loop(sampler, class_name, shape, args.steps), args.repeats)
             theirs = theirs / args.steps * 1e6
             rows.append({"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": ours,
                          "diffusers_us_per_step": theirs, "ratio": theirs / ours})

@@ -1,0 +1,58 @@
+"""Which blitzdiff class runs which diffusers model class; classes are imported only when asked for."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from ..kernels._backends import ALL_BACKENDS
+
+# diffusers class name (a config.json's `_class_name`) -> "module:attribute" of the blitzdiff class.
+MODEL_CLASSES: dict[str, str] = {
+    "UNet2DModel": "blitzdiff.models.unet_2d:UNet2DModel",
+    "UNet2DConditionModel": "blitzdiff.models.unet_2d_condition:UNet2DConditionModel",
+    "DiTTransformer2DModel": "blitzdiff.models.dit:DiT",
+    "AutoencoderKL": "blitzdiff.models.vae:AutoencoderKLDecoder",
+}
+# Class names of older configs that diffusers loads as a current class: Hub DiT checkpoints say Transformer2DModel
+# with norm_type "ada_norm_zero", remapped to DiTTransformer2DModel (diffusers' model_loading_utils
+# _CLASS_REMAPPING_DICT); DiT.from_config accepts that config and refuses any other norm_type.
+LEGACY_CLASSES: dict[str, str] = {"Transformer2DModel": "DiTTransformer2DModel"}
+# Checkpoint key prefixes a class leaves out on purpose (the class attribute holding them): our VAE is the decoder
+# only, a full AutoencoderKL checkpoint also holds the encoder.
+DROPPED_PREFIXES: dict[str, str] = {"AutoencoderKL": "ENCODER_PREFIXES"}
+
+
+def class_name(name: str) -> str:
+    """The supported diffusers class name for `name` (legacy names mapped), or ValueError listing what is supported."""
+    name = LEGACY_CLASSES.get(name, name)
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"unsupported model class {name!r}; supported diffusers classes: "
+                         f"{', '.join(sorted(MODEL_CLASSES))} (and legacy {', '.join(sorted(LEGACY_CLASSES))})")
+    return name
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The blitzdiff class that runs diffusers class `name`."""
+    name = class_name(name)
+    module, _, attribute = MODEL_CLASSES[name].partition(":")
+    cls = getattr(importlib.import_module(module), attribute)
+    assert cls.diffusers_class == name, (cls, name)
+    return cls
+
+
+def dropped_prefixes(name: str) -> tuple[str, ...]:
+    """Checkpoint key prefixes that the class for diffusers class `name` does not load (on purpose)."""
+    name = class_name(name)
+    return tuple(getattr(model_class(name), DROPPED_PREFIXES[name])) if name in DROPPED_PREFIXES else ()
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Make every module of `model` that calls a kernel (has a `backend` attribute) use `backend`; returns `model`."""
+    if backend not in ALL_BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; backends are {', '.join(ALL_BACKENDS)}")
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    return model
