@@ -2,6 +2,8 @@
 
 from .engine.config import SAMPLERS, resolve
 from .engine.functional import sample
+from .engine.pipeline import Pipeline, load
+from .models import load_model
 
-__all__ = ["SAMPLERS", "resolve", "sample"]
+__all__ = ["SAMPLERS", "Pipeline", "load", "load_model", "resolve", "sample"]
 __version__ = "0.1.0"

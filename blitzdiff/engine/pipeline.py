@@ -1,0 +1,315 @@
+"""`blitzdiff.load(path) -> Pipeline`: a checkpoint folder on disk, sampled with the scheduler core.
+
+The Pipeline owns the network (UNet2DModel, UNet2DConditionModel or DiT), the folder's scheduler config and the
+optional VAE decoder. It turns its arguments into the functional API's `fn(x, t, **cond)`, conditioning and
+guidance, runs `blitzdiff.sample`, then decodes and post-processes. Progress bars and callbacks live in the `fn`
+wrapper, outside the sampling loop (which stays sync-free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..kernels.gaussian_noise import MAX_STREAM
+from ..models import load_model, read_pipeline
+from .config import read_config, resolve
+from .functional import sample
+from .noise import gaussian, resolve_noise_backend, seed_tensor
+
+OUTPUT_TYPES = ("pil", "numpy", "tensor", "raw")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED = ("dit-digits", "unet-digits")  # folders under blitzdiff/assets, trained by scripts/train_default_models.py
+DEFAULT_MODEL = "dit-digits"
+# The initial noise of sample i is drawn from the last stream of its seed: the loop's stages use streams 2k, 2k + 1.
+INITIAL_NOISE_STREAM = MAX_STREAM - 1
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (evaluation index, timestep [B'], model input)
+
+
+def model_path(path: str | Path | None) -> Path:
+    """A checkpoint path, or the name of an embedded model ("dit-digits", "unet-digits"; None means the default)."""
+    if path is None:
+        path = DEFAULT_MODEL
+    if isinstance(path, str) and path in EMBEDDED:
+        return ASSETS / path
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What the pipeline must feed the network: class labels (and the null class for guidance), prompt
+    embeddings, or nothing; and how many leading output channels are the prediction (learned sigma is dropped)."""
+
+    class_conditional: bool
+    null_class: int | None
+    text_conditional: bool
+    prediction_channels: int
+
+
+def model_kind(model: torch.nn.Module) -> ModelKind:
+    config = model.config
+    if model.diffusers_class == "DiTTransformer2DModel":
+        # The label table always has the null row (index num_embeds_ada_norm), as in diffusers; the leading
+        # in_channels outputs are the prediction (with learned sigma the rest is the variance, dropped).
+        return ModelKind(True, config["num_embeds_ada_norm"], False, config["in_channels"])
+    if model.diffusers_class == "UNet2DConditionModel":
+        return ModelKind(False, None, True, config["out_channels"])
+    classes = config.get("num_class_embeds")
+    return ModelKind(classes is not None, None, False, config["out_channels"])
+
+
+class Pipeline:
+    """A loaded checkpoint: network, scheduler config, optional VAE decoder; `sample()` runs the whole job."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        scheduler_config: dict[str, Any],
+        vae: torch.nn.Module | None = None,
+        *,
+        name: str = "",
+    ):
+        self.model = model.eval()
+        self.scheduler_config = dict(scheduler_config)
+        self.vae = vae.eval() if vae is not None else None
+        self.kind = model_kind(model)
+        self.name = name
+        try:  # the folder's default sampler; a scheduler class blitzdiff lacks (e.g. PNDM) needs sampler= later
+            self.sampler_name: str | None = resolve(None, self.scheduler_config).name
+        except ValueError:
+            self.sampler_name = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent pixel: 2 ** (number of VAE up-sampling stages), 1 without a VAE."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+
+    def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        config = self.model.config
+        size = config["sample_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        scale = self.latent_scale
+        h = size[0] if height is None else height // scale
+        w = size[1] if width is None else width // scale
+        for name, pixels, latent in (("height", height, h), ("width", width, w)):
+            if pixels is not None and (pixels % scale or latent < 1):
+                raise ValueError(f"{name}={pixels} must be a positive multiple of {scale} (the VAE's scale)")
+        return config["in_channels"], h, w
+
+    def initial_noise(self, n: int, seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """Unit noise [n, *shape], float32: row i a function of seeds[i] only (any batch gives it the same)."""
+        backend = resolve_noise_backend("auto", seeds.device, torch.float32)
+        return gaussian(seeds, INITIAL_NOISE_STREAM, shape, torch.float32, backend=backend)
+
+    def conditioning(
+        self,
+        n: int,
+        class_labels: int | Sequence[int] | torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        negative_encoder_hidden_states: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(cond, uncond) keyword tensors for fn, checked against the model."""
+        kind, device = self.kind, self.device
+        cond: dict[str, torch.Tensor] = {}
+        uncond: dict[str, torch.Tensor] | None = None
+        if kind.class_conditional:
+            if class_labels is None:
+                raise ValueError(f"{self.name or 'this model'} is class-conditional: pass class_labels (an int or one "
+                                 f"per sample, in 0..{self.num_classes - 1})")
+            labels = torch.as_tensor(class_labels, dtype=torch.int64).reshape(-1)
+            labels = labels.expand(n) if labels.numel() == 1 else labels
+            if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f"class_labels must be an int or {n} ints in 0..{self.num_classes - 1}, got "
+                                 f"{labels.tolist()}")
+            cond["class_labels"] = labels.to(device)
+            if guidance_scale != 1.0:
+                if kind.null_class is None:
+                    raise ValueError("this model was not trained with a null class (class_dropout_prob = 0): "
+                                     "guidance_scale must be 1.0")
+                uncond = {"class_labels": torch.full_like(cond["class_labels"], kind.null_class)}
+        elif class_labels is not None:
+            raise ValueError("class_labels given, but this model is not class-conditional")
+        if kind.text_conditional:
+            if encoder_hidden_states is None:
+                raise ValueError("this UNet2DConditionModel needs encoder_hidden_states (prompt embeddings "
+                                 f"[n, tokens, {self.model.config['cross_attention_dim']}])")
+            cond["encoder_hidden_states"] = self._embeddings("encoder_hidden_states", encoder_hidden_states, n)
+            if guidance_scale != 1.0:
+                if negative_encoder_hidden_states is None:
+                    raise ValueError(f"guidance_scale={guidance_scale} needs negative_encoder_hidden_states (e.g. the "
+                                     "embedding of the empty prompt), or guidance_scale=1.0")
+                negative = self._embeddings("negative_encoder_hidden_states", negative_encoder_hidden_states, n)
+                uncond = {"encoder_hidden_states": negative}
+        elif encoder_hidden_states is not None or negative_encoder_hidden_states is not None:
+            raise ValueError("encoder_hidden_states given, but this model takes no prompt embeddings")
+        if guidance_scale != 1.0 and uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; this one is unconditional")
+        return cond, uncond
+
+    @property
+    def num_classes(self) -> int:
+        config = self.model.config
+        return config["num_embeds_ada_norm"] if "num_embeds_ada_norm" in config else config["num_class_embeds"]
+
+    def _embeddings(self, name: str, tensor: torch.Tensor, n: int) -> torch.Tensor:
+        width = self.model.config["cross_attention_dim"]
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[-1] != width:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must be a tensor [n or 1, tokens, {width}], got {shape}")
+        if tensor.shape[0] not in (1, n):
+            raise ValueError(f"{name} has batch {tensor.shape[0]}; it must be 1 or n={n}")
+        return tensor.to(self.device, self.dtype).expand(n, -1, -1)
+
+    def network(self, callback: Callback | None, progress: Any) -> Callable[..., torch.Tensor]:
+        """fn(x, t, **cond) for blitzdiff.sample: the model in its dtype, the prediction channels only (learned
+        sigma split off, as diffusers pipelines do), returned in the loop's dtype; progress and callback here."""
+        model, channels, dtype = self.model, self.kind.prediction_channels, self.dtype
+        evaluations = 0
+
+        def fn(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+            nonlocal evaluations
+            if callback is not None:
+                callback(evaluations, t, x)
+            evaluations += 1
+            out = model(x.to(dtype), t, **cond)[:, :channels]
+            if progress is not None:
+                progress.update(1)
+            return out.to(x.dtype)
+
+        return fn
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        n: int = 1,
+        *,
+        steps: int,
+        sampler: str | None = None,
+        seeds: int | Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+        class_labels: int | Sequence[int] | torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        callback: Callback | None = None,
+        progress: bool = True,
+    ):
+        """n samples. The folder's scheduler config picks the sampler unless `sampler` names one (its config fields
+        still apply where that sampler has them). seeds: an int s (sample i gets s + i) or n ints; they key both the
+        initial noise and the sampler's own noise, so sample i does not depend on the batch. noise: unit-variance
+        initial noise [n, C, h, w] instead (float32). guidance_scale: None means 4.0 for a class-conditional model
+        trained with a null class (diffusers' DiTPipeline default), else 1.0. output_type: "pil" (list of images),
+        "numpy" (float32 [n, H, W, C] in [0, 1]), "tensor" (float32 [n, C, H, W] in [0, 1]) or "raw" (the loop's
+        final sample, before decoding). callback(i, t, x_in) runs before network evaluation i.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if guidance_scale is None:
+            guidance_scale = 4.0 if self.kind.null_class is not None else 1.0
+        device = self.device
+        seed_values = seed_tensor(seeds, n, device)
+        shape = self.latent_shape(height, width)
+        if noise is None:
+            noise = self.initial_noise(n, seed_values, shape)
+        elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n, *shape):
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be a tensor of shape {(n, *shape)} (n, channels, height, width), got {got}")
+        noise = noise.to(device)
+        cond, uncond = self.conditioning(n, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
+                                         guidance_scale)
+        bar = _progress_bar(progress)
+        try:
+            # With sampler= given, config resolution drops the folder's fields that sampler's class does not have.
+            raw = sample(self.network(callback, bar), noise, steps=steps, sampler=sampler,
+                         scheduler_config=self.scheduler_config,
+                         guidance_scale=guidance_scale, cond=cond, uncond=uncond, eta=eta, seeds=seed_values)
+        finally:
+            if bar is not None:
+                bar.close()
+        if output_type == "raw":
+            return raw
+        images = self.decode(raw)
+        if output_type == "tensor":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        return array if output_type == "numpy" else to_pil(array)
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """The loop's final sample -> float32 images [n, C, H, W] in [0, 1] (through the VAE for latent models)."""
+        x = raw if self.vae is None else self.vae.decode(raw.to(self.vae_dtype))
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    scheduler_config: dict[str, Any] | str | Path | None = None,
+    vae: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> Pipeline:
+    """A Pipeline from a checkpoint on disk, or an embedded model by name (None: the default, dit-digits).
+
+    path: a diffusers pipeline folder (model_index.json with unet/ or transformer/, scheduler/, optional vae/), a
+    bare model folder, or an original DiT checkpoint (see blitzdiff.models.load_model). scheduler_config replaces the
+    folder's (a bare model has none: DDPM's defaults, linear betas over 1000 steps, as DDPM and DiT were trained,
+    unless given). vae: a VAE folder for a bare latent model. dtype: the networks' dtype (default float32); the
+    sampler state stays float32. Pickled weights are refused unless allow_pickle=True.
+    """
+    path = model_path(path)
+    options = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle}
+    folder_config: dict[str, Any] | None = {"_class_name": "DDPMScheduler"}
+    vae_path = None if vae is None else Path(vae)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        files = read_pipeline(path)
+        model = load_model(files.denoiser, **options)
+        folder_config = files.scheduler_config
+        vae_path = files.vae if vae_path is None else vae_path
+    else:
+        model = load_model(path, **options)
+    if scheduler_config is not None:
+        folder_config = read_config(scheduler_config)
+    decoder = None if vae_path is None else load_model(vae_path, **options)
+    return Pipeline(model, folder_config, decoder, name=path.name)
+
+
+def _progress_bar(progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="sampling", unit="eval", leave=False)
+
+
+def to_pil(array) -> list:
+    """float [n, H, W, C] in [0, 1] -> n PIL images (grayscale for one channel)."""
+    from PIL import Image
+
+    images = (array * 255).round().astype("uint8")
+    return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in images]
