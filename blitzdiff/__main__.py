@@ -1,0 +1,7 @@
+"""`python -m blitzdiff ...` is the `blitzdiff` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
