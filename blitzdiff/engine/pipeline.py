@@ -8,6 +8,7 @@ wrapper, outside the sampling loop (which stays sync-free).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from .functional import sample
 from .noise import gaussian, resolve_noise_backend, seed_tensor
 
 OUTPUT_TYPES = ("pil", "numpy", "tensor", "raw")
+NON_FINITE_POLICIES = ("raise", "retry")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = ("dit-digits", "unet-digits")  # folders under blitzdiff/assets, trained by scripts/train_default_models.py
 DEFAULT_MODEL = "dit-digits"
@@ -175,24 +177,6 @@ class Pipeline:
             raise ValueError(f"{name} has batch {tensor.shape[0]}; it must be 1 or n={n}")
         return tensor.to(self.device, self.dtype).expand(n, -1, -1)
 
-    def network(self, callback: Callback | None, progress: Any) -> Callable[..., torch.Tensor]:
-        """fn(x, t, **cond) for blitzdiff.sample: the model in its dtype, the prediction channels only (learned
-        sigma split off, as diffusers pipelines do), returned in the loop's dtype; progress and callback here."""
-        model, channels, dtype = self.model, self.kind.prediction_channels, self.dtype
-        evaluations = 0
-
-        def fn(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-            nonlocal evaluations
-            if callback is not None:
-                callback(evaluations, t, x)
-            evaluations += 1
-            out = model(x.to(dtype), t, **cond)[:, :channels]
-            if progress is not None:
-                progress.update(1)
-            return out.to(x.dtype)
-
-        return fn
-
     @torch.inference_mode()
     def sample(
         self,
@@ -212,6 +196,7 @@ class Pipeline:
         output_type: str = "pil",
         callback: Callback | None = None,
         progress: bool = True,
+        on_non_finite: str = "raise",
     ):
         """n samples. The folder's scheduler config picks the sampler unless `sampler` names one (its config fields
         still apply where that sampler has them). seeds: an int s (sample i gets s + i) or n ints; they key both the
@@ -220,7 +205,12 @@ class Pipeline:
         trained with a null class (diffusers' DiTPipeline default), else 1.0. output_type: "pil" (list of images),
         "numpy" (float32 [n, H, W, C] in [0, 1]), "tensor" (float32 [n, C, H, W] in [0, 1]) or "raw" (the loop's
         final sample, before decoding). callback(i, t, x_in) runs before network evaluation i.
+        on_non_finite: what to do when the network returned NaN / Inf at some evaluation (checked once, after the
+        loop): "raise" (NonFiniteOutput naming the first such evaluation and its timestep) or "retry" (run again
+        with a float32 copy of the network when it is in float16 / bfloat16, then raise if that fails too).
         """
+        if on_non_finite not in NON_FINITE_POLICIES:
+            raise ValueError(f"unknown on_non_finite {on_non_finite!r}; allowed: {', '.join(NON_FINITE_POLICIES)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -238,15 +228,9 @@ class Pipeline:
         noise = noise.to(device)
         cond, uncond = self.conditioning(n, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
                                          guidance_scale)
-        bar = _progress_bar(progress)
-        try:
-            # With sampler= given, config resolution drops the folder's fields that sampler's class does not have.
-            raw = sample(self.network(callback, bar), noise, steps=steps, sampler=sampler,
-                         scheduler_config=self.scheduler_config,
-                         guidance_scale=guidance_scale, cond=cond, uncond=uncond, eta=eta, seeds=seed_values)
-        finally:
-            if bar is not None:
-                bar.close()
+        run = dict(steps=steps, sampler=sampler, scheduler_config=self.scheduler_config,
+                   guidance_scale=guidance_scale, cond=cond, uncond=uncond, eta=eta, seeds=seed_values)
+        raw = self._sample_checked(noise, run, callback, progress, on_non_finite)
         if output_type == "raw":
             return raw
         images = self.decode(raw)
@@ -254,6 +238,30 @@ class Pipeline:
             return images
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         return array if output_type == "numpy" else to_pil(array)
+
+    def _sample_checked(self, noise: torch.Tensor, run: dict, callback: Callback | None, progress: bool,
+                        on_non_finite: str) -> torch.Tensor:
+        models = [self.model]
+        if on_non_finite == "retry" and self.dtype in (torch.float16, torch.bfloat16):
+            models.append(None)  # built only if needed: a float32 copy of the network
+        for model in models:
+            if model is None:
+                model = copy.deepcopy(self.model).float()
+            bar = _progress_bar(progress)
+            fn = NetworkCall(model, self.kind.prediction_channels, callback, bar)
+            try:
+                raw = sample(fn, noise, **run)
+            finally:
+                if bar is not None:
+                    bar.close()
+            bad = fn.first_non_finite()
+            if bad is None:
+                return raw
+        dtypes = " and then float32" if len(models) > 1 else ""
+        raise NonFiniteOutput(
+            f"the network returned NaN or Inf at evaluation {bad[0]} (timestep {bad[1]:g}) in {self.dtype}{dtypes}; "
+            + ("pass on_non_finite='retry' to re-run a half-precision network in float32, or "
+               if len(models) == 1 and self.dtype != torch.float32 else "") + "check the weights and inputs")
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """The loop's final sample -> float32 images [n, C, H, W] in [0, 1] (through the VAE for latent models)."""
@@ -297,6 +305,41 @@ def load(
         folder_config = read_config(scheduler_config)
     decoder = None if vae_path is None else load_model(vae_path, **options)
     return Pipeline(model, folder_config, decoder, name=path.name)
+
+
+class NonFiniteOutput(RuntimeError):
+    """The network returned NaN or Inf during sampling."""
+
+
+class NetworkCall:
+    """fn(x, t, **cond) for blitzdiff.sample: the model in its own dtype, the prediction channels only (learned
+    sigma split off, as diffusers pipelines do), returned in the loop's dtype. Progress and callback live here,
+    outside the sampling loop. Each output's finiteness is recorded as a device flag (no host sync per step);
+    `first_non_finite()` reads them all once, after the loop."""
+
+    def __init__(self, model: torch.nn.Module, channels: int, callback: Callback | None, progress: Any):
+        self.model, self.channels, self.callback, self.progress = model, channels, callback, progress
+        self.dtype = next(model.parameters()).dtype
+        self.finite: list[torch.Tensor] = []  # one 0-d bool per evaluation
+        self.timesteps: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        if self.callback is not None:
+            self.callback(len(self.finite), t, x)
+        out = self.model(x.to(self.dtype), t, **cond)[:, : self.channels]
+        self.finite.append(torch.isfinite(out).all())
+        self.timesteps.append(t[0])
+        if self.progress is not None:
+            self.progress.update(1)
+        return out.to(x.dtype)
+
+    def first_non_finite(self) -> tuple[int, float] | None:
+        """(evaluation index, its timestep) of the first non-finite network output, or None; one host sync."""
+        finite = torch.stack(self.finite).cpu()
+        if bool(finite.all()):
+            return None
+        index = int((~finite).nonzero()[0, 0])
+        return index, float(self.timesteps[index])
 
 
 def _progress_bar(progress: bool):
