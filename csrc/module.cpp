@@ -1,9 +1,15 @@
 // blitzdiff._C: pybind11 bindings for the csrc/ kernels. Pointers, sizes and streams are plain Python ints
 // (Tensor.data_ptr(), Tensor.numel(), torch.cuda.Stream.cuda_stream); the GIL is released while a kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::vector arguments (solver_step's term lists)
 
+#include "attention.h"
+#include "adaln_modulate.h"
 #include "gaussian_noise.h"
+#include "group_norm.h"
+#include "solver_step.h"
 #include "solver_update.h"
+#include "timestep_embedding.h"
 
 namespace py = pybind11;
 
@@ -21,6 +27,29 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"), py::arg("first"), py::arg("n"), py::call_guard<py::gil_scoped_release>(),
         "out int64 [batch, n] = the noise hash's 32-bit values for the counters first .. first+n-1.");
 
+  m.def("solver_step_cpu", &blitzdiff::solver_step_cpu, py::arg("denoised"), py::arg("x_next"), py::arg("out"),
+        py::arg("point"), py::arg("n"), py::arg("guided"), py::arg("dtype"), py::arg("c_skip"), py::arg("c_out"),
+        py::arg("guidance_scale"), py::arg("terms"), py::arg("coefs"), py::call_guard<py::gil_scoped_release>(),
+        "denoised = c_skip*point + c_out*(u + w*(c - u)) (or out), x_next = sum coefs[k]*terms[k] (0: denoised).");
+  m.def("adaln_modulate_cpu", &blitzdiff::adaln_modulate_cpu, py::arg("out"), py::arg("x"), py::arg("shift"),
+        py::arg("scale"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"), py::arg("eps"),
+        py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
+        "out[r] = LayerNorm(x[r]) * (1 + scale[r / tokens]) + shift[r / tokens] over rows of dim elements.");
+  m.def("adaln_gated_residual_cpu", &blitzdiff::adaln_gated_residual_cpu, py::arg("out"), py::arg("residual"),
+        py::arg("y"), py::arg("gate"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"),
+        py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
+        "out[r] = residual[r] + gate[r / tokens] * y[r] over rows of dim elements.");
+  m.def("timestep_embedding_cpu", &blitzdiff::timestep_embedding_cpu, py::arg("out"), py::arg("timesteps"),
+        py::arg("t_stride"), py::arg("t_dtype"), py::arg("freqs"), py::arg("batch"), py::arg("dim"),
+        py::arg("flip_sin_to_cos"), py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
+        "out float32 [batch, dim] = [sin, cos](scale * t * freqs) (flipped: [cos, sin]), zero-padded for odd dim.");
+  m.def("group_norm_cpu", &blitzdiff::group_norm_cpu, py::arg("out"), py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("scale"), py::arg("scale_stride"), py::arg("shift"), py::arg("shift_stride"),
+        py::arg("residual"), py::arg("batch"), py::arg("channels"), py::arg("spatial"), py::arg("groups"),
+        py::arg("eps"), py::arg("channels_last"), py::arg("silu"), py::arg("dtype"), py::arg("param_dtype"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "out = GroupNorm(x) [* weight + bias] [* (1 + scale) + shift] [-> SiLU] [+ residual]; 0 drops a term.");
+
 #ifdef BLITZDIFF_WITH_CUDA
   m.def("solver_update_cuda", &blitzdiff::solver_update_cuda, py::arg("out"), py::arg("x"), py::arg("d0"),
         py::arg("d1"), py::arg("noise"), py::arg("n"), py::arg("dtype"), py::arg("a"), py::arg("b"), py::arg("c"),
@@ -33,6 +62,38 @@ PYBIND11_MODULE(_C, m) {
   m.def("noise_bits_cuda", &blitzdiff::noise_bits_cuda, py::arg("out"), py::arg("seeds"), py::arg("batch"),
         py::arg("stream"), py::arg("first"), py::arg("n"), py::arg("cuda_stream"),
         py::call_guard<py::gil_scoped_release>(), "As noise_bits_cpu on device pointers, enqueued on `cuda_stream`.");
+  m.def("solver_step_cuda", &blitzdiff::solver_step_cuda, py::arg("denoised"), py::arg("x_next"), py::arg("out"),
+        py::arg("point"), py::arg("n"), py::arg("guided"), py::arg("dtype"), py::arg("c_skip"), py::arg("c_out"),
+        py::arg("guidance_scale"), py::arg("terms"), py::arg("coefs"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(), "As solver_step_cpu, enqueued on the CUDA stream `stream`.");
+  m.def("adaln_modulate_cuda", &blitzdiff::adaln_modulate_cuda, py::arg("out"), py::arg("x"), py::arg("shift"),
+        py::arg("scale"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"), py::arg("eps"),
+        py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "As adaln_modulate_cpu on device pointers, enqueued on `stream` (a cudaStream_t as an int).");
+  m.def("adaln_gated_residual_cuda", &blitzdiff::adaln_gated_residual_cuda, py::arg("out"), py::arg("residual"),
+        py::arg("y"), py::arg("gate"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"),
+        py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "As adaln_gated_residual_cpu on device pointers, enqueued on `stream`.");
+  m.def("timestep_embedding_cuda", &blitzdiff::timestep_embedding_cuda, py::arg("out"), py::arg("timesteps"),
+        py::arg("t_stride"), py::arg("t_dtype"), py::arg("freqs"), py::arg("batch"), py::arg("dim"),
+        py::arg("flip_sin_to_cos"), py::arg("scale"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "As timestep_embedding_cpu on device pointers, enqueued on `stream` (a cudaStream_t as an int).");
+  m.def("attention_cuda", &blitzdiff::attention_cuda, py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("batch"), py::arg("heads"), py::arg("len_q"), py::arg("len_k"), py::arg("head_dim"),
+        py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_l"), py::arg("k_stride_b"),
+        py::arg("k_stride_h"), py::arg("k_stride_l"), py::arg("v_stride_b"), py::arg("v_stride_h"),
+        py::arg("v_stride_l"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "out (dense [B, Lq, H, D]) = softmax(q k^T * scale) v: flash-attention forward on `stream`, no sync.");
+  m.def("group_norm_cuda_workspace", &blitzdiff::group_norm_cuda_workspace, py::arg("batch"), py::arg("channels"),
+        py::arg("spatial"), py::arg("groups"), py::arg("dtype"),
+        "Bytes of device scratch memory group_norm_cuda needs for these sizes.");
+  m.def("group_norm_cuda", &blitzdiff::group_norm_cuda, py::arg("out"), py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("scale"), py::arg("scale_stride"), py::arg("shift"), py::arg("shift_stride"),
+        py::arg("residual"), py::arg("batch"), py::arg("channels"), py::arg("spatial"), py::arg("groups"),
+        py::arg("eps"), py::arg("channels_last"), py::arg("silu"), py::arg("dtype"), py::arg("param_dtype"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "As group_norm_cpu on device pointers, with scratch `workspace`, enqueued on the CUDA stream `stream`.");
   m.attr("has_cuda") = true;
 #else
   m.attr("has_cuda") = false;

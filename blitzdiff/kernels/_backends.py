@@ -1,10 +1,102 @@
-"""Backend names shared by the kernels: each op lists the backends it has; asking for another is a clear error."""
+"""What every kernels/<op>.py shares about backends (ARCHITECTURE.md contract 5): their names, what is installed
+here, the "auto" choice, and the checks made before a compiled kernel runs (dtype, device, gradients).
 
-ALL_BACKENDS = ("ref", "triton", "cuda", "cpu")
+All of it is decided per call from the inputs and what is installed, never at import.
+"""
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ._library import native
+
+ALL_BACKENDS = ("ref", "triton", "cuda", "cpu", "auto")  # each op lists the ones it has (its BACKENDS)
 
 
-def check_backend(op: str, backend: str, available: tuple[str, ...]) -> None:
-    """Raise ValueError unless `op` has `backend`."""
+def check_backend(op: str, backend: str, available: Sequence[str]) -> None:
+    """ValueError unless `op` has `backend`, listing the backends it has."""
     if backend not in available:
-        known = "" if backend in ALL_BACKENDS else f" (backends are {', '.join(ALL_BACKENDS)})"
-        raise ValueError(f"{op}: no backend {backend!r}{known}; this build of {op} has: {', '.join(available)}")
+        raise ValueError(f"{op}: no backend {backend!r}; allowed: {', '.join(available)}")
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs in its CPU interpreter (TRITON_INTERPRET=1; read per call)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_devices(backend: str) -> tuple[str, ...]:
+    """Device types a compiled backend runs on: its own; for "triton", CUDA and, under Triton's interpreter, the CPU."""
+    if backend == "triton":
+        return ("cuda", "cpu") if triton_interpreted() else ("cuda",)
+    return (backend,)
+
+
+def backend_installed(backend: str) -> bool:
+    """Whether `backend` ("cpu", "cuda" or "triton") can run here: blitzdiff._C built (with its CUDA part for
+    "cuda"), or the triton package found."""
+    if backend == "triton":
+        return importlib.util.find_spec("triton") is not None
+    try:
+        native("blitzdiff.kernels", backend)  # the op name only labels the error, which is not shown
+    except RuntimeError:  # not built, or built without CUDA
+        return False
+    return True
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record a gradient through any of `tensors` (grad mode on, one requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def refuse_grad(op: str, backend: str, *tensors: Tensor | None) -> None:
+    """ValueError when autograd would need a gradient through a compiled kernel: the ops' Autograd key is a
+    fallthrough (kernels/_library.py), so fail here rather than silently drop the gradient."""
+    if needs_grad(*tensors):
+        raise ValueError(f"{op}: backend {backend!r} is not differentiable and an input requires grad; use "
+                         "backend='ref', or call it under torch.no_grad() / torch.inference_mode()")
+
+
+def check_device(op: str, backend: str, device: torch.device, *, inputs: str = "tensors") -> None:
+    """ValueError unless `backend`'s kernel runs on `device`; `inputs` names the tensors in the message."""
+    devices = backend_devices(backend)
+    if device.type not in (*devices, "meta"):  # meta: shape propagation without data, any backend
+        hint = "; the CPU needs TRITON_INTERPRET=1" if backend == "triton" else ""
+        raise ValueError(f"{op}: backend {backend!r} needs {inputs} on {' or '.join(devices)}, got {device}{hint}")
+
+
+def check_kernel_support(op: str, backend: str, device: torch.device, dtype: torch.dtype,
+                         kernel_dtypes: Mapping[str, Sequence[torch.dtype]], *, inputs: str = "tensors") -> None:
+    """ValueError unless `backend`'s kernel takes `dtype` on `device`; backends without kernel dtypes ("ref",
+    "auto") take everything."""
+    if backend not in kernel_dtypes:
+        return
+    allowed = kernel_dtypes[backend]
+    if dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ValueError(f"{op}: backend {backend!r} takes {names}, got {dtype}; use backend='ref'")
+    check_device(op, backend, device, inputs=inputs)
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, kernel_dtypes: Mapping[str, Sequence[torch.dtype]],
+                   order: Sequence[str], *grad_inputs: Tensor | None) -> str:
+    """The backend "auto" runs: the first of `order` with a kernel for `dtype` on `device` that is installed here,
+    else "ref"; also "ref" when autograd needs a gradient through one of `grad_inputs` (the kernels have none).
+
+    "triton" is chosen on CUDA devices only: its CPU interpreter is a test tool, never picked.
+    """
+    if needs_grad(*grad_inputs):
+        return "ref"
+    for backend in order:
+        runs_on = "cuda" if backend == "triton" else backend
+        if device.type == runs_on and dtype in kernel_dtypes.get(backend, ()) and backend_installed(backend):
+            return backend
+    return "ref"
+
+
+def device_guard(device: torch.device):
+    """Make `device` current for a Triton launch (a CUDA device); nothing to do elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -53,3 +53,17 @@ def native(op: str, backend: str):
             f"put nvcc on PATH (or set CUDACXX) and rebuild: {_BUILD_HINT}"
         )
     return module
+
+
+def launch(op: str, backend: str, device: torch.device, *args, kernel: str | None = None) -> None:
+    """Call blitzdiff._C's `<kernel>_<backend>` (kernel defaults to `op`), "cpu" or "cuda", with `args`.
+
+    The CUDA entry also takes torch's current stream of `device` as its last argument, and `device` is made current
+    for the call: the kernel launches in the current CUDA context, on that stream (graph capture, side streams).
+    """
+    function = getattr(native(op, backend), f"{kernel or op}_{backend}")
+    if backend == "cpu":
+        function(*args)
+        return
+    with torch.cuda.device(device):
+        function(*args, torch.cuda.current_stream(device).cuda_stream)

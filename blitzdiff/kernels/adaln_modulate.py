@@ -1,16 +1,29 @@
-"""adaLN modulation for DiT blocks (Peebles & Xie 2023): LayerNorm without affine, then per-sample scale / shift.
+"""adaLN modulation for DiT blocks (Peebles & Xie 2023): LayerNorm without affine, then per-sample scale / shift;
+and the adaLN-Zero gated residual, residual + gate * branch.
 
-`adaln_modulate_ref` is the specification (pure PyTorch). Fused kernels (with the gated residual) join it as
-backends in issue 4; until then "ref" is the only backend.
+Two ops, `blitzdiff::adaln_modulate` and `blitzdiff::adaln_gated_residual` (a separate op rather than an option:
+a DiT block modulates before its attention / MLP branch and gates after it, with the branch in between, so the
+two never fuse into one pass). `<op>_ref` is each one's specification (pure PyTorch); the "cpu", "cuda" and
+"triton" backends run one pass per row (token): x read once, statistics in float32 or better, half types rounded
+once. shift / scale / gate may be column chunks of the [B, 6D] modulation vector: they are read in place. "auto"
+picks the fastest backend built for the tensors' device and dtype, per call (never at import).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backends import check_backend
+from ._backends import check_backend, check_kernel_support, choose_backend, device_guard, refuse_grad
+from ._library import define, launch
 
-BACKENDS = ("ref",)
+BACKENDS = ("ref", "cpu", "cuda", "triton", "auto")
+# dtypes the compiled kernels take; "ref" takes any floating dtype.
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+}
+AUTO_ORDER = ("cuda", "triton", "cpu")
 
 
 def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
@@ -23,7 +36,138 @@ def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     return (y * (1.0 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]).to(x.dtype)
 
 
+def adaln_gated_residual_ref(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """residual, y: [B, N, D]; gate: [B, D] -> residual + gate[:, None] * y, [B, N, D] (DiT's adaLN-Zero residual).
+
+    float16 / bfloat16 compute in float32 and round once; the result has residual's dtype.
+    """
+    acc = torch.promote_types(residual.dtype, torch.float32)
+    return (residual.to(acc) + gate.to(acc)[:, None] * y.to(acc)).to(residual.dtype)
+
+
+def _check_inputs(op: str, rows: tuple[tuple[str, Tensor], ...], params: tuple[tuple[str, Tensor], ...],
+                  backend: str) -> None:
+    """ValueError naming what is wrong: `rows` are [B, N, D] tensors, `params` [B, D]; all of one dtype and device."""
+    check_backend(op, backend, BACKENDS)
+    (first_name, first), *others = rows
+    if first.dim() != 3:
+        raise ValueError(f"{op}: {first_name} must be [B, N, D], got shape {tuple(first.shape)}")
+    if not first.is_floating_point():
+        raise ValueError(f"{op}: tensors must be floating point, got {first.dtype}")
+    batch, _, dim = first.shape
+    shapes = [(name, t, tuple(first.shape)) for name, t in others] + [(name, t, (batch, dim)) for name, t in params]
+    for name, t, expected in shapes:
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(t.shape)}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op}: {name}.dtype {t.dtype} differs from {first_name}.dtype {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+    check_kernel_support(op, backend, first.device, first.dtype, KERNEL_DTYPES)
+
+
+def _check_modulate(x: Tensor, shift: Tensor, scale: Tensor, backend: str) -> None:
+    _check_inputs("adaln_modulate", (("x", x),), (("shift", shift), ("scale", scale)), backend)
+
+
+def _check_gated(residual: Tensor, y: Tensor, gate: Tensor, backend: str) -> None:
+    _check_inputs("adaln_gated_residual", (("residual", residual), ("y", y)), (("gate", gate),), backend)
+
+
+def _param_rows(*params: Tensor) -> tuple[list[Tensor], int]:
+    """The [B, D] parameters as the kernels read them: unit stride along D and one row stride shared by all (the
+    chunks of one modulation vector are read in place; anything else is copied)."""
+    if all(p.stride(1) == 1 and p.stride(0) == params[0].stride(0) for p in params):
+        return list(params), params[0].stride(0)
+    params = [p.contiguous() for p in params]
+    return params, params[0].shape[1]
+
+
+def _launch(op: str, backend: str, out: Tensor, rows: tuple[Tensor, ...], params: tuple[Tensor, ...],
+            *scalars: float) -> Tensor:
+    """Run `op`'s kernel of `backend` writing `out` ([B, N, D] contiguous) from contiguous `rows` and `params`."""
+    params, param_stride = _param_rows(*params)
+    batch, tokens, dim = out.shape
+    if out.numel() == 0:
+        return out
+    if backend == "triton":
+        from .triton import adaln_modulate as triton_kernels  # lazy: triton is optional
+
+        with device_guard(out.device):
+            getattr(triton_kernels, op)(out, *rows, *params, *scalars)
+        return out
+    launch(op, backend, out.device, out.data_ptr(), *(t.data_ptr() for t in (*rows, *params)), batch * tokens, tokens,
+           dim, param_stride, *scalars, str(out.dtype).removeprefix("torch."))
+    return out
+
+
+def _adaln_modulate_kernel(x: Tensor, shift: Tensor, scale: Tensor, eps: float, *, backend: str) -> Tensor:
+    _check_modulate(x, shift, scale, backend)
+    if backend == "auto":
+        backend = choose_backend(x.device, x.dtype, KERNEL_DTYPES, AUTO_ORDER, x, shift, scale)
+    if backend == "ref":
+        return adaln_modulate_ref(x, shift, scale, eps).contiguous()
+    refuse_grad("adaln_modulate", backend, x, shift, scale)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    return _launch("adaln_modulate", backend, out, (x,), (shift, scale), eps)
+
+
+def _adaln_modulate_fake(x: Tensor, shift: Tensor, scale: Tensor, eps: float, *, backend: str) -> Tensor:
+    _check_modulate(x, shift, scale, backend)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _gated_kernel(residual: Tensor, y: Tensor, gate: Tensor, *, backend: str) -> Tensor:
+    _check_gated(residual, y, gate, backend)
+    if backend == "auto":
+        backend = choose_backend(residual.device, residual.dtype, KERNEL_DTYPES, AUTO_ORDER, residual, y, gate)
+    if backend == "ref":
+        return adaln_gated_residual_ref(residual, y, gate).contiguous()
+    refuse_grad("adaln_gated_residual", backend, residual, y, gate)
+    residual, y = residual.contiguous(), y.contiguous()
+    out = torch.empty_like(residual)
+    return _launch("adaln_gated_residual", backend, out, (residual, y), (gate,))
+
+
+def _gated_fake(residual: Tensor, y: Tensor, gate: Tensor, *, backend: str) -> Tensor:
+    _check_gated(residual, y, gate, backend)
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+_adaln_modulate_op = define(
+    "adaln_modulate(Tensor x, Tensor shift, Tensor scale, float eps, *, str backend) -> Tensor",
+    _adaln_modulate_kernel,
+    _adaln_modulate_fake,
+)
+_gated_op = define(
+    "adaln_gated_residual(Tensor residual, Tensor y, Tensor gate, *, str backend) -> Tensor",
+    _gated_kernel,
+    _gated_fake,
+)
+
+
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *, backend: str = "ref") -> Tensor:
-    """adaln_modulate_ref's result computed by `backend` (see BACKENDS)."""
-    check_backend("adaln_modulate", backend, BACKENDS)
-    return adaln_modulate_ref(x, shift, scale, eps)
+    """adaln_modulate_ref's result by `backend` ("auto", "ref", "cpu", "cuda" or "triton"): `blitzdiff::adaln_modulate`.
+
+    x: [B, N, D]; shift, scale: [B, D] (any row stride), all of x's dtype and device. "cpu" takes float32 /
+    float64, "cuda" also float16 / bfloat16, "triton" float16 / bfloat16 / float32 (CUDA tensors, or CPU ones under
+    TRITON_INTERPRET=1); "auto" picks the fastest of these for the call, "ref" where none can take it (or gradients
+    are needed). Returns a new tensor, contiguous from the op; "ref" runs the spec's PyTorch ops themselves, not the
+    op, so export, autograd and torch.compile's fusion see ordinary ops.
+    """
+    if backend == "ref":
+        _check_modulate(x, shift, scale, backend)
+        return adaln_modulate_ref(x, shift, scale, eps)
+    return _adaln_modulate_op(x, shift, scale, eps, backend=backend)
+
+
+def adaln_gated_residual(residual: Tensor, y: Tensor, gate: Tensor, *, backend: str = "ref") -> Tensor:
+    """residual + gate[:, None] * y by `backend` (as adaln_modulate): `blitzdiff::adaln_gated_residual`.
+
+    residual, y: [B, N, D]; gate: [B, D] (any row stride). Returns a new tensor, contiguous from the op.
+    """
+    if backend == "ref":
+        _check_gated(residual, y, gate, backend)
+        return adaln_gated_residual_ref(residual, y, gate)
+    return _gated_op(residual, y, gate, backend=backend)

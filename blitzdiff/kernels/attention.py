@@ -1,16 +1,30 @@
 """Scaled dot-product attention for self- and cross-attention in UNets and DiTs.
 
 `attention_ref` is the specification: softmax(q k^T * scale) v by PyTorch's scaled_dot_product_attention (a
-standard op: it runs anywhere and exports to ONNX). Flash-style Triton / CUDA kernels join it as backends (issue
-4); until then "ref" is the only backend.
+standard op: it runs anywhere and exports to ONNX; on the CPU it is itself a fused flash kernel, so there is no
+"cpu" backend). The op `blitzdiff::attention` computes it with a backend chosen per call (ARCHITECTURE.md contract
+5): "ref" (the spec), "triton" (kernels/triton/attention.py, imported on first use), "cuda" (csrc/attention_cuda.cu
+through blitzdiff._C: pointers, strides and a stream, no torch linkage) or "auto". The two kernels are
+FlashAttention-2 forwards: online softmax in float32, the [Lq, Lk] score matrix never in memory, q / k / v read
+in place through their strides (the [B, L, H, D] -> [B, H, L, D] transposes models make cost no copy). The op
+returns its result stored as [B, Lq, H, D], so merging the heads back into [B, Lq, H * D] is a view too;
+`attention(..., backend="ref")` runs the spec itself, whose layout is SDPA's (see `attention`).
 """
 
+import math
+
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._backends import check_backend
+from ._backends import check_backend, check_device, choose_backend, device_guard, refuse_grad
+from ._library import define, launch
 
-BACKENDS = ("ref",)
+BACKENDS = ("ref", "triton", "cuda", "auto")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # both kernels; "ref" takes any floating dtype
+MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 128, 8  # the kernels' head dims: 16, 24, ..., 128
+_MAX_LEN = 2**30  # the kernels index rows in int32, with a tile of headroom
+_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in KERNEL_DTYPES}
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -18,7 +32,133 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str = "ref") -> Tensor:
-    """attention_ref's result computed by `backend` (see BACKENDS)."""
+def kernel_limits(q: Tensor, k: Tensor) -> str | None:
+    """Why the fused kernels cannot take q [B, H, Lq, D] / k [B, H, Lk, D] (dtype, head dim, lengths), or None."""
+    head_dim = q.shape[-1]
+    if q.dtype not in KERNEL_DTYPES:
+        return f"takes float16, bfloat16 or float32, got {q.dtype}"
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM or head_dim % HEAD_DIM_MULTIPLE:
+        return f"takes head dims that are multiples of 8 in [16, 128], got {head_dim}"
+    if max(q.shape[2], k.shape[2]) > _MAX_LEN:
+        return f"takes sequences of at most 2**30 tokens, got {q.shape[2]} queries and {k.shape[2]} keys"
+    return None
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, backend: str) -> None:
+    """Raise ValueError naming what is wrong and what is allowed; shared by the real and the fake kernel."""
     check_backend("attention", backend, BACKENDS)
-    return attention_ref(q, k, v, scale)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be 4-D [B, H, L, D], got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"attention: need q [B, H, Lq, D] and k, v [B, H, Lk, D], got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if backend in ("ref", "auto"):
+        return
+    if (problem := kernel_limits(q, k)) is not None:
+        raise ValueError(f"attention: backend {backend!r} {problem}; use backend='ref' (or 'auto', which falls back)")
+    check_device("attention", backend, q.device)
+
+
+def auto_backend(q: Tensor, k: Tensor, v: Tensor) -> str:
+    """The backend "auto" runs, chosen per call from the inputs and what is installed, never at import.
+
+    On a GPU: "cuda" (compiled ahead of time: no JIT on the first call, no Triton launch overhead), else "triton";
+    "ref" on the CPU (PyTorch's CPU SDPA is already a fused flash kernel), for inputs the kernels do not take
+    (float64, head dims off the multiples of 8 in [16, 128], e.g. SD1.5's 160) and when gradients are needed.
+    benchmarks/kernels/bench_attention.py measures the three against each other on the GPU at hand.
+    """
+    if kernel_limits(q, k) is not None:
+        return "ref"
+    return choose_backend(q.device, q.dtype, {"cuda": KERNEL_DTYPES, "triton": KERNEL_DTYPES}, ("cuda", "triton"),
+                          q, k, v)
+
+
+def _cuda_operand(t: Tensor) -> tuple[Tensor, list[int]]:
+    """(t, its batch / head / row strides) when the CUDA kernel can read t in place (unit head-dim stride, 16-byte
+    aligned base and strides), else a dense copy's; a size-1 dimension's stride is never used, so it is sent as 0."""
+    vec = 16 // t.element_size()
+
+    def strides(x: Tensor) -> list[int]:
+        return [0 if size == 1 else stride for size, stride in zip(x.shape[:3], x.stride()[:3], strict=True)]
+
+    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in strides(t)):
+        return t, strides(t)
+    dense = t.clone(memory_format=torch.contiguous_format)
+    return dense, strides(dense)
+
+
+def _output_strides(q: Tensor) -> tuple[int, ...]:
+    """The op's result, [B, H, Lq, D], is stored as a dense [B, Lq, H, D]: the merge of the heads a model does next,
+    out.transpose(1, 2).reshape(B, Lq, H * D), is a view (it is also how PyTorch's flash SDPA stores its result)."""
+    _, heads, len_q, head_dim = q.shape
+    return (len_q * heads * head_dim, head_dim, heads * head_dim, 1)
+
+
+def _attention_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str) -> Tensor:
+    _check_inputs(q, k, v, backend)
+    if backend == "auto":
+        backend = auto_backend(q, k, v)
+    if backend == "ref":
+        result = attention_ref(q, k, v, scale)
+        # SDPA's layout depends on its own backend: keep its result when it is the op's layout already.
+        if result.stride() == _output_strides(q) and result.storage_offset() == 0:
+            return result
+        return q.new_empty_strided(q.shape, _output_strides(q)).copy_(result)
+    refuse_grad("attention", backend, q, k, v)
+    batch, heads, len_q, head_dim = q.shape
+    len_k = k.shape[2]
+    out = q.new_empty_strided(q.shape, _output_strides(q))
+    if out.numel() == 0:
+        return out
+    if len_k == 0:
+        return out.zero_()  # the spec's value: an empty weighted sum (PyTorch's SDPA returns zeros)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if backend == "triton":
+        from .triton.attention import attention_forward
+
+        with device_guard(q.device):
+            attention_forward(q, k, v, out, scale)
+        return out
+    (q, q_strides), (k, k_strides), (v, v_strides) = _cuda_operand(q), _cuda_operand(k), _cuda_operand(v)
+    launch("attention", "cuda", q.device, out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads,
+           len_q, len_k, head_dim, *q_strides, *k_strides, *v_strides, scale, _DTYPE_NAMES[q.dtype])
+    return out
+
+
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str) -> Tensor:
+    _check_inputs(q, k, v, backend)
+    return q.new_empty_strided(q.shape, _output_strides(q))
+
+
+_attention_op = define(
+    "attention(Tensor q, Tensor k, Tensor v, float? scale=None, *, str backend) -> Tensor",
+    _attention_kernel,
+    _attention_fake,
+)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str = "ref") -> Tensor:
+    """attention_ref's result computed by `backend` (see BACKENDS): `blitzdiff::attention`.
+
+    q: [B, H, Lq, D], k and v: [B, H, Lk, D], one dtype and device, any strides; scale defaults to 1 / sqrt(D).
+    "triton" and "cuda" take float16 / bfloat16 / float32 with D a multiple of 8 in [16, 128] (CUDA tensors; the
+    Triton kernel also CPU ones under TRITON_INTERPRET=1) and refuse inputs that require grad while grad mode is
+    on; "auto" falls back to "ref" wherever they cannot run. Returns a new [B, H, Lq, D] tensor; from the op (every
+    backend but "ref") it is stored as a dense [B, Lq, H, D], so out.transpose(1, 2).reshape(B, Lq, H * D) merges
+    the heads without a copy.
+
+    "ref" runs attention_ref itself, not the op, so export (ONNX), autograd and torch.compile see PyTorch's SDPA, and
+    the layout is the one SDPA's kernel chose: for q the transposed view of a [B, Lq, H, D] projection, as models
+    pass it, SDPA's CPU and fused CUDA kernels store a dense [B, Lq, H, D] too (the merge is a view); otherwise it
+    may be contiguous [B, H, Lq, D] (on the CPU the result follows q's layout), and the merge's reshape copies.
+    """
+    if backend == "ref":
+        _check_inputs(q, k, v, backend)
+        return attention_ref(q, k, v, scale)
+    return _attention_op(q, k, v, scale, backend=backend)

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._library import define
-from ._library import native as _native_module
+from ._backends import check_backend as _check_backend_name
+from ._backends import check_kernel_support, choose_backend
+from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda")
 # dtypes the compiled kernels write; "ref" returns any floating dtype (computed in float32, rounded once).
@@ -91,31 +92,16 @@ def _check_inputs(seeds: Tensor, stream: int, shape: Sequence[int], dtype: torch
 
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
     """Raise ValueError unless `backend` can write noise of `dtype` from seeds on `device`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"gaussian_noise: unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    _check_backend_name("gaussian_noise", backend, BACKENDS)
     if not dtype.is_floating_point:
         raise ValueError(f"gaussian_noise: dtype must be a floating dtype, got {dtype}")
-    if backend in KERNEL_DTYPES:
-        allowed = KERNEL_DTYPES[backend]
-        if dtype not in allowed:
-            names = ", ".join(_DTYPE_NAMES[d] for d in allowed)
-            raise ValueError(f"gaussian_noise: backend {backend!r} writes {names}, got {dtype}; use backend='ref'")
-        # Meta tensors (shape propagation without data) are fine for any backend.
-        if device.type not in (backend, "meta"):
-            raise ValueError(f"gaussian_noise: backend {backend!r} needs seeds on {backend}, got {device}")
+    check_kernel_support("gaussian_noise", backend, device, dtype, KERNEL_DTYPES, inputs="seeds")
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The fastest eager backend for noise of `dtype` on `device`: the compiled kernel where blitzdiff._C has one
     for that device and dtype, else "ref". Chosen per call from what is installed, never at import."""
-    backend = device.type
-    if backend not in KERNEL_DTYPES or dtype not in KERNEL_DTYPES[backend]:
-        return "ref"
-    try:
-        _native_module("gaussian_noise", backend)
-    except RuntimeError:  # not built, or built without CUDA
-        return "ref"
-    return backend
+    return choose_backend(device, dtype, KERNEL_DTYPES, ("cuda", "cpu"))
 
 
 def _gaussian_noise_kernel(
@@ -124,16 +110,10 @@ def _gaussian_noise_kernel(
     _check_inputs(seeds, stream, shape, dtype, backend)
     if backend == "ref":
         return gaussian_noise_ref(seeds, stream, shape, dtype).contiguous()
-    native = _native_module("gaussian_noise", backend)
     seeds = seeds.contiguous()
     out = torch.empty((seeds.shape[0], *shape), dtype=dtype, device=seeds.device)
     args = (out.data_ptr(), seeds.data_ptr(), seeds.shape[0], math.prod(shape), stream, _DTYPE_NAMES[dtype])
-    if backend == "cpu":
-        native.gaussian_noise_cpu(*args)
-    else:
-        # seeds' device must be current: the kernel launches in the current CUDA context, on torch's current stream.
-        with torch.cuda.device(seeds.device):
-            native.gaussian_noise_cuda(*args, torch.cuda.current_stream(seeds.device).cuda_stream)
+    launch("gaussian_noise", backend, seeds.device, *args)
     return out
 
 
@@ -173,13 +153,8 @@ def noise_bits(seeds: Tensor, stream: int, first: int, n: int, *, backend: str) 
         raise ValueError(f"noise_bits: need 0 <= first and first + n <= 2**47, got first={first}, n={n}")
     if backend == "ref":
         return noise_bits_ref(seeds, stream, torch.arange(first, first + n, dtype=torch.int64, device=seeds.device))
-    native = _native_module("gaussian_noise", backend)
     seeds = seeds.contiguous()
     out = torch.empty((seeds.shape[0], n), dtype=torch.int64, device=seeds.device)
-    args = (out.data_ptr(), seeds.data_ptr(), seeds.shape[0], stream, first, n)
-    if backend == "cpu":
-        native.noise_bits_cpu(*args)
-    else:
-        with torch.cuda.device(seeds.device):
-            native.noise_bits_cuda(*args, torch.cuda.current_stream(seeds.device).cuda_stream)
+    launch("gaussian_noise", backend, seeds.device, out.data_ptr(), seeds.data_ptr(), seeds.shape[0], stream, first, n,
+           kernel="noise_bits")
     return out

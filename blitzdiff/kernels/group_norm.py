@@ -1,16 +1,33 @@
 """GroupNorm with the glue a diffusion UNet puts around it: AdaGN scale / shift, SiLU, a residual add.
 
-`group_norm_ref` is the specification (pure PyTorch; runs anywhere; what export traces). Fused Triton / CUDA / C++
-kernels join it as backends of the same function (issue 4); until then "ref" is the only backend.
+`group_norm_ref` is the specification (pure PyTorch; runs anywhere; what export traces: `group_norm(...,
+backend="ref")` calls it directly). The op `blitzdiff::group_norm` computes it with a backend chosen per call
+(ARCHITECTURE.md contract 5): "ref" (the spec), "cpu" and "cuda" (csrc/group_norm_*, through blitzdiff._C: pointers,
+sizes and a stream, no torch linkage), "triton" (kernels/triton/group_norm.py, imported on first use) or "auto" (the
+fastest one installed for x's device and dtype). The fused kernels read x once for the statistics and once more
+for one write of the result, instead of the ~6 passes of F.group_norm plus eager glue, and keep channels-last
+tensors channels-last.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backends import check_backend
+from ._backends import check_backend, check_kernel_support, choose_backend, device_guard, refuse_grad
+from ._library import define, launch
+from ._library import native as _native_module
 
-BACKENDS = ("ref",)
+BACKENDS = ("ref", "triton", "cuda", "cpu", "auto")
+# dtypes the fused kernels take; "ref" takes any floating dtype.
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16),  # float64 SiLU would need a vectorized exp; "ref" is as fast
+    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+}
+_MAX_SAMPLE = 2**31  # the GPU kernels index within a sample in int32
+_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in KERNEL_DTYPES["cuda"]}
 
 
 def group_norm_ref(
@@ -51,6 +68,162 @@ def group_norm_ref(
     return y.to(x.dtype)
 
 
+def _channels_last(x: Tensor) -> bool:
+    """True when x [B, C, *spatial] is stored as a dense [B, *spatial, C] (torch.channels_last for 4-D), and not
+    also contiguous; the kernels read and write such tensors in place."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _out_like(x: Tensor) -> Tensor:
+    """The op's result buffer: x's layout when x is contiguous or channels-last, else contiguous."""
+    kept = x.is_contiguous() or _channels_last(x)
+    return torch.empty_like(x, memory_format=torch.preserve_format if kept else torch.contiguous_format)
+
+
+def _as_layout(t: Tensor, like: Tensor) -> Tensor:
+    """t (like's shape) in the layout the kernels read like in: channels-last or contiguous; a copy only if needed."""
+    if _channels_last(like):
+        return t if t.movedim(1, -1).is_contiguous() else t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t.contiguous()
+
+
+def _check_inputs(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    residual: Tensor | None,
+    backend: str,
+) -> None:
+    """Raise ValueError naming what is wrong and what is allowed; shared by the real and the fake kernel."""
+    check_backend("group_norm", backend, BACKENDS)
+    if not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"group_norm: x must be a floating [B, C, *spatial] tensor, got {x.dtype} {tuple(x.shape)}")
+    batch, channels = x.shape[:2]
+    if num_groups < 1 or channels % num_groups != 0:
+        raise ValueError(f"group_norm: num_groups must be >= 1 and divide the {channels} channels, got {num_groups}")
+    expected = {"weight": (channels,), "bias": (channels,), "scale": (batch, channels), "shift": (batch, channels),
+                "residual": tuple(x.shape)}
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift), ("residual", residual)):
+        if t is None:
+            continue
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"group_norm: {name} must have shape {expected[name]}, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"group_norm: {name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"group_norm: {name} is on {t.device} but x is on {x.device}")
+    if backend not in KERNEL_DTYPES:  # "ref", "auto"
+        return
+    check_kernel_support("group_norm", backend, x.device, x.dtype, KERNEL_DTYPES)
+    if residual is not None and residual.dtype != x.dtype:
+        raise ValueError(
+            f"group_norm: backend {backend!r} needs residual in x's dtype {x.dtype}, got {residual.dtype}; "
+            "use backend='ref'"
+        )
+    if backend != "cpu" and not _fits_int32(x):
+        raise ValueError(f"group_norm: backend {backend!r} takes samples of fewer than 2**31 elements; use 'ref'")
+
+
+def _fits_int32(x: Tensor) -> bool:
+    """Whether the GPU kernels can index a sample of x."""
+    return x.numel() < _MAX_SAMPLE * max(x.shape[0], 1)
+
+
+def auto_backend(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> str:
+    """The fastest backend for x's device and dtype, chosen per call from what is installed, never at import:
+    "cpu" on the CPU, "cuda" then "triton" on a GPU (the CUDA kernels launch without Triton's Python overhead), else
+    "ref"; also "ref" when the fused kernels cannot take the call (gradients needed, a residual of another dtype)."""
+    if residual is not None and residual.dtype != x.dtype:
+        return "ref"
+    order = ("cpu", "cuda", "triton") if _fits_int32(x) else ("cpu",)
+    return choose_backend(x.device, x.dtype, KERNEL_DTYPES, order, x, residual, *params)
+
+
+def _group_norm_kernel(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    silu: bool = False,
+    residual: Tensor | None = None,
+    backend: str,
+) -> Tensor:
+    _check_inputs(x, num_groups, weight, bias, scale, shift, residual, backend)
+    params = (weight, bias, scale, shift)
+    if backend == "auto":
+        backend = auto_backend(x, residual, *params)
+    if backend == "ref":
+        y = group_norm_ref(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu, residual=residual)
+        return _as_layout(y, x)
+    refuse_grad("group_norm", backend, x, residual, *params)
+    last = _channels_last(x)
+    x = _as_layout(x, x)
+    out = _out_like(x)
+    if x.numel() == 0:
+        return out
+    residual = None if residual is None else _as_layout(residual, x)
+    # Parameters are read as x's dtype when all of them have it, else all as the float32 (float64) the spec
+    # converts them to; scale / shift keep their batch stride (a chunk of the time projection is read in place).
+    acc = torch.promote_types(x.dtype, torch.float32)
+    pdtype = x.dtype if all(p is None or p.dtype == x.dtype for p in params) else acc
+    converted = (None if p is None else p.to(pdtype) for p in params)
+    weight, bias, scale, shift = (p if p is None or p.stride(-1) == 1 else p.contiguous() for p in converted)
+    if backend == "triton":
+        from .triton.group_norm import group_norm_triton
+
+        with device_guard(x.device):
+            group_norm_triton(out, x, num_groups, weight, bias, eps, scale, shift, silu, residual, last)
+        return out
+    batch, channels, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    args = (
+        out.data_ptr(), x.data_ptr(), *(0 if p is None else p.data_ptr() for p in (weight, bias)),
+        0 if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0),
+        0 if shift is None else shift.data_ptr(), 0 if shift is None else shift.stride(0),
+        0 if residual is None else residual.data_ptr(),
+        batch, channels, spatial, num_groups, eps, last, silu, _DTYPE_NAMES[x.dtype], _DTYPE_NAMES[pdtype],
+    )
+    if backend == "cpu":
+        launch("group_norm", "cpu", x.device, *args, torch.get_num_threads())
+        return out
+    size = _native_module("group_norm", "cuda").group_norm_cuda_workspace(batch, channels, spatial, num_groups,
+                                                                          _DTYPE_NAMES[x.dtype])
+    workspace = torch.empty(size, dtype=torch.uint8, device=x.device)  # on x.device's current stream
+    launch("group_norm", "cuda", x.device, *args, workspace.data_ptr(), size)
+    return out
+
+
+def _group_norm_fake(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    silu: bool = False,
+    residual: Tensor | None = None,
+    backend: str,
+) -> Tensor:
+    _check_inputs(x, num_groups, weight, bias, scale, shift, residual, backend)
+    return _out_like(x)
+
+
+_group_norm_op = define(
+    "group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, *, Tensor? scale=None, "
+    "Tensor? shift=None, bool silu=False, Tensor? residual=None, str backend) -> Tensor",
+    _group_norm_kernel,
+    _group_norm_fake,
+)
+
+
 def group_norm(
     x: Tensor,
     num_groups: int,
@@ -64,6 +237,18 @@ def group_norm(
     residual: Tensor | None = None,
     backend: str = "ref",
 ) -> Tensor:
-    """group_norm_ref's result computed by `backend` (see BACKENDS)."""
-    check_backend("group_norm", backend, BACKENDS)
-    return group_norm_ref(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu, residual=residual)
+    """group_norm_ref's result computed by `backend` (see BACKENDS): `blitzdiff::group_norm`.
+
+    x: [B, C, *spatial]; weight, bias: [C] or None; scale, shift: [B, C] or None; residual: x's shape or None.
+    "cpu" takes float32 / bfloat16, "cuda" float16 / bfloat16 / float32 / float64, "triton" float16 / bfloat16 /
+    float32 (CUDA tensors, or CPU ones under TRITON_INTERPRET=1); "auto" picks the fastest of these for the call.
+    A kernel backend needs the residual in x's dtype and refuses inputs that require grad while grad mode is on.
+    Returns a new tensor of x's shape and dtype, channels-last when x is, else contiguous. "ref" runs the spec's
+    PyTorch ops themselves, not the op, so export, autograd and torch.compile's fusion see ordinary ops.
+    """
+    if backend == "ref":
+        _check_inputs(x, num_groups, weight, bias, scale, shift, residual, backend)
+        return group_norm_ref(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu, residual=residual)
+    return _group_norm_op(
+        x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu, residual=residual, backend=backend
+    )

@@ -7,12 +7,11 @@ so it never links to torch. One `torch.library` op covers all backends, so torch
 see a single node; the backend is an explicit argument, never chosen at import.
 """
 
-
 import torch
 from torch import Tensor
 
-from ._library import define
-from ._library import native as _native_module
+from ._backends import check_backend, check_kernel_support, refuse_grad
+from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda")
 # dtypes the compiled kernels take; "ref" takes any floating dtype.
@@ -43,8 +42,7 @@ def _check_inputs(
     x: Tensor, d0: Tensor, d1: Tensor | None, noise: Tensor | None, c: float, s: float, backend: str
 ) -> None:
     """Raise ValueError naming what is wrong and what is allowed; shared by the real and the fake kernel."""
-    if backend not in BACKENDS:
-        raise ValueError(f"solver_update: unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    check_backend("solver_update", backend, BACKENDS)
     for name, t, coef in (("d1", d1, c), ("noise", noise, s)):
         if t is None and coef != 0.0:
             raise ValueError(f"solver_update: {name} is None but its coefficient is {coef}; pass {name} or 0.0")
@@ -59,15 +57,7 @@ def _check_inputs(
             raise ValueError(f"solver_update: {name} is on {t.device} but x is on {x.device}")
     if not x.is_floating_point():
         raise ValueError(f"solver_update: tensors must be floating point, got {x.dtype}")
-    if backend in KERNEL_DTYPES:
-        allowed = KERNEL_DTYPES[backend]
-        if x.dtype not in allowed:
-            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-            raise ValueError(f"solver_update: backend {backend!r} takes {names}, got {x.dtype}; use backend='ref'")
-        # Meta tensors (shape propagation without data) are fine for any backend.
-        if x.device.type not in (backend, "meta"):
-            raise ValueError(f"solver_update: backend {backend!r} needs {backend} tensors, got x on {x.device}")
-
+    check_kernel_support("solver_update", backend, x.device, x.dtype, KERNEL_DTYPES)
 
 
 def _solver_update_kernel(
@@ -85,14 +75,7 @@ def _solver_update_kernel(
     _check_inputs(x, d0, d1, noise, c, s, backend)
     if backend == "ref":
         return solver_update_ref(x, d0, d1, noise, a, b, c, s).contiguous()
-    needs_grad = x.requires_grad or d0.requires_grad or (d1 is not None and d1.requires_grad)
-    if (needs_grad or (noise is not None and noise.requires_grad)) and torch.is_grad_enabled():
-        # The op's Autograd key is a fallthrough (kernels/_library.py): fail here rather than drop the gradient.
-        raise ValueError(
-            f"solver_update: backend {backend!r} is not differentiable and an input requires grad; "
-            "use backend='ref', or call it under torch.no_grad() / torch.inference_mode()"
-        )
-    native = _native_module("solver_update", backend)
+    refuse_grad("solver_update", backend, x, d0, d1, noise)
     # The kernels walk flat memory: inputs must be dense, the output is fresh (never aliases an input).
     x, d0 = x.contiguous(), d0.contiguous()
     d1 = None if d1 is None else d1.contiguous()
@@ -111,12 +94,7 @@ def _solver_update_kernel(
         c,
         s,
     )
-    if backend == "cpu":
-        native.solver_update_cpu(*args)
-    else:
-        # x's device must be current: the kernel launches in the current CUDA context, on torch's current stream.
-        with torch.cuda.device(x.device):
-            native.solver_update_cuda(*args, torch.cuda.current_stream(x.device).cuda_stream)
+    launch("solver_update", backend, x.device, *args)
     return out
 
 

@@ -264,7 +264,7 @@ BAD_INPUTS = {
     "huge_stream": (torch.arange(2), 2**31, (3,), torch.float32, "ref", r"stream must be in \[0, 2\*\*31\)"),
     "negative_size": (torch.arange(2), 0, (3, -1), torch.float32, "cpu", "non-negative sizes"),
     "integer_dtype": (torch.arange(2), 0, (3,), torch.int32, "ref", "floating dtype"),
-    "cpu_half": (torch.arange(2), 0, (3,), torch.float16, "cpu", "writes float32, float64"),
+    "cpu_half": (torch.arange(2), 0, (3,), torch.float16, "cpu", "takes float32, float64"),
     "cuda_on_cpu": (torch.arange(2), 0, (3,), torch.float32, "cuda", "needs seeds on cuda, got cpu"),
 }
 

@@ -1,12 +1,28 @@
 """The specifications of the model ops (group_norm, attention, timestep_embedding, adaln_modulate) against
-independent formulations, and their backend switch. Fused backends are tested against these refs (issue 4)."""
+independent formulations, and the backend switch of every model op. Fused backends are tested against these refs
+(issue 4)."""
 
 import math
+import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from blitzdiff.kernels import adaln_modulate, attention, group_norm, timestep_embedding
+from blitzdiff.kernels import (
+    adaln_gated_residual,
+    adaln_modulate,
+    attention,
+    group_norm,
+    solver_step,
+    timestep_embedding,
+    timestep_mlp,
+)
+from blitzdiff.kernels.adaln_modulate import BACKENDS as ADALN_BACKENDS
+from blitzdiff.kernels.attention import BACKENDS as ATTENTION_BACKENDS
+from blitzdiff.kernels.group_norm import BACKENDS as GROUP_NORM_BACKENDS
+from blitzdiff.kernels.solver_step import BACKENDS as SOLVER_STEP_BACKENDS
+from blitzdiff.kernels.timestep_embedding import BACKENDS as TIMESTEP_BACKENDS
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -71,8 +87,57 @@ def test_adaln_modulate_is_layer_norm_scale_shift():
     torch.testing.assert_close(adaln_modulate(x, shift, scale), expected)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda", "fast"])
-def test_unbuilt_backend_is_a_clear_error(backend):
-    x = randn(1, 4, 2, 2)
-    with pytest.raises(ValueError, match=rf"group_norm: no backend '{backend}'.*has: ref"):
-        group_norm(x, 2, None, None, 1e-5, backend=backend)
+def model_op_call(op):
+    """(the op's BACKENDS, call(backend)) for model op `op` on small valid float32 inputs."""
+    x, shift, scale = randn(2, 5, 8), randn(2, 8), randn(2, 8)
+    q, t, w1, w2 = randn(1, 2, 3, 16), torch.tensor([1, 500]), randn(6, 8), randn(4, 6)
+    calls = {
+        "group_norm": (GROUP_NORM_BACKENDS, lambda b: group_norm(randn(1, 4, 2, 2), 2, None, None, 1e-5, backend=b)),
+        "attention": (ATTENTION_BACKENDS, lambda b: attention(q, q, q, backend=b)),
+        "adaln_modulate": (ADALN_BACKENDS, lambda b: adaln_modulate(x, shift, scale, backend=b)),
+        "adaln_gated_residual": (ADALN_BACKENDS, lambda b: adaln_gated_residual(x, x, shift, backend=b)),
+        "timestep_embedding": (TIMESTEP_BACKENDS, lambda b: timestep_embedding(t, 8, backend=b)),
+        "timestep_mlp": (TIMESTEP_BACKENDS, lambda b: timestep_mlp(t, w1, None, w2, None, backend=b)),
+        "solver_step": (SOLVER_STEP_BACKENDS,
+                        lambda b: solver_step(shift, scale, c_skip=1.0, c_out=-0.5, a=0.9, b=(0.1,), backend=b)[1]),
+    }
+    return calls[op]
+
+
+MODEL_OPS = ["group_norm", "attention", "adaln_modulate", "adaln_gated_residual", "timestep_embedding", "timestep_mlp",
+             "solver_step"]
+
+
+@pytest.mark.parametrize("backend", ["fast", "no-such-backend"])
+@pytest.mark.parametrize("op", MODEL_OPS)
+def test_unknown_backend_is_a_clear_error(op, backend):
+    backends, call = model_op_call(op)
+    assert {"ref", "auto"} <= set(backends)
+    with pytest.raises(ValueError, match=re.escape(f"{op}: no backend '{backend}'; allowed: {', '.join(backends)}")):
+        call(backend)
+    for name in ("ref", "auto"):  # the names every model op has, on the same inputs
+        assert torch.isfinite(call(name)).all()
+
+
+class OpNamespaces(TorchDispatchMode):
+    """Records the namespace of every op dispatched while it is active (ops inside an op's kernel are not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", MODEL_OPS)
+def test_ref_runs_the_spec_and_other_backends_the_op(op):
+    # "ref" calls the spec's PyTorch ops directly (export, autograd and torch.compile see standard ops); every other
+    # backend, "auto" included, goes through the registered blitzdiff op.
+    _, call = model_op_call(op)
+    for backend, through_op in (("ref", False), ("auto", True)):
+        with OpNamespaces() as mode:
+            call(backend)
+        assert ("blitzdiff" in mode.seen) == through_op, (backend, mode.seen)
+        assert "aten" in mode.seen or through_op

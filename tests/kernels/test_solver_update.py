@@ -130,7 +130,7 @@ BAD_INPUTS = {
     "missing_noise": (lambda a: _replace(a, 3, None), "ref", "noise is None but its coefficient"),
     "integer": (lambda a: map_tensors(torch.Tensor.long, a), "ref", "floating point"),
     "cpu_half": (lambda a: map_tensors(torch.Tensor.half, a), "cpu", "takes float32, float64"),
-    "cuda_on_cpu": (lambda a: a, "cuda", "needs cuda tensors"),
+    "cuda_on_cpu": (lambda a: a, "cuda", "needs tensors on cuda"),
 }
 
 

@@ -1,0 +1,64 @@
+// CPU kernel for the sinusoidal timestep embedding; see timestep_embedding.h for the contract.
+// One pass over the [batch, dim] output with the C library's float sin / cos (correctly rounded to within an ulp,
+// as PyTorch's own CPU sin / cos); the frequencies come precomputed, so the kernel does no exp.
+#include <cmath>
+#include <stdexcept>
+
+#include "timestep_embedding.h"
+
+namespace blitzdiff {
+namespace {
+
+template <typename TS>
+void embed(float* __restrict__ out, const TS* __restrict__ t, std::int64_t t_stride, const float* __restrict__ freqs,
+           std::int64_t batch, std::int64_t dim, bool flip, float scale) {
+  const std::int64_t half = dim / 2;
+  const std::int64_t sin_at = flip ? half : 0, cos_at = flip ? 0 : half;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const float tb = static_cast<float>(t[b * t_stride]);  // torch's .float(): round to nearest
+    float* row = out + b * dim;
+    for (std::int64_t j = 0; j < half; ++j) {
+      const float arg = scale * (tb * freqs[j]);  // the spec's order: scale * (t * freq)
+      row[sin_at + j] = std::sin(arg);
+      row[cos_at + j] = std::cos(arg);
+    }
+    if (dim % 2 == 1) row[dim - 1] = 0.0f;
+  }
+}
+
+}  // namespace
+
+void check_timestep_embedding_args(std::uintptr_t out, std::uintptr_t timesteps, std::uintptr_t freqs,
+                                   std::int64_t t_stride, std::int64_t batch, std::int64_t dim) {
+  if (batch < 0 || dim < 0 || t_stride < 0) {
+    throw std::invalid_argument("timestep_embedding: need batch, dim and t_stride >= 0, got batch=" +
+                                std::to_string(batch) + ", dim=" + std::to_string(dim) + ", t_stride=" +
+                                std::to_string(t_stride));
+  }
+  if (batch > 0 && dim > 0 && (out == 0 || timesteps == 0 || (dim >= 2 && freqs == 0))) {
+    throw std::invalid_argument("timestep_embedding: out, timesteps and freqs must be non-null pointers");
+  }
+}
+
+void timestep_embedding_cpu(std::uintptr_t out, std::uintptr_t timesteps, std::int64_t t_stride,
+                            const std::string& t_dtype, std::uintptr_t freqs, std::int64_t batch, std::int64_t dim,
+                            bool flip_sin_to_cos, double scale) {
+  check_timestep_embedding_args(out, timesteps, freqs, t_stride, batch, dim);
+  auto* o = reinterpret_cast<float*>(out);
+  const auto* f = reinterpret_cast<const float*>(freqs);
+  const auto s = static_cast<float>(scale);
+  if (t_dtype == "int64") {
+    embed(o, reinterpret_cast<const std::int64_t*>(timesteps), t_stride, f, batch, dim, flip_sin_to_cos, s);
+  } else if (t_dtype == "int32") {
+    embed(o, reinterpret_cast<const std::int32_t*>(timesteps), t_stride, f, batch, dim, flip_sin_to_cos, s);
+  } else if (t_dtype == "float32") {
+    embed(o, reinterpret_cast<const float*>(timesteps), t_stride, f, batch, dim, flip_sin_to_cos, s);
+  } else if (t_dtype == "float64") {
+    embed(o, reinterpret_cast<const double*>(timesteps), t_stride, f, batch, dim, flip_sin_to_cos, s);
+  } else {
+    throw std::invalid_argument("timestep_embedding_cpu: timesteps must be int64, int32, float32 or float64, got '" +
+                                t_dtype + "'");
+  }
+}
+
+}  // namespace blitzdiff
