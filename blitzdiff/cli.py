@@ -99,6 +99,8 @@ def run_info(args) -> None:
 
 
 def run_eval(args) -> None:
+    import torch
+
     import blitzdiff
     from blitzdiff import quality
 
@@ -108,9 +110,9 @@ def run_eval(args) -> None:
         labels = _labels(pipe, args.n, None)
         images = pipe.sample(args.n, steps=steps, sampler=args.sampler, seeds=0, class_labels=labels,
                              guidance_scale=args.guidance, output_type="tensor", progress=False)
-        scores = quality.evaluate(images.cpu() * 2 - 1, None if labels is None else labels)
+        scores = quality.evaluate(images.cpu() * 2 - 1, None if labels is None else torch.tensor(labels))
         rows.append({"model": pipe.name, "sampler": args.sampler or pipe.sampler_name, "steps": steps, **scores})
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        shown = ", ".join(f"{k} {scores[k]:.3f}" for k in ("fd", "accuracy") if k in scores)
         print(f"{pipe.name} {rows[-1]['sampler']} {steps} steps: {shown}")
     if args.json:
         with open(args.json, "w") as f:

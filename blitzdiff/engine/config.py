@@ -75,6 +75,7 @@ CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
 }
 
 # Fields of diffusers schedulers we do not run (PNDM is Stable Diffusion 1.x's default): dropped on a class change.
+_DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 _FOREIGN_FIELDS = frozenset({"skip_prk_steps", "s_churn", "s_tmin", "s_tmax"})
 
 # Fields whose non-default value changes the math in a way blitzdiff does not implement: refused, never ignored.
@@ -231,9 +232,11 @@ def validate(config: SchedulerConfig) -> None:
     else:
         _choice(config, "solver_type", ("midpoint", "heun"))
     if config.class_name == "DDPMScheduler":
-        _choice(config, "variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
+        _choice(config, "variance_type", _DDPM_VARIANCES)
     else:
-        _choice(config, "variance_type", (None,))
+        # DPM-Solver's variance_type only acts when "learned" / "learned_range" (it then splits the network's
+        # variance channels off); a DDPM folder's fixed_* value carried over by from_config is inert there.
+        _choice(config, "variance_type", (None, *_DDPM_VARIANCES))
     if sum(bool(f.get(k)) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
         raise ValueError(f"{config.class_name}: use_karras_sigmas and use_exponential_sigmas are exclusive; "
                          "set at most one")

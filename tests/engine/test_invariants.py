@@ -298,6 +298,15 @@ def test_in_memory_diffusers_config_keeps_the_other_class_defaults():
     assert fields["steps_offset"] == expected["steps_offset"] == 1
 
 
+def test_ddpm_folder_config_runs_dpm_solver():
+    """A DDPM folder's variance_type="fixed_small" is inert for DPM-Solver (diffusers only acts on "learned*"), so
+    sampler="dpmpp_2m" on it samples; a learned-variance value is refused (the caller splits those channels)."""
+    config = {"_class_name": "DDPMScheduler", "variance_type": "fixed_small", "clip_sample": False}
+    assert torch.isfinite(blitzdiff.sample(toy, NOISE, steps=4, sampler="dpmpp_2m", scheduler_config=config)).all()
+    with pytest.raises(ValueError, match=r"variance_type='learned_range' is not supported"):
+        resolve("dpmpp_2m", {**config, "variance_type": "learned_range"})
+
+
 def test_class_defaults_are_diffusers_defaults():
     diffusers = pytest.importorskip("diffusers")
     import inspect
