@@ -1,7 +1,19 @@
-"""Shared pytest hooks."""
+"""Shared pytest hooks.
+
+Triton runs compiled on a usable CUDA GPU, else in its CPU interpreter: TRITON_INTERPRET=1 is set here, in the
+top-level conftest, because Triton reads it when it is first imported (its language functions are decorated for
+the interpreter or the compiler then), and test modules anywhere in the tree may import it indirectly while being
+collected (diffusers does). On a GPU the variable is left as it is. Tests read the mode through
+blitzdiff.kernels._backends.triton_interpreted().
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_runtest_setup(item):

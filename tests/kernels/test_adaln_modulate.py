@@ -15,7 +15,7 @@ import torch
 from blitzdiff.kernels import adaln_gated_residual, adaln_gated_residual_ref, adaln_modulate, adaln_modulate_ref
 from blitzdiff.kernels._backends import triton_interpreted
 
-TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/kernels/conftest.py picks the mode
+TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/conftest.py picks the mode
 
 SHAPES = [(2, 5, 37), (1, 3, 1), (3, 2, 7), (2, 4, 1152)]  # odd D; D = 1 (zero variance); D < 8 lanes; DiT-XL
 KERNEL_BACKENDS = ["cpu", "triton"]

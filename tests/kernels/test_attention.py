@@ -23,7 +23,7 @@ from blitzdiff.kernels import attention, attention_ref
 from blitzdiff.kernels._backends import triton_interpreted
 from blitzdiff.kernels.attention import _cuda_operand, auto_backend
 
-TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/kernels/conftest.py picks the mode
+TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/conftest.py picks the mode
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATTENTION = torch.ops.blitzdiff.attention.default
 

@@ -23,7 +23,7 @@ from blitzdiff.kernels import group_norm, group_norm_ref
 from blitzdiff.kernels._backends import triton_interpreted
 from blitzdiff.kernels.group_norm import auto_backend
 
-TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/kernels/conftest.py picks the mode
+TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/conftest.py picks the mode
 
 # (shape, groups): 3 and 4 groups of 12 channels; one group of 59; 8 channels in 2 groups over 45x47 positions
 # (several CPU chunks, both layouts, with tails); SD's 32 groups of 2 over 33x17.

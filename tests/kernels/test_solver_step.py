@@ -22,7 +22,7 @@ from blitzdiff.kernels import solver_step, solver_step_ref
 from blitzdiff.kernels._backends import choose_backend, triton_interpreted
 from blitzdiff.kernels.solver_step import KERNEL_DTYPES
 
-TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/kernels/conftest.py picks the mode
+TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/conftest.py picks the mode
 
 # A guided DPM-Solver++(3M) SDE-like step from a UniPC-style point, with every kind of term present.
 COEFS = {"c_skip": 1.25, "c_out": -0.4, "guidance_scale": 4.0, "a": 0.9, "b": (0.35, -0.12, 0.05, -0.01),

@@ -16,7 +16,7 @@ import torch
 from blitzdiff.kernels import timestep_embedding, timestep_embedding_ref, timestep_mlp, timestep_mlp_ref
 from blitzdiff.kernels._backends import triton_interpreted
 
-TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/kernels/conftest.py picks the mode
+TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/conftest.py picks the mode
 
 TIMESTEPS = torch.tensor([0, 1, 17, 250, 500, 999])
 # name: (dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)

@@ -4,15 +4,14 @@ The budget is the kernel tests' rule applied to the whole network: against a flo
 backend's float32 output error is at most 2x the float32 `ref` output's error (plus a floor of a few float32 ulps
 of the output's scale, for networks whose ref error is itself at the ulp level). "auto" picks the C++ kernels on
 CPU where an op has one (GroupNorm, adaLN, timestep embedding) and ref elsewhere; "triton" runs the Triton kernels,
-under TRITON_INTERPRET=1 here (set by this module when no GPU is usable, as tests/kernels/conftest.py does for the
-kernel tests). Head dims are >= 16, what the attention kernels take.
+under TRITON_INTERPRET=1 here (tests/conftest.py sets it when no GPU is usable). Head dims are >= 16, what the
+attention kernels take.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -21,9 +20,6 @@ from blitzdiff.models import set_backend
 from blitzdiff.models.dit import DiT
 from blitzdiff.models.unet_2d import UNet2DModel
 from blitzdiff.models.unet_2d_condition import UNet2DConditionModel
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CONFIGS = {
     "unet2d": (UNet2DModel, {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": (16, 32),
