@@ -146,7 +146,6 @@ def _load(folder, component, cls):
     state = load_file(root / component / "diffusion_pytorch_model.safetensors")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    scheduler.pop("variance_type")  # DDPM's field; see scripts/train_default_models.py
     return model.eval(), scheduler
 
 
