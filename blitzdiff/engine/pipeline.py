@@ -112,8 +112,8 @@ class Pipeline:
                 raise ValueError(f"{name}={pixels} must be a positive multiple of {scale} (the VAE's scale)")
         return config["in_channels"], h, w
 
-    def initial_noise(self, n: int, seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """Unit noise [n, *shape], float32: row i a function of seeds[i] only (any batch gives it the same)."""
+    def initial_noise(self, seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """Unit noise [len(seeds), *shape], float32: row i a function of seeds[i] only (any batch gives it the same)."""
         backend = resolve_noise_backend("auto", seeds.device, torch.float32)
         return gaussian(seeds, INITIAL_NOISE_STREAM, shape, torch.float32, backend=backend)
 
@@ -221,7 +221,7 @@ class Pipeline:
         seed_values = seed_tensor(seeds, n, device)
         shape = self.latent_shape(height, width)
         if noise is None:
-            noise = self.initial_noise(n, seed_values, shape)
+            noise = self.initial_noise(seed_values, shape)
         elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n, *shape):
             got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
             raise ValueError(f"noise must be a tensor of shape {(n, *shape)} (n, channels, height, width), got {got}")
