@@ -58,8 +58,9 @@ class Denoiser:
     """D(x, k) for stage k of a plan: the network call(s), guidance and parameterization.
 
     fn: the raw network, fn(x_in [B', ...], t [B'], **cond) -> output shaped like x_in.
-    cond / uncond: keyword tensors with a leading batch dim B, concatenated as [uncond, cond] when guided.
-    guidance_scale == 1 means one network call per stage and uncond is not used.
+    cond / uncond: keyword tensors with a leading batch dim B, concatenated as [uncond, cond] when guided into
+    `self.cond` (the tensors every call passes, [copies * B, ...]). guidance_scale == 1 means one network call per
+    stage and uncond is not used; a 0-d tensor scale is read at each call.
     """
 
     def __init__(
@@ -72,12 +73,13 @@ class Denoiser:
         device: torch.device,
         cond: Mapping[str, torch.Tensor] | None = None,
         uncond: Mapping[str, torch.Tensor] | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | torch.Tensor = 1.0,
         **parameterization: float,
     ):
         self.fn = fn
         self.scalars = [preconditioning(prediction_type, s, **parameterization) for s in plan.stages]
-        self.guided = guidance_scale != 1.0
+        # A tensor scale (a device scalar a CUDA graph reads, blitzdiff.engine.runtime) always means guided.
+        self.guided = isinstance(guidance_scale, torch.Tensor) or guidance_scale != 1.0
         self.guidance_scale = guidance_scale
         copies = 2 if self.guided else 1
         timestep_dtype = torch.int64 if plan.integer_timesteps else torch.float32

@@ -11,7 +11,7 @@ import torch
 from .config import SchedulerConfig, resolve
 from .denoiser import Denoiser, clip, dynamic_threshold
 from .noise import resolve_noise_backend, seed_tensor
-from .sampler import Postprocess, run_plan
+from .sampler import Postprocess, Scope, run_plan
 from .solvers import build_plan
 
 
@@ -60,6 +60,7 @@ def sample(
     timesteps: Sequence[int] | None = None,
     seeds: int | Sequence[int] | torch.Tensor | None = None,
     noise_backend: str = "auto",
+    scope: Scope | None = None,
 ) -> torch.Tensor:
     """Sample with a raw network `fn(x, t, **cond)` from unit-variance `noise` [B, ...]; returns the final sample.
 
@@ -73,6 +74,7 @@ def sample(
     noise_backend: how that noise is drawn: "auto" (default: the compiled kernel for noise's device where one is
     built, else "ref"), "ref" (plain tensor ops: what torch.compile fuses best and export traces), "cpu", "cuda".
     All give the same integer hash; their float32 log / cos may differ by an ulp, so pin one to compare runs.
+    scope(stage, "network" | "solver"): a context manager around each part of each stage (profiling ranges).
     """
     overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
     config = resolve(sampler, scheduler_config, **overrides)
@@ -96,4 +98,4 @@ def sample(
     denoiser = Denoiser(fn, plan, kind, batch=batch, device=device, cond=cond, uncond=uncond,
                         guidance_scale=guidance_scale, **constants)
     x = noise * plan.init_scale
-    return run_plan(plan, denoiser, x, seed_tensor(seeds, batch, device), postprocessing(config), backend)
+    return run_plan(plan, denoiser, x, seed_tensor(seeds, batch, device), postprocessing(config), backend, scope)

@@ -9,7 +9,7 @@ wrapper, outside the sampling loop (which stays sync-free).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,13 @@ from typing import Any
 import torch
 
 from ..kernels.gaussian_noise import MAX_STREAM
-from ..models import load_model, read_pipeline
+from ..models import load_model, read_pipeline, set_backend
 from .config import read_config, resolve
 from .functional import sample
+from .network import Callback, NetworkCall, NonFiniteOutput
 from .noise import gaussian, resolve_noise_backend, seed_tensor
+from .runtime import DEFAULT_BUCKETS, Request, Runtime, check_options
+from .sampler import Scope
 
 OUTPUT_TYPES = ("pil", "numpy", "tensor", "raw")
 NON_FINITE_POLICIES = ("raise", "retry")
@@ -29,7 +32,6 @@ EMBEDDED = ("dit-digits", "unet-digits")  # folders under blitzdiff/assets, trai
 DEFAULT_MODEL = "dit-digits"
 # The initial noise of sample i is drawn from the last stream of its seed: the loop's stages use streams 2k, 2k + 1.
 INITIAL_NOISE_STREAM = MAX_STREAM - 1
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (evaluation index, timestep [B'], model input)
 
 
 def model_path(path: str | Path | None) -> Path:
@@ -84,6 +86,48 @@ class Pipeline:
             self.sampler_name: str | None = resolve(None, self.scheduler_config).name
         except ValueError:
             self.sampler_name = None
+        self.runtime: Runtime | None = None  # set by compile(); None: the plain eager loop
+
+    def compile(
+        self,
+        mode: str = "graph",
+        *,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        max_graphs: int = 8,
+        compile_loop: bool = False,
+        kernels: str | None = None,
+    ) -> Pipeline:
+        """Run later samples through a compiled runtime (blitzdiff.engine.runtime); returns the pipeline.
+
+        mode: "graph" (the whole loop in one CUDA graph per bucket key), "step" (one CUDA graph per step; a callback
+        runs between them), "compile" (torch.compile of the network; compile_loop=True compiles the whole loop with
+        the network inlined, fullgraph: faster on small models, with compile time growing with the step count),
+        "eager" (buckets and static buffers only: the reference). Requests run padded in the smallest of `buckets`
+        >= n; at most max_graphs bucket keys are kept (least recently used dropped). Nothing is built here: each new
+        (bucket, shape, dtype, sampler, steps, eta, guided, conditioning) key pays its build on its first call.
+        kernels: set the network's kernel backend ("auto", "ref", "triton", "cuda", "cpu"); None keeps it.
+        """
+        buckets = check_options(mode, buckets, max_graphs, compile_loop, self.device)
+        if kernels is not None:
+            set_backend(self.model, kernels)
+        self.runtime = Runtime(mode, buckets, max_graphs, compile_loop)
+        return self
+
+    def runtime_stats(self) -> dict[str, Any]:
+        """The compiled runtime's mode, buckets and cached entries (key, build seconds, bytes, hits); {} when
+        compile() was not called."""
+        return {} if self.runtime is None else self.runtime.stats()
+
+    def load_weights(self, path: str | Path, *, allow_pickle: bool = False) -> None:
+        """Replace the network's weights with a checkpoint of the same architecture, in place: compiled code and
+        captured graphs read the same memory, so they run the new weights without a rebuild."""
+        new = load_model(path, device=self.device, dtype=self.dtype, allow_pickle=allow_pickle)
+        if new.diffusers_class != self.model.diffusers_class or new.config != self.model.config:
+            raise ValueError(f"{path}: its {new.diffusers_class} config differs from the loaded "
+                             f"{self.model.diffusers_class}'s; load it as a new pipeline (blitzdiff.load)")
+        with torch.no_grad():
+            for name, tensor in new.state_dict().items():
+                self.model.state_dict()[name].copy_(tensor)
 
     @property
     def device(self) -> torch.device:
@@ -197,6 +241,7 @@ class Pipeline:
         callback: Callback | None = None,
         progress: bool = True,
         on_non_finite: str = "raise",
+        scope: Scope | None = None,
     ):
         """n samples. The folder's scheduler config picks the sampler unless `sampler` names one (its config fields
         still apply where that sampler has them). seeds: an int s (sample i gets s + i) or n ints; they key both the
@@ -208,6 +253,8 @@ class Pipeline:
         on_non_finite: what to do when the network returned NaN / Inf at some evaluation (checked once, after the
         loop): "raise" (NonFiniteOutput naming the first such evaluation and its timestep) or "retry" (run again
         with a float32 copy of the network when it is in float16 / bfloat16, then raise if that fails too).
+        scope(stage, "network" | "solver"): a context manager around each part of each stage (e.g. profiler
+        ranges: blitzdiff.profiling.stage_ranges).
         """
         if on_non_finite not in NON_FINITE_POLICIES:
             raise ValueError(f"unknown on_non_finite {on_non_finite!r}; allowed: {', '.join(NON_FINITE_POLICIES)}")
@@ -228,9 +275,11 @@ class Pipeline:
         noise = noise.to(device)
         cond, uncond = self.conditioning(n, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
                                          guidance_scale)
-        run = dict(steps=steps, sampler=sampler, scheduler_config=self.scheduler_config,
-                   guidance_scale=guidance_scale, cond=cond, uncond=uncond, eta=eta, seeds=seed_values)
-        raw = self._sample_checked(noise, run, callback, progress, on_non_finite)
+        request = Request(noise, seed_values, cond, uncond, guidance_scale, steps, sampler, eta)
+        if scope is not None and self.runtime is not None:
+            raise ValueError("scope (profiling ranges) runs in the plain eager loop: call it on a pipeline without "
+                             "compile()")
+        raw = self._sample_checked(request, callback, progress, on_non_finite, scope)
         if output_type == "raw":
             return raw
         images = self.decode(raw)
@@ -239,29 +288,41 @@ class Pipeline:
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         return array if output_type == "numpy" else to_pil(array)
 
-    def _sample_checked(self, noise: torch.Tensor, run: dict, callback: Callback | None, progress: bool,
-                        on_non_finite: str) -> torch.Tensor:
-        models = [self.model]
+    def _sample_checked(self, request: Request, callback: Callback | None, progress: bool, on_non_finite: str,
+                        scope: Scope | None) -> torch.Tensor:
+        """The final samples; the network's outputs are checked for NaN / Inf once, after the loop."""
+        attempts = [self.model]
         if on_non_finite == "retry" and self.dtype in (torch.float16, torch.bfloat16):
-            models.append(None)  # built only if needed: a float32 copy of the network
-        for model in models:
-            if model is None:
-                model = copy.deepcopy(self.model).float()
+            attempts.append(None)  # built only if needed: a float32 copy of the network, run eagerly
+        n = request.noise.shape[0]
+        for model in attempts:
             bar = _progress_bar(progress)
-            fn = NetworkCall(model, self.kind.prediction_channels, callback, bar)
             try:
-                raw = sample(fn, noise, **run)
+                if model is self.model and self.runtime is not None:
+                    raw, bad = self.runtime.sample(self, request, callback, bar)
+                else:
+                    raw, bad = self._sample_eager(model or copy.deepcopy(self.model).float(), request, callback, bar,
+                                                  scope)
             finally:
                 if bar is not None:
                     bar.close()
-            bad = fn.first_non_finite()
             if bad is None:
                 return raw
-        dtypes = " and then float32" if len(models) > 1 else ""
+        dtypes = " and then float32" if len(attempts) > 1 else ""
         raise NonFiniteOutput(
             f"the network returned NaN or Inf at evaluation {bad[0]} (timestep {bad[1]:g}) in {self.dtype}{dtypes}; "
             + ("pass on_non_finite='retry' to re-run a half-precision network in float32, or "
-               if len(models) == 1 and self.dtype != torch.float32 else "") + "check the weights and inputs")
+               if len(attempts) == 1 and self.dtype != torch.float32 else "") + f"check the weights and inputs ({n} "
+            "samples)")
+
+    def _sample_eager(self, model: torch.nn.Module, request: Request, callback: Callback | None, bar: Any,
+                      scope: Scope | None) -> tuple[torch.Tensor, tuple[int, float] | None]:
+        fn = NetworkCall(model, self.kind.prediction_channels, callback, bar)
+        raw = sample(fn, request.noise, steps=request.steps, sampler=request.sampler,
+                     scheduler_config=self.scheduler_config, guidance_scale=request.guidance_scale, cond=request.cond,
+                     uncond=request.uncond, eta=request.eta, seeds=request.seeds, scope=scope)
+        n = request.noise.shape[0]
+        return raw, fn.first_non_finite(n, n)
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """The loop's final sample -> float32 images [n, C, H, W] in [0, 1] (through the VAE for latent models)."""
@@ -305,41 +366,6 @@ def load(
         folder_config = read_config(scheduler_config)
     decoder = None if vae_path is None else load_model(vae_path, **options)
     return Pipeline(model, folder_config, decoder, name=path.name)
-
-
-class NonFiniteOutput(RuntimeError):
-    """The network returned NaN or Inf during sampling."""
-
-
-class NetworkCall:
-    """fn(x, t, **cond) for blitzdiff.sample: the model in its own dtype, the prediction channels only (learned
-    sigma split off, as diffusers pipelines do), returned in the loop's dtype. Progress and callback live here,
-    outside the sampling loop. Each output's finiteness is recorded as a device flag (no host sync per step);
-    `first_non_finite()` reads them all once, after the loop."""
-
-    def __init__(self, model: torch.nn.Module, channels: int, callback: Callback | None, progress: Any):
-        self.model, self.channels, self.callback, self.progress = model, channels, callback, progress
-        self.dtype = next(model.parameters()).dtype
-        self.finite: list[torch.Tensor] = []  # one 0-d bool per evaluation
-        self.timesteps: list[torch.Tensor] = []
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        if self.callback is not None:
-            self.callback(len(self.finite), t, x)
-        out = self.model(x.to(self.dtype), t, **cond)[:, : self.channels]
-        self.finite.append(torch.isfinite(out).all())
-        self.timesteps.append(t[0])
-        if self.progress is not None:
-            self.progress.update(1)
-        return out.to(x.dtype)
-
-    def first_non_finite(self) -> tuple[int, float] | None:
-        """(evaluation index, its timestep) of the first non-finite network output, or None; one host sync."""
-        finite = torch.stack(self.finite).cpu()
-        if bool(finite.all()):
-            return None
-        index = int((~finite).nonzero()[0, 0])
-        return index, float(self.timesteps[index])
 
 
 def _progress_bar(progress: bool):

@@ -1,12 +1,15 @@
 """The sampling loop: a dumb interpreter of a Plan (ARCHITECTURE.md contract 3).
 
 No `.item()`, no data-dependent branches, no progress bar: every decision was taken on the host when the plan was
-built, so the whole N-step loop can be captured in one CUDA graph or compiled with `fullgraph=True`.
+built, so the whole N-step loop can be captured in one CUDA graph or compiled with `fullgraph=True`. `PlanRun`
+runs one stage at a time (one CUDA graph per step, blitzdiff.engine.runtime); `run_plan` runs them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -15,6 +18,9 @@ from .plan import Combination, Plan
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # (point [B, ...], stage index) -> denoised [B, ...]
 Postprocess = Callable[[torch.Tensor], torch.Tensor]  # x0 -> clipped / thresholded x0
+# scope(stage index, "network" | "solver") -> a context manager around that part of the stage, e.g. a
+# torch.profiler.record_function range (blitzdiff.profiling); None in the fast paths.
+Scope = Callable[[int, str], AbstractContextManager]
 
 
 def combine(
@@ -47,6 +53,49 @@ def combine(
     return out
 
 
+class PlanRun:
+    """The loop's state while it interprets `plan` from the initial state x [B, ...].
+
+    seeds: int64 [B], one per sample; stage k draws its noise from streams 2k (point) and 2k + 1 (update).
+    noise_backend: "ref", "cpu" or "cuda" (blitzdiff.engine.noise.gaussian); "ref" stays plain tensor ops, what
+    torch.compile fuses best and export sees. Tensors are never mutated in place: a stage only rebinds x and the
+    histories, so the tensors one captured stage leaves behind are the static inputs of the next.
+    """
+
+    def __init__(self, plan: Plan, denoise: Denoise, x: torch.Tensor, seeds: torch.Tensor,
+                 postprocess: Postprocess | None = None, noise_backend: str = "ref", scope: Scope | None = None):
+        self.plan, self.denoise, self.x, self.seeds = plan, denoise, x, seeds
+        self.postprocess, self.noise_backend, self.scope = postprocess, noise_backend, scope
+        self.history: list[torch.Tensor] = []  # post-processed denoised estimates, newest last
+        self.points: list[torch.Tensor] = []  # where each of them was evaluated
+        self.raw: torch.Tensor | None = None
+
+    def _combine(self, c: Combination, stream: int) -> torch.Tensor:
+        return combine(c, self.x, self.history, self.points, self.raw, self.seeds, stream, self.noise_backend)
+
+    def stage(self, k: int) -> None:
+        """Run stage k: evaluate the denoiser at its point, then update the state."""
+        stage, depth = self.plan.stages[k], self.plan.history
+        with self._scope(k, "solver"):
+            point = self.x if stage.point is None else self._combine(stage.point, 2 * k)
+        with self._scope(k, "network"):
+            self.raw = self.denoise(point, k)
+        with self._scope(k, "solver"):
+            clean = self.raw if self.postprocess is None else self.postprocess(self.raw)
+            self.history = [*self.history, clean][-depth:]
+            self.points = [*self.points, point][-depth:]
+            if stage.update is not None:
+                self.x = self._combine(stage.update, 2 * k + 1)
+
+    def _scope(self, k: int, part: str) -> AbstractContextManager:
+        return contextlib.nullcontext() if self.scope is None else self.scope(k, part)
+
+    def output(self) -> torch.Tensor:
+        """The final sample [B, ...] (after every stage ran)."""
+        scale = self.plan.output_scale
+        return self.x * scale if scale != 1.0 else self.x
+
+
 def run_plan(
     plan: Plan,
     denoise: Denoise,
@@ -54,22 +103,10 @@ def run_plan(
     seeds: torch.Tensor,
     postprocess: Postprocess | None = None,
     noise_backend: str = "ref",
+    scope: Scope | None = None,
 ) -> torch.Tensor:
-    """Run every stage of `plan` from the initial state x [B, ...]; returns the final sample [B, ...].
-
-    seeds: int64 [B], one per sample; stage k draws its noise from streams 2k (point) and 2k + 1 (update).
-    noise_backend: "ref", "cpu" or "cuda" (blitzdiff.engine.noise.gaussian); "ref" stays plain tensor ops, what
-    torch.compile fuses best and export sees.
-    """
-    history: list[torch.Tensor] = []  # post-processed denoised estimates, newest last
-    points: list[torch.Tensor] = []  # where each of them was evaluated (tensors are never mutated: no copies)
-    raw = None
-    depth = plan.history
-    for k, stage in enumerate(plan.stages):
-        point = x if stage.point is None else combine(stage.point, x, history, points, raw, seeds, 2 * k, noise_backend)
-        raw = denoise(point, k)
-        history = [*history, raw if postprocess is None else postprocess(raw)][-depth:]
-        points = [*points, point][-depth:]
-        if stage.update is not None:
-            x = combine(stage.update, x, history, points, raw, seeds, 2 * k + 1, noise_backend)
-    return x * plan.output_scale if plan.output_scale != 1.0 else x
+    """Run every stage of `plan` from the initial state x [B, ...]; returns the final sample [B, ...] (see PlanRun)."""
+    run = PlanRun(plan, denoise, x, seeds, postprocess, noise_backend, scope)
+    for k in range(len(plan.stages)):
+        run.stage(k)
+    return run.output()

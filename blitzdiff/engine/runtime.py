@@ -1,0 +1,287 @@
+"""The runtimes behind `Pipeline.compile(mode=...)`: batch buckets with static buffers, torch.compile, and CUDA
+graphs of the whole loop or of each step (ARCHITECTURE.md contracts 3 and 6).
+
+A request of n samples runs in the smallest bucket >= n (larger requests in chunks of the largest bucket). Each
+bucket key — (bucket batch, latent shape, network dtype, scheduler, steps, eta, guided, conditioning layout) — owns
+a `Program`: static input buffers (noise, seeds, conditioning, guidance scale as a device tensor) and the loop that
+reads them. A new request copies its inputs into the buffers: new seeds, labels, prompts or guidance scales never
+rebuild anything. Padding rows get zero noise and repeat the first real row's conditioning; every op of the loop is
+per sample, so they never reach a real sample (tests/engine/test_runtime.py checks it with NaN padding).
+
+Modes: "eager" runs the Program's loop as is (the reference the others are compared with); "compile" runs it with
+the network torch.compile'd (and with compile_loop=True the whole loop, fullgraph); "graph" replays one CUDA graph
+of the whole loop; "step" one CUDA graph per plan stage, with the callback between them. Programs live in a bounded
+LRU cache; replacing the weights' storage (or the model, its dtype or device, or the scheduler config) empties it,
+while in-place weight updates (Pipeline.load_weights) are seen by every Program as is.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import graphs
+from .config import SchedulerConfig, resolve
+from .denoiser import Denoiser
+from .functional import parameterization, postprocessing
+from .network import Callback, NetworkCall, first_non_finite
+from .noise import resolve_noise_backend
+from .sampler import PlanRun
+from .solvers import build_plan
+
+MODES = ("eager", "compile", "step", "graph")
+GRAPH_MODES = ("step", "graph")
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sampling call, validated by the Pipeline. noise: float32 [n, C, h, w]; seeds: int64 [n]; cond / uncond:
+    the network's keyword tensors [n, ...] (uncond only when guided)."""
+
+    noise: torch.Tensor
+    seeds: torch.Tensor
+    cond: Mapping[str, torch.Tensor]
+    uncond: Mapping[str, torch.Tensor] | None
+    guidance_scale: float
+    steps: int
+    sampler: str | None
+    eta: float | None
+
+
+@dataclass(frozen=True)
+class ProgramKey:
+    batch: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    scheduler: str  # the resolved scheduler class and fields, as sorted JSON
+    sampler: str
+    steps: int
+    eta: float | None
+    guided: bool
+    cond: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # (name, shape after the batch dim, dtype)
+
+    def describe(self) -> str:
+        conds = ", ".join(f"{name} {list(shape)}" for name, shape, _ in self.cond) or "none"
+        return (f"batch {self.batch}, shape {list(self.shape)}, {str(self.dtype).removeprefix('torch.')}, "
+                f"{self.sampler} {self.steps} steps, {'guided' if self.guided else 'unguided'}, cond: {conds}")
+
+
+def choose_bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (n is at most the largest bucket: larger requests are chunked by the caller)."""
+    return min(b for b in buckets if b >= n)
+
+
+def check_options(mode: str, buckets: Sequence[int], max_graphs: int, compile_loop: bool,
+                  device: torch.device) -> tuple[int, ...]:
+    """Validate Pipeline.compile's arguments; returns the buckets sorted and deduplicated."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    if compile_loop and mode != "compile":
+        raise ValueError(f"compile_loop=True needs mode='compile', got mode={mode!r}")
+    if mode in GRAPH_MODES and device.type != "cuda":
+        raise ValueError(f"mode={mode!r} records CUDA graphs and needs the pipeline on a CUDA device, not "
+                         f"{device}; on CPU use 'compile' or 'eager'")
+    if not buckets or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets):
+        raise ValueError(f"buckets must be a non-empty sequence of ints >= 1, got {buckets!r}")
+    if not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+    return tuple(sorted(set(buckets)))
+
+
+class Program:
+    """One bucket key's static buffers and the loop over them, built for one mode."""
+
+    def __init__(self, key: ProgramKey, config: SchedulerConfig, network: torch.nn.Module, channels: int,
+                 device: torch.device, mode: str, compile_loop: bool, pool: Any):
+        batch = key.batch
+        self.key, self.mode, self.device = key, mode, device
+        self.plan = build_plan(config, key.steps, eta=key.eta)
+        self.noise = torch.zeros((batch, *key.shape), dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(batch, dtype=torch.int64, device=device)
+        cond = {name: torch.zeros((batch, *shape), dtype=dtype, device=device) for name, shape, dtype in key.cond}
+        uncond = {name: torch.zeros_like(t) for name, t in cond.items()} if key.guided else None
+        # The guidance scale is a device scalar, so a new one is a copy, not a new graph.
+        self.guidance = torch.ones((), dtype=torch.float32, device=device)
+        self.call = NetworkCall(network, channels)
+        kind, constants = parameterization(config)
+        self.denoiser = Denoiser(self.call, self.plan, kind, batch=batch, device=device, cond=cond, uncond=uncond,
+                                 guidance_scale=self.guidance if key.guided else 1.0, **constants)
+        self.postprocess = postprocessing(config)
+        self.noise_backend = resolve_noise_backend("auto", device, torch.float32)
+        self.states: list[torch.Tensor] = []  # step mode: the state after each stage (static)
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.noise, self.seeds, *self.denoiser.cond.values()))
+        self.hits = 0
+        start = time.perf_counter()
+        self._build(compile_loop, pool)
+        self.build_s = time.perf_counter() - start
+
+    # -- the loop over the static buffers ------------------------------------------------------------------------
+    def _start(self) -> PlanRun:
+        self.call.reset()
+        return PlanRun(self.plan, self.denoiser, self.noise * self.plan.init_scale, self.seeds, self.postprocess,
+                       self.noise_backend)
+
+    def _loop(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole loop: (final sample [B, ...], finiteness flags [E, B'], timesteps [E])."""
+        run = self._start()
+        for k in range(len(self.plan.stages)):
+            run.stage(k)
+        return run.output(), self.call.flags(), torch.stack(self.call.timesteps)
+
+    def _build(self, compile_loop: bool, pool: Any) -> None:
+        self.body = self._loop
+        if self.mode == "compile" and compile_loop:
+            self.body = torch.compile(self._loop, fullgraph=True, dynamic=False)
+        if self.mode == "graph":
+            graphs.warm_up(self._loop, self.device)
+            self.graphs, (self.result,), captured = graphs.capture([self._loop], pool, self.device)
+            self.nbytes += captured
+        elif self.mode == "step":
+            graphs.warm_up(self._loop, self.device)
+            self.graphs, results, captured = graphs.capture(self._stage_parts(), pool, self.device)
+            self.states, self.result = [state for state, _ in results], results[-1][1]
+            self.nbytes += captured
+        else:
+            self.result = self.body()  # compiles (mode "compile") and checks the loop runs
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _stage_parts(self) -> list:
+        """One callable per stage for step mode; each returns (state after the stage, the final result or None)."""
+        holder: dict[str, PlanRun] = {}
+        last = len(self.plan.stages) - 1
+
+        def part(k: int):
+            if k == 0:
+                holder["run"] = self._start()
+            run = holder["run"]
+            run.stage(k)
+            done = (run.output(), self.call.flags(), torch.stack(self.call.timesteps)) if k == last else None
+            return run.x, done
+
+        return [lambda k=k: part(k) for k in range(last + 1)]
+
+    # -- serving a request -------------------------------------------------------------------------------------
+    def load(self, request: Request, start: int, stop: int) -> None:
+        """Copy rows start:stop of the request into the static buffers; padding rows get zero noise, seed 0 and the
+        first copied row's conditioning."""
+        n = stop - start
+        self.noise[:n].copy_(request.noise[start:stop])
+        self.noise[n:].zero_()
+        self.seeds[:n].copy_(request.seeds[start:stop])
+        self.seeds[n:].zero_()
+        copies = ([request.uncond] if self.key.guided else []) + [request.cond]
+        for name, buffer in self.denoiser.cond.items():  # [copies * B, ...]: uncond rows first when guided
+            for c, source in enumerate(copies):
+                rows = buffer[c * self.key.batch:(c + 1) * self.key.batch]
+                rows[:n].copy_(source[name][start:stop])
+                rows[n:].copy_(source[name][start:start + 1].expand_as(rows[n:]))
+        if self.key.guided:
+            self.guidance.fill_(request.guidance_scale)
+
+    def run(self, callback: Callback | None, progress: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+        """Run the loop on the loaded buffers: (final sample [B, ...], flags [E, B'], timesteps [E]). In step mode
+        callback(stage, timestep [B'], state after the stage [rows, ...]) runs between the stages' graphs."""
+        self.hits += 1
+        if self.mode == "graph":
+            self.graphs[0].replay()
+            return self.result
+        if self.mode == "step":
+            for k, graph in enumerate(self.graphs):
+                graph.replay()
+                if progress is not None:
+                    progress.update(1)
+                if callback is not None:
+                    callback(k, self.denoiser.timesteps[k], self.states[k][:rows])
+            return self.result
+        self.call.callback, self.call.progress = callback, progress
+        try:
+            return self.body()
+        finally:
+            self.call.callback, self.call.progress = None, None
+
+
+class Runtime:
+    """The Programs of one pipeline in one mode: an LRU cache of at most max_graphs entries, one memory pool."""
+
+    def __init__(self, mode: str, buckets: Sequence[int], max_graphs: int, compile_loop: bool):
+        self.mode, self.buckets, self.max_graphs, self.compile_loop = mode, tuple(buckets), max_graphs, compile_loop
+        self.programs: OrderedDict[ProgramKey, Program] = OrderedDict()
+        self.evictions = 0
+        self.signature: tuple | None = None
+        self.network: torch.nn.Module | None = None
+        self.pool: Any = None
+
+    def _check_model(self, model: torch.nn.Module, scheduler_config: Mapping) -> None:
+        """Empty the cache when the weights' storage, the model or the scheduler config changed since the build."""
+        signature = (id(model), json.dumps(scheduler_config, sort_keys=True, default=str),
+                     tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
+        if signature != self.signature:
+            self.clear()
+            self.signature = signature
+            self.network = torch.compile(model, dynamic=False) if self.mode == "compile" else model
+
+    def clear(self) -> None:
+        """Drop every Program (their graphs, buffers and compiled code references)."""
+        self.programs.clear()
+        self.network = None
+        self.signature = None
+
+    def program(self, key: ProgramKey, config: SchedulerConfig, pipe: Any) -> Program:
+        if key in self.programs:
+            self.programs.move_to_end(key)
+            return self.programs[key]
+        if len(self.programs) >= self.max_graphs:
+            self.programs.popitem(last=False)
+            self.evictions += 1
+        if self.mode in GRAPH_MODES and self.pool is None:
+            self.pool = graphs.new_pool()
+        network = pipe.model if self.compile_loop else self.network
+        program = Program(key, config, network, pipe.kind.prediction_channels, pipe.device, self.mode,
+                          self.compile_loop, self.pool)
+        self.programs[key] = program
+        return program
+
+    def sample(self, pipe: Any, request: Request, callback: Callback | None,
+               progress: Any) -> tuple[torch.Tensor, tuple[int, float] | None]:
+        """(final samples float32 [n, ...], the first non-finite evaluation among the real rows or None)."""
+        if callback is not None and (self.mode == "graph" or self.compile_loop):
+            raise ValueError("a callback needs the loop to stop between steps: use mode='step' (CUDA), 'eager' or "
+                             "'compile' without compile_loop")
+        self._check_model(pipe.model, pipe.scheduler_config)
+        config = resolve(request.sampler, pipe.scheduler_config)
+        guided = request.guidance_scale != 1.0
+        n = request.noise.shape[0]
+        outputs, bad = [], None
+        for start in range(0, n, self.buckets[-1]):
+            stop = min(n, start + self.buckets[-1])
+            key = ProgramKey(
+                batch=choose_bucket(stop - start, self.buckets), shape=tuple(request.noise.shape[1:]),
+                dtype=pipe.dtype, scheduler=json.dumps({"class": config.class_name, **config.fields}, sort_keys=True,
+                                                       default=str),
+                sampler=config.name, steps=request.steps, eta=request.eta, guided=guided,
+                cond=tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(request.cond.items())))
+            program = self.program(key, config, pipe)
+            program.load(request, start, stop)
+            out, flags, timesteps = program.run(callback, progress, stop - start)
+            outputs.append(out[: stop - start].clone())
+            bad = bad or first_non_finite(flags, timesteps, key.batch, stop - start)
+        return torch.cat(outputs), bad
+
+    def stats(self) -> dict[str, Any]:
+        """Mode, buckets, and per cached Program: its key, build (compile / capture) seconds, bytes (static buffers
+        plus, for graphs, the memory the capture reserved in the shared pool) and hits."""
+        entries = [{"key": p.key.describe(), "build_s": p.build_s, "bytes": p.nbytes, "hits": p.hits}
+                   for p in self.programs.values()]
+        return {"mode": self.mode, "buckets": list(self.buckets), "max_graphs": self.max_graphs,
+                "compile_loop": self.compile_loop, "entries": entries,
+                "bytes": sum(e["bytes"] for e in entries), "evictions": self.evictions}
