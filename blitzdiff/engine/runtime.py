@@ -149,8 +149,8 @@ class Program:
             self.graphs, results, captured = graphs.capture(self._stage_parts(), pool, self.device)
             self.states, self.result = [state for state, _ in results], results[-1][1]
             self.nbytes += captured
-        else:
-            self.result = self.body()  # compiles (mode "compile") and checks the loop runs
+        elif self.mode == "compile":
+            self.body()  # compiles, so that build_s holds the compile time
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -278,10 +278,12 @@ class Runtime:
         return torch.cat(outputs), bad
 
     def stats(self) -> dict[str, Any]:
-        """Mode, buckets, and per cached Program: its key, build (compile / capture) seconds, bytes (static buffers
-        plus, for graphs, the memory the capture reserved in the shared pool) and hits."""
-        entries = [{"key": p.key.describe(), "build_s": p.build_s, "bytes": p.nbytes, "hits": p.hits}
-                   for p in self.programs.values()]
+        """Mode, buckets, and per cached Program: its key (described, and batch / sampler / steps / guided), build
+        (compile / capture) seconds, bytes (static buffers plus, for graphs, the memory the capture reserved in the
+        shared pool) and hits."""
+        entries = [{"key": p.key.describe(), "batch": p.key.batch, "sampler": p.key.sampler, "steps": p.key.steps,
+                    "guided": p.key.guided, "build_s": p.build_s, "bytes": p.nbytes, "hits": p.hits}
+                   for p in self.programs.values()]  # least recently used first
         return {"mode": self.mode, "buckets": list(self.buckets), "max_graphs": self.max_graphs,
                 "compile_loop": self.compile_loop, "entries": entries,
                 "bytes": sum(e["bytes"] for e in entries), "evictions": self.evictions}
