@@ -1,4 +1,4 @@
-"""The `blitzdiff` command: `sample`, `info`, `eval`. Errors print one line and exit with status 2."""
+"""The `blitzdiff` command: `sample`, `info`, `eval`, `bench`, `profile`. Errors print one line, exit status 2."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ MIN_TILE = 64  # pixels: tiny images (the embedded models are 16x16) are enlarge
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a checkpoint folder or file, or an embedded model: "
-                        "dit-digits (default), unet-digits")
+    parser.add_argument("--model", default=None, help="a checkpoint folder or file, an embedded model: "
+                        "dit-digits (default), unet-digits, or a random-weight preset: sd15-unet, dit-xl-2-256, "
+                        "dit-xl-2-512")
     parser.add_argument("--sampler", default=None, help="a sampler name (default: the folder's scheduler)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
@@ -43,6 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, nargs="+", default=[20])
     evaluate.add_argument("-n", type=int, default=300, help="samples per evaluation")
     evaluate.add_argument("--json", help="also write the figures to this JSON file")
+
+    bench = commands.add_parser("bench", help="throughput, latency, per-step split, build time and peak memory of "
+                                "blitzdiff's runtime modes and of diffusers on the same checkpoint and sampler")
+    _add_model_options(bench)
+    bench.add_argument("--dtype", default="float32", help="the network's dtype: float32 (default), float16, bfloat16")
+    bench.add_argument("--modes", nargs="+", help="runtime modes: eager compile compile-loop step graph (default "
+                       "eager compile graph; step and graph need CUDA: skipped elsewhere unless named, then an error)")
+    bench.add_argument("--batches", type=int, nargs="+", help="throughput batch sizes (default 1 4 16)")
+    bench.add_argument("--steps", type=int, nargs="+", help="latency step counts (default 1 2 4 8 20 50)")
+    bench.add_argument("--throughput-steps", type=int, help="step count of the throughput runs (default 20)")
+    bench.add_argument("--latency-batch", type=int, help="batch size of the latency runs (default 1)")
+    bench.add_argument("--repeats", type=int, help="timed runs per configuration, median reported (default 5)")
+    bench.add_argument("--baseline", nargs="+", help="diffusers, diffusers-compile (default both), or none")
+    bench.add_argument("--json", help="write the results to this JSON file")
+    bench.add_argument("--plots", help="write latency-vs-steps and throughput-vs-batch PNGs into this folder")
+    bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "
+                       "at 2 steps, 1 repeat, modes eager graph, baseline diffusers (options given still apply)")
+
+    prof = commands.add_parser("profile", help="profile one sampling run: a torch.profiler trace (Chrome / Perfetto "
+                               "JSON), network / solver / host time per step, and the ops of each step")
+    _add_model_options(prof)
+    prof.add_argument("--steps", type=int, default=20)
+    prof.add_argument("-n", type=int, default=1, help="number of samples (the batch; default 1)")
+    prof.add_argument("--dtype", default="float32", help="the network's dtype: float32 (default), float16, bfloat16")
+    prof.add_argument("--trace", default="blitzdiff-trace.json",
+                      help="Chrome / Perfetto trace file to write (default blitzdiff-trace.json)")
+    prof.add_argument("--top", type=int, default=20, help="ops per table (default 20)")
+    prof.add_argument("--per-step", action="store_true", help="also an op table for each step")
+    prof.add_argument("--json", help="also write the figures to this JSON file")
     return parser
 
 
@@ -119,7 +149,47 @@ def run_eval(args) -> None:
             json.dump(rows, f, indent=2)
 
 
-COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval}
+def run_bench(args) -> None:
+    from blitzdiff import bench
+
+    config = bench.bench_config(
+        quick=args.quick, model=args.model, sampler=args.sampler, device=args.device, dtype=args.dtype,
+        modes=args.modes, batches=args.batches, steps=args.steps, throughput_steps=args.throughput_steps,
+        latency_batch=args.latency_batch, guidance=args.guidance, repeats=args.repeats, baselines=args.baseline)
+    results = bench.run_bench(config)
+    print("\n" + bench.format_results(results))
+    if args.json:
+        bench.write_json(results, args.json)
+        print(f"results -> {args.json}")
+    if args.plots:
+        print("plots -> " + ", ".join(str(path) for path in bench.write_plots(results, args.plots)))
+
+
+def run_profile(args) -> None:
+    import torch
+
+    import blitzdiff
+    from blitzdiff import profiling
+
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    pipe = blitzdiff.load(args.model, device=args.device, dtype=args.dtype)
+    conditioning = dict(class_labels=_labels(pipe, args.n, None),
+                        **profiling.prompt_embeddings(pipe, args.n, args.guidance))
+    result = profiling.profile_sampling(pipe, args.n, steps=args.steps, sampler=args.sampler, trace_path=args.trace,
+                                        guidance_scale=args.guidance, **conditioning)
+    run = {"model": pipe.name, "sampler": args.sampler or pipe.sampler_name, "steps": args.steps, "n": args.n,
+           "dtype": args.dtype, "guidance": args.guidance, "torch": torch.__version__}
+    print(f"{run['model']}: {args.n} samples, {args.steps} steps of {run['sampler']} on {args.device} ({args.dtype}); "
+          "one profiled run after warm-up")
+    print(profiling.format_report(result, args.top, args.per_step))
+    print(f"trace -> {args.trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**run, **result.to_dict()}, f, indent=2)
+
+
+COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

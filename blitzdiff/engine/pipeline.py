@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..kernels.gaussian_noise import MAX_STREAM
-from ..models import load_model, read_pipeline, set_backend
+from ..models import PRESETS, build_preset, load_model, read_pipeline, set_backend
 from .config import read_config, resolve
 from .functional import sample
 from .network import Callback, NetworkCall, NonFiniteOutput
@@ -343,7 +343,9 @@ def load(
     vae: str | Path | None = None,
     allow_pickle: bool = False,
 ) -> Pipeline:
-    """A Pipeline from a checkpoint on disk, or an embedded model by name (None: the default, dit-digits).
+    """A Pipeline from a checkpoint on disk, an embedded model by name (None: the default, dit-digits), or a
+    random-weight architecture for speed work by preset name ("sd15-unet", "dit-xl-2-256", "dit-xl-2-512":
+    blitzdiff.models.presets; no VAE, sample with output_type="raw").
 
     path: a diffusers pipeline folder (model_index.json with unet/ or transformer/, scheduler/, optional vae/), a
     bare model folder, or an original DiT checkpoint (see blitzdiff.models.load_model). scheduler_config replaces the
@@ -351,6 +353,10 @@ def load(
     unless given). vae: a VAE folder for a bare latent model. dtype: the networks' dtype (default float32); the
     sampler state stays float32. Pickled weights are refused unless allow_pickle=True.
     """
+    if isinstance(path, str) and path in PRESETS:
+        model, preset_config = build_preset(path, device=device, dtype=dtype)
+        return Pipeline(model, read_config(scheduler_config) if scheduler_config is not None else preset_config,
+                        None, name=path)
     path = model_path(path)
     options = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle}
     folder_config: dict[str, Any] | None = {"_class_name": "DDPMScheduler"}

@@ -1,0 +1,139 @@
+"""End-to-end sampling benchmarks (pytest-benchmark): blitzdiff's runtime modes beside diffusers' own loop on the
+same checkpoint, sampler, step count, initial noise and conditioning (blitzdiff.bench).
+
+    python -m pytest benchmarks                          # timings, grouped per job (pytest-benchmark's table)
+    python -m pytest -q benchmarks --benchmark-disable   # smoke check, as CI runs it: each case once
+    python -m pytest benchmarks --compile                # also the torch.compile'd systems (slow builds)
+    python -m pytest benchmarks -m cuda                  # the GPU cases only
+
+A timed call is one whole `sample` (all images, all steps; raw output, no decoding), the device synchronized at its
+end; one untimed warm-up round comes first (it pays graph capture / compilation). The embedded models run on the
+GPU when there is one, else on the CPU; the random-weight presets (published shapes) need a GPU. extra_info holds
+the job, and after a timed run ms per step, images/s and, for the presets, the network's TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import blitzdiff
+from blitzdiff.bench import sample_inputs
+from blitzdiff.bench.measure import device_label, device_record, synchronize
+from blitzdiff.bench.suite import blitzdiff_sample, diffusers_sample
+from blitzdiff.models import model_class, set_backend
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    sampler: str
+    steps: int
+    batch: int
+    guidance: float
+    dtype: str = "float32"
+    rounds: int = 10
+    count_flops: bool = False  # report TFLOP/s (the presets: the MFU targets)
+
+    def __str__(self) -> str:
+        return f"{self.model}-{self.sampler}-{self.steps}steps-batch{self.batch}-cfg{self.guidance:g}-{self.dtype}"
+
+
+EMBEDDED = [
+    Job("unet-digits", "ddim", steps=20, batch=8, guidance=1.0),
+    Job("unet-digits", "dpmpp_2m", steps=8, batch=1, guidance=1.0),
+    Job("dit-digits", "ddim", steps=20, batch=8, guidance=4.0),
+    Job("dit-digits", "unipc", steps=8, batch=1, guidance=4.0),
+]
+PRESETS = [
+    # SD 1.5 at 512x512 (64x64 latents), one image with guidance: the UNet runs batch 2 per step (the CFG step).
+    Job("sd15-unet", "ddim", steps=20, batch=1, guidance=7.5, dtype="float16", rounds=5, count_flops=True),
+    # DiT-XL/2 at 256x256 (32x32 latents), a large unguided batch: throughput against the MFU target.
+    Job("dit-xl-2-256", "ddim", steps=4, batch=128, guidance=1.0, dtype="float16", rounds=5, count_flops=True),
+]
+SYSTEMS = [
+    "blitzdiff-eager",
+    "diffusers",
+    pytest.param("blitzdiff-compile", marks=pytest.mark.compile),
+    pytest.param("diffusers-compile", marks=pytest.mark.compile),
+    pytest.param("blitzdiff-graph", marks=pytest.mark.cuda),
+    pytest.param("blitzdiff-step", marks=pytest.mark.cuda),
+]
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def pipeline(model: str, dtype: str, owner: str):
+    """A loaded pipeline per (model, dtype, owner): each blitzdiff system switches its own pipeline's runtime mode;
+    owner "plain" is never compiled (inputs, the diffusers twins' weights)."""
+    return blitzdiff.load(model, device=device(), dtype=dtype)
+
+
+@functools.cache
+def sampler_for(job: Job, system: str):
+    if system.startswith("blitzdiff-"):
+        pipe = pipeline(job.model, job.dtype, system)
+        return blitzdiff_sample(pipe, job.sampler, system.removeprefix("blitzdiff-"), max_graphs=8)
+    return diffusers_sample(pipeline(job.model, job.dtype, "plain"), job.sampler, system)
+
+
+def network_flops(pipe, batch: int) -> int:
+    """FLOPs of one network call on `batch` inputs: torch's FlopCounterMode over a meta-device twin (no memory, no
+    compute) running the reference kernels (a fused custom op is invisible to the counter)."""
+    with torch.device("meta"):
+        twin = model_class(pipe.model.diffusers_class).from_config(pipe.model.config)
+    set_backend(twin, "ref")
+    x = torch.zeros((batch, *pipe.latent_shape(None, None)), device="meta")
+    cond = {}
+    if pipe.kind.class_conditional:
+        cond["class_labels"] = torch.zeros(batch, dtype=torch.int64, device="meta")
+    if pipe.kind.text_conditional:
+        cond["encoder_hidden_states"] = torch.zeros((batch, 77, pipe.model.config["cross_attention_dim"]),
+                                                    device="meta")
+    with FlopCounterMode(display=False) as counter:
+        twin(x, torch.zeros(batch, device="meta"), **cond)
+    return counter.get_total_flops()
+
+
+def run_job(benchmark, job: Job, system: str) -> None:
+    pipe = pipeline(job.model, job.dtype, "plain")
+    sample = sampler_for(job, system)
+    inputs = sample_inputs(pipe, job.batch, job.guidance)
+    network_batch = job.batch * (2 if job.guidance != 1.0 else 1)  # guidance: [uncond, cond] in one call
+
+    def run() -> torch.Tensor:
+        out = sample(job.batch, steps=job.steps, **inputs)
+        synchronize(pipe.device)
+        return out
+
+    benchmark.group = str(job)
+    benchmark.extra_info.update(system=system, job=str(job), network_batch=network_batch,
+                                device=device_label(device_record(pipe.device)))
+    out = benchmark.pedantic(run, rounds=job.rounds, warmup_rounds=1)
+    assert out.shape == (job.batch, *pipe.latent_shape(None, None)) and bool(torch.isfinite(out).all())
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        seconds = benchmark.stats.stats.median
+        benchmark.extra_info.update(ms_per_step=seconds * 1e3 / job.steps, images_per_s=job.batch / seconds)
+        if job.count_flops:  # ddim: one network call per step
+            flops = network_flops(pipe, network_batch) * job.steps
+            benchmark.extra_info["network_tflops_per_s"] = flops / seconds / 1e12
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+@pytest.mark.parametrize("job", EMBEDDED, ids=str)
+def test_embedded(benchmark, job, system):
+    run_job(benchmark, job, system)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("system", SYSTEMS)
+@pytest.mark.parametrize("job", PRESETS, ids=str)
+def test_preset(benchmark, job, system):
+    run_job(benchmark, job, system)

@@ -1,0 +1,254 @@
+"""`blitzdiff bench`: blitzdiff's runtime modes and the diffusers baseline on one checkpoint, sampler and dtype.
+
+For each system (a blitzdiff runtime mode, `Pipeline.compile(mode=...)`, or a diffusers baseline) it measures
+throughput (images/s) over batch sizes at a fixed step count and latency (ms per run and per step) over step counts
+at one batch size, each configuration by `measure.measure` (build call, untimed warm-up with the memory probe,
+median of the timed repeats); for blitzdiff eager also the per-step network / solver / host split from
+blitzdiff.profiling. Every system gets the same initial noise and conditioning (bench.workload). A failing
+non-eager system (a compile error, say) is recorded with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..engine.config import resolve
+from ..engine.pipeline import load
+from ..profiling import profile_sampling, split_summary
+from ..profiling import step_split as per_step_rows
+from .baseline import DiffusersSampler
+from .measure import Measurement, measure, run_record
+from .workload import default_guidance, sample_inputs
+
+# Pipeline.compile modes, measured in this order (eager first); "compile-loop" is mode "compile" with
+# compile_loop=True (the whole loop compiled with the network inlined: compile time grows with the step count).
+MODES = ("eager", "compile", "compile-loop", "step", "graph")
+CUDA_ONLY_MODES = ("step", "graph")  # CUDA graphs
+BASELINES = ("diffusers", "diffusers-compile")
+DTYPES = ("float32", "float16", "bfloat16")
+# What an option left unset means; --quick is a CI-sized smoke run. Default modes that need CUDA are skipped, with
+# a note, on other devices (naming one explicitly there is an error).
+DEFAULTS = {"modes": ("eager", "compile", "graph"), "batches": (1, 4, 16), "steps": (1, 2, 4, 8, 20, 50),
+            "throughput_steps": 20, "latency_batch": 1, "repeats": 5, "baselines": BASELINES}
+QUICK = {"modes": ("eager", "graph"), "batches": (1, 2), "steps": (1, 2), "throughput_steps": 2, "latency_batch": 1,
+         "repeats": 1, "baselines": ("diffusers",)}
+
+Sample = Callable[..., torch.Tensor]  # sample(n, *, steps, **sample_inputs(...)) -> the final sample
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one `blitzdiff bench` run measures. modes / baselines None: the defaults (DEFAULTS, or QUICK)."""
+
+    model: str | None = None
+    sampler: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    modes: tuple[str, ...] | None = None
+    batches: tuple[int, ...] = DEFAULTS["batches"]
+    steps: tuple[int, ...] = DEFAULTS["steps"]
+    throughput_steps: int = DEFAULTS["throughput_steps"]
+    latency_batch: int = DEFAULTS["latency_batch"]
+    guidance: float | None = None
+    repeats: int = DEFAULTS["repeats"]
+    baselines: tuple[str, ...] | None = None
+    quick: bool = False
+
+
+def bench_config(*, quick: bool = False, **options: Any) -> BenchConfig:
+    """A BenchConfig from command-line options; None means the default (QUICK's when quick). Modes and baselines
+    stay None when not given: planned_systems resolves them (a default CUDA-only mode is skipped, not refused)."""
+    defaults = QUICK if quick else DEFAULTS
+    values = {name: value for name, value in defaults.items() if name not in ("modes", "baselines")}
+    values.update({name: tuple(dict.fromkeys(value)) if isinstance(value, list | tuple) else value  # deduplicated
+                   for name, value in options.items() if value is not None})
+    return BenchConfig(quick=quick, **values)
+
+
+def _check_counts(name: str, values: tuple[int, ...]) -> None:
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{name} must be ints >= 1, got {list(values)}")
+
+
+def planned_systems(config: BenchConfig, device: torch.device) -> tuple[list[str], list[str], list[dict]]:
+    """(blitzdiff modes to run, baselines to run, skipped systems with the reason). ValueError on a bad config."""
+    for name, values in (("batch sizes", config.batches), ("step counts", config.steps)):
+        _check_counts(name, values)
+    for name in ("throughput_steps", "latency_batch", "repeats"):
+        _check_counts(name.replace("_", " "), (getattr(config, name),))
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}; allowed: {', '.join(DTYPES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but torch.cuda.is_available() is False")
+    given = config.modes is not None
+    modes = config.modes if given else (QUICK if config.quick else DEFAULTS)["modes"]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"unknown mode(s) {unknown}; allowed: {', '.join(MODES)}")
+    skipped = []
+    if device.type != "cuda":
+        cuda_only = [m for m in modes if m in CUDA_ONLY_MODES]
+        if cuda_only and given:
+            raise ValueError(f"mode(s) {', '.join(cuda_only)} capture CUDA graphs and need --device cuda; on "
+                             f"{device.type} use eager or compile")
+        skipped = [{"name": f"blitzdiff-{m}", "status": "skipped", "reason": f"needs CUDA; the device is {device.type}"}
+                   for m in cuda_only]
+    baselines = config.baselines if config.baselines is not None else (QUICK if config.quick else DEFAULTS)["baselines"]
+    if baselines == ("none",):
+        baselines = ()
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise ValueError(f"unknown baseline(s) {bad}; allowed: {', '.join(BASELINES)}, or none alone")
+    run_modes = [m for m in MODES if m in modes and not (device.type != "cuda" and m in CUDA_ONLY_MODES)]
+    return run_modes, [b for b in BASELINES if b in baselines], skipped
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every system of `config`; returns the results (see README, "Benchmarks": JSON fields)."""
+    device = torch.device(config.device)
+    modes, baselines, systems = planned_systems(config, device)
+    for skipped in systems:
+        log(f"{skipped['name']}: skipped ({skipped['reason']})")
+    pipe = load(config.model, device=device, dtype=config.dtype)
+    sampler = config.sampler or pipe.sampler_name
+    if sampler is None:
+        raise ValueError(f"{pipe.name}'s scheduler class has no blitzdiff sampler: pass --sampler")
+    guidance = default_guidance(pipe) if config.guidance is None else config.guidance
+    check_job(pipe, sampler, guidance)
+    job = Job(pipe, sampler, guidance, config, log)
+    rows: list[dict[str, Any]] = []
+    # The split first: profiling ranges need the plain eager loop, i.e. the pipeline before any compile().
+    step_split = job.step_split() if "eager" in modes else None
+    max_graphs = len({(batch, steps) for _, batch, steps in job.configurations()})  # keep every build in the stats
+    for mode in modes:
+        name, build = f"blitzdiff-{mode}", partial(blitzdiff_sample, pipe, sampler, mode, max_graphs)
+        # eager is the reference: its errors are not caught
+        systems.append(job.sweep(name, build(), rows) if mode == "eager" else job.guarded(name, build, rows))
+        if systems[-1]["status"] == "ok":
+            systems[-1]["runtime_stats"] = pipe.runtime_stats()
+    for baseline in baselines:
+        systems.append(job.guarded(baseline, partial(diffusers_sample, pipe, sampler, baseline), rows))
+    add_speedups(rows)
+    meta = {**run_record(device), "model": pipe.name, "sampler": sampler, "dtype": config.dtype,
+            "guidance_scale": guidance, "latent_shape": list(pipe.latent_shape(None, None)),
+            "batches": list(config.batches), "steps": list(config.steps), "throughput_steps": config.throughput_steps,
+            "latency_batch": config.latency_batch, "repeats": config.repeats, "quick": config.quick,
+            "timing": "wall clock per sampling run, device synchronized before and after; the first call (build) "
+                      "and one warm-up call (peak memory) untimed; median of the repeats"}
+    return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split}
+
+
+def check_job(pipe, sampler: str, guidance: float) -> None:
+    """ValueError now, before anything is measured, for a sampler or guidance scale the pipeline refuses (otherwise
+    every system would fail on it, each recorded as an error)."""
+    resolve(sampler, pipe.scheduler_config)
+    inputs = sample_inputs(pipe, 1, guidance)
+    pipe.conditioning(1, inputs.get("class_labels"), inputs.get("encoder_hidden_states"),
+                      inputs.get("negative_encoder_hidden_states"), guidance)
+
+
+def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int) -> Sample:
+    """pipe.sample's raw output, after switching the pipeline to runtime `mode` (a fresh runtime: nothing built)."""
+    if mode == "compile-loop":
+        pipe.compile(mode="compile", compile_loop=True, max_graphs=max_graphs)
+    else:
+        pipe.compile(mode=mode, max_graphs=max_graphs)
+
+    def sample(n: int, *, steps: int, **inputs: Any) -> torch.Tensor:
+        return pipe.sample(n, steps=steps, sampler=sampler, output_type="raw", progress=False, **inputs)
+
+    return sample
+
+
+def diffusers_sample(pipe, sampler: str, baseline: str) -> Sample:
+    return DiffusersSampler(pipe, sampler, compile=baseline == "diffusers-compile").sample
+
+
+def error_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+@dataclass
+class Job:
+    """One bench run's fixed parts: the pipeline, sampler, guidance scale, config and progress log."""
+
+    pipe: Any
+    sampler: str
+    guidance: float
+    config: BenchConfig
+    log: Callable[[str], None]
+
+    def configurations(self) -> list[tuple[str, int, int]]:
+        """(kind, batch, steps): throughput over the batch sizes, latency over the step counts."""
+        c = self.config
+        return ([("throughput", b, c.throughput_steps) for b in c.batches]
+                + [("latency", c.latency_batch, s) for s in c.steps])
+
+    def sweep(self, name: str, sample: Sample, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Measure `sample` on every configuration, appending one row each (a configuration met twice, e.g. the
+        throughput batch equal to the latency batch, is measured once); returns the system's record."""
+        measured: dict[tuple[int, int], Measurement] = {}
+        build_s = 0.0
+        for kind, batch, steps in self.configurations():
+            if (batch, steps) not in measured:
+                inputs = sample_inputs(self.pipe, batch, self.guidance)
+                run = partial(sample, batch, steps=steps, **inputs)
+                measured[batch, steps] = measure(run, self.pipe.device, self.config.repeats)
+                build_s += measured[batch, steps].build_s
+            rows.append(result_row(name, kind, batch, steps, measured[batch, steps]))
+            self.log(describe_row(rows[-1]))
+        return {"name": name, "status": "ok", "build_s": build_s}
+
+    def guarded(self, name: str, build: Callable[[], Sample], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """sweep(name, build(), rows), with any failure recorded as the system's error (rows measured before it
+        are kept)."""
+        try:
+            return self.sweep(name, build(), rows)
+        except Exception as error:  # a benchmark records what failed and measures the rest
+            self.log(f"{name}: failed ({error_line(error)}); recorded, continuing")
+            return {"name": name, "status": "error", "error": error_line(error)}
+
+    def step_split(self) -> dict[str, Any]:
+        """Network / solver / host ms per step (blitzdiff.profiling) of one run of the plain eager loop (the
+        pipeline without compile(): the runtime has no profiling ranges) at the latency batch and the throughput
+        step count, or the profiler's error."""
+        batch, steps = self.config.latency_batch, self.config.throughput_steps
+        record: dict[str, Any] = {"system": "blitzdiff-eager", "batch": batch, "steps": steps}
+        try:
+            result = profile_sampling(self.pipe, batch, steps=steps, sampler=self.sampler,
+                                      **sample_inputs(self.pipe, batch, self.guidance))
+        except Exception as error:  # the split is one figure among many
+            return {**record, "error": error_line(error)}
+        return {**record, "clock": "device time" if result.on_device else "wall time",
+                "median": split_summary(result), "per_step": per_step_rows(result)}
+
+
+def result_row(system: str, kind: str, batch: int, steps: int, m: Measurement) -> dict[str, Any]:
+    median = m.median_ms
+    return {"system": system, "kind": kind, "batch": batch, "steps": steps, "median_ms": median,
+            "ms_per_step": median / steps, "images_per_s": batch / (median / 1e3), "times_ms": list(m.times_ms),
+            "first_call_ms": m.first_call_ms, "build_s": m.build_s, "peak_memory_bytes": m.peak_memory_bytes,
+            "peak_total_bytes": m.peak_total_bytes}
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    return (f"{row['system']:<18} {row['kind']:<10} batch {row['batch']:>4} steps {row['steps']:>4}: "
+            f"{row['median_ms']:10.2f} ms {row['images_per_s']:9.1f} images/s, "
+            f"first call {row['first_call_ms']:.0f} ms")
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Each blitzdiff row gets speedup[baseline] = the baseline's median / its own, where the baseline measured the
+    same (kind, batch, steps)."""
+    medians = {(r["system"], r["kind"], r["batch"], r["steps"]): r["median_ms"] for r in rows
+               if r["system"] in BASELINES}
+    for row in rows:
+        if row["system"].startswith("blitzdiff-"):
+            row["speedup"] = {b: medians[b, row["kind"], row["batch"], row["steps"]] / row["median_ms"]
+                              for b in BASELINES if (b, row["kind"], row["batch"], row["steps"]) in medians}
