@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--class", dest="classes", type=int, nargs="+", default=None,
                         help="class label(s) for a class-conditional model (default: 0, 1, 2, ... cycling)")
     sample.add_argument("--output", default="samples.png", help="PNG file to write (default samples.png)")
+    sample.add_argument("--mode", choices=["eager", "compile", "step", "graph"], default=None,
+                        help="run through Pipeline.compile(mode): a first call builds (compile / CUDA graph "
+                        "capture), a second one is timed (default: the plain eager loop, one call)")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     info = commands.add_parser("info", help="describe a checkpoint folder or file")
@@ -107,18 +110,26 @@ def run_sample(args) -> None:
     labels = _labels(pipe, args.n, args.classes)
     kwargs = dict(steps=args.steps, sampler=args.sampler, seeds=args.seed, class_labels=labels,
                   guidance_scale=args.guidance, progress=not args.no_progress)
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    raw = pipe.sample(args.n, output_type="raw", **kwargs)
-    if raw.device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+
+    def timed_sample():
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        raw = pipe.sample(args.n, output_type="raw", **kwargs)
+        if raw.device.type == "cuda":
+            torch.cuda.synchronize()
+        return raw, time.perf_counter() - start
+
+    note = "first call, includes warm-up"
+    if args.mode is not None:
+        pipe.compile(args.mode)
+        _, build = timed_sample()
+        note = f"mode {args.mode}, second call; the first, with the build, took {build:.2f} s"
+    raw, elapsed = timed_sample()
     images = blitzdiff.engine.pipeline.to_pil(pipe.decode(raw).permute(0, 2, 3, 1).cpu().numpy())
     grid(images).save(args.output)
     print(f"{pipe.name}: {args.n} samples, {args.steps} steps of {args.sampler or pipe.sampler_name} on {args.device}: "
-          f"{elapsed / args.steps * 1e3:.2f} ms/step, {args.n / elapsed:.1f} images/s (first call, includes warm-up)"
-          f" -> {args.output}")
+          f"{elapsed / args.steps * 1e3:.2f} ms/step, {args.n / elapsed:.1f} images/s ({note}) -> {args.output}")
 
 
 def run_info(args) -> None:

@@ -34,6 +34,17 @@ def test_sample_unet_with_sampler_and_seed(tmp_path, capsys):
     assert "ddim" in capsys.readouterr().out
 
 
+def test_sample_through_a_runtime_mode_gives_the_same_grid(tmp_path, capsys):
+    plain, bucketed = tmp_path / "plain.png", tmp_path / "eager.png"
+    args = ["sample", "--model", "unet-digits", "--steps", "2", "-n", "3", "--no-progress"]
+    assert main([*args, "--output", str(plain)]) == 0
+    assert main([*args, "--output", str(bucketed), "--mode", "eager"]) == 0  # padded to bucket 4
+    assert Image.open(plain).tobytes() == Image.open(bucketed).tobytes()
+    assert "mode eager, second call; the first, with the build, took" in capsys.readouterr().out
+    assert main([*args, "--mode", "graph"]) == 2  # CUDA graphs on the CPU: one-line error
+    assert "needs the pipeline on a CUDA device" in capsys.readouterr().err
+
+
 def test_info_describes_an_embedded_model(capsys):
     assert main(["info", "dit-digits"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -116,6 +116,7 @@ class Program:
         self.postprocess = postprocessing(config)
         self.noise_backend = resolve_noise_backend("auto", device, torch.float32)
         self.states: list[torch.Tensor] = []  # step mode: the state after each stage (static)
+        self.stage_state: dict[str, PlanRun] = {}  # step mode: the PlanRun the stage graphs were captured from
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.noise, self.seeds, *self.denoiser.cond.values()))
         self.hits = 0
@@ -155,8 +156,10 @@ class Program:
             torch.cuda.synchronize(self.device)
 
     def _stage_parts(self) -> list:
-        """One callable per stage for step mode; each returns (state after the stage, the final result or None)."""
-        holder: dict[str, PlanRun] = {}
+        """One callable per stage for step mode; each returns (state after the stage, the final result or None).
+        The loop state lives in self.stage_state, so the tensors one stage's graph hands the next (state, history,
+        points) stay allocated for as long as the graphs do."""
+        holder = self.stage_state = {}
         last = len(self.plan.stages) - 1
 
         def part(k: int):
