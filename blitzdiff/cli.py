@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-batch", type=int, help="batch size of the latency runs (default 1)")
     bench.add_argument("--repeats", type=int, help="timed runs per configuration, median reported (default 5)")
     bench.add_argument("--baseline", nargs="+", help="diffusers, diffusers-compile (default both), or none")
+    bench.add_argument("--channels-last", action="store_true", help="blitzdiff modes with the network's weights "
+                       "channels-last (Pipeline.compile(channels_last=True)); baselines as loaded")
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.add_argument("--plots", help="write latency-vs-steps and throughput-vs-batch PNGs into this folder")
     bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "
@@ -166,7 +168,8 @@ def run_bench(args) -> None:
     config = bench.bench_config(
         quick=args.quick, model=args.model, sampler=args.sampler, device=args.device, dtype=args.dtype,
         modes=args.modes, batches=args.batches, steps=args.steps, throughput_steps=args.throughput_steps,
-        latency_batch=args.latency_batch, guidance=args.guidance, repeats=args.repeats, baselines=args.baseline)
+        latency_batch=args.latency_batch, guidance=args.guidance, repeats=args.repeats, baselines=args.baseline,
+        channels_last=args.channels_last)
     results = bench.run_bench(config)
     print("\n" + bench.format_results(results))
     if args.json:

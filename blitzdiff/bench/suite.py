@@ -58,6 +58,7 @@ class BenchConfig:
     repeats: int = DEFAULTS["repeats"]
     baselines: tuple[str, ...] | None = None
     quick: bool = False
+    channels_last: bool = False  # blitzdiff modes only: Pipeline.compile(channels_last=True)
 
 
 def bench_config(*, quick: bool = False, **options: Any) -> BenchConfig:
@@ -126,7 +127,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     step_split = job.step_split() if "eager" in modes else None
     max_graphs = len({(batch, steps) for _, batch, steps in job.configurations()})  # keep every build in the stats
     for mode in modes:
-        name, build = f"blitzdiff-{mode}", partial(blitzdiff_sample, pipe, sampler, mode, max_graphs)
+        name, build = f"blitzdiff-{mode}", partial(blitzdiff_sample, pipe, sampler, mode, max_graphs,
+                                                        config.channels_last)
         # eager is the reference: its errors are not caught
         systems.append(job.sweep(name, build(), rows) if mode == "eager" else job.guarded(name, build, rows))
         if systems[-1]["status"] == "ok":
@@ -138,6 +140,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             "guidance_scale": guidance, "latent_shape": list(pipe.latent_shape(None, None)),
             "batches": list(config.batches), "steps": list(config.steps), "throughput_steps": config.throughput_steps,
             "latency_batch": config.latency_batch, "repeats": config.repeats, "quick": config.quick,
+            "channels_last": config.channels_last,
             "timing": "wall clock per sampling run, device synchronized before and after; the first call (build) "
                       "and one warm-up call (peak memory) untimed; median of the repeats"}
     return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split}
@@ -152,12 +155,13 @@ def check_job(pipe, sampler: str, guidance: float) -> None:
                       inputs.get("negative_encoder_hidden_states"), guidance)
 
 
-def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int) -> Sample:
+def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int, channels_last: bool = False) -> Sample:
     """pipe.sample's raw output, after switching the pipeline to runtime `mode` (a fresh runtime: nothing built)."""
+    options = {"max_graphs": max_graphs, "channels_last": channels_last}
     if mode == "compile-loop":
-        pipe.compile(mode="compile", compile_loop=True, max_graphs=max_graphs)
+        pipe.compile(mode="compile", compile_loop=True, **options)
     else:
-        pipe.compile(mode=mode, max_graphs=max_graphs)
+        pipe.compile(mode=mode, **options)
 
     def sample(n: int, *, steps: int, **inputs: Any) -> torch.Tensor:
         return pipe.sample(n, steps=steps, sampler=sampler, output_type="raw", progress=False, **inputs)

@@ -156,6 +156,14 @@ def test_compile_mode_matches_eager():
     assert entry["hits"] == 2 and entry["build_s"] > 0
 
 
+def test_channels_last_weights_match_eager():
+    reference = run(tiny_pipeline(), 3, guidance_scale=2.0)
+    pipe = tiny_pipeline().compile("eager", buckets=(4,), channels_last=True)
+    weights = [p for p in pipe.model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert relative(run(pipe, 3, guidance_scale=2.0), reference) < 1e-5
+
+
 def test_compile_loop_matches_eager():
     reference = run(tiny_pipeline(), 2, steps=2)
     pipe = tiny_pipeline().compile("compile", buckets=(2,), compile_loop=True)
@@ -182,6 +190,19 @@ def test_callback_in_bucketed_eager_sees_every_evaluation():
     seen = []
     run(tiny_pipeline().compile("eager", buckets=(4,)), 3, callback=lambda i, t, x: seen.append((i, tuple(x.shape))))
     assert seen == [(i, (8, 2, 8, 8)) for i in range(4)]  # guided (4.0, the DiT default): [uncond; cond] of bucket 4
+
+
+def test_step_parts_in_order_equal_the_whole_loop():
+    # What step mode captures, one graph per part, run here without capture: the parts must chain into the loop.
+    pipe = tiny_pipeline().compile("eager", buckets=(4,))
+    whole = run(pipe, 3, steps=3, sampler="heun")  # heun: stages without an update, and a point combination
+    program = next(iter(pipe.runtime.programs.values()))
+    with torch.inference_mode():
+        results = [part() for part in program._stage_parts()]
+    assert len(results) == len(program.plan.stages) == 5 and all(done is None for _, done in results[:-1])
+    out, flags, timesteps = results[-1][1]
+    assert torch.equal(out[:3], whole) and flags.shape == (5, 8) and timesteps.shape == (5,)
+    assert torch.equal(results[-1][0], program.stage_state["run"].x)
 
 
 # -- CUDA graphs (need a GPU) ---------------------------------------------------------------------------------------
