@@ -254,7 +254,9 @@ class Pipeline:
         initial noise [n, C, h, w] instead (float32). guidance_scale: None means 4.0 for a class-conditional model
         trained with a null class (diffusers' DiTPipeline default), else 1.0. output_type: "pil" (list of images),
         "numpy" (float32 [n, H, W, C] in [0, 1]), "tensor" (float32 [n, C, H, W] in [0, 1]) or "raw" (the loop's
-        final sample, before decoding). callback(i, t, x_in) runs before network evaluation i.
+        final sample, before decoding). callback(i, t, x_in) runs before network evaluation i (after
+        compile(mode="step"): callback(stage, t, state after the stage) between the stages' graphs; refused in
+        mode "graph").
         on_non_finite: what to do when the network returned NaN / Inf at some evaluation (checked once, after the
         loop): "raise" (NonFiniteOutput naming the first such evaluation and its timestep) or "retry" (run again
         with a float32 copy of the network when it is in float16 / bfloat16, then raise if that fails too).
