@@ -1,7 +1,7 @@
-"""Shared pytest hooks.
+"""pytest hooks shared by the tests (tests/) and the benchmark suites (benchmarks/): this file sits above both.
 
 Triton runs compiled on a usable CUDA GPU, else in its CPU interpreter: TRITON_INTERPRET=1 is set here, in the
-top-level conftest, because Triton reads it when it is first imported (its language functions are decorated for
+repository's root conftest, because Triton reads it when it is first imported (its language functions are decorated for
 the interpreter or the compiler then), and test modules anywhere in the tree may import it indirectly while being
 collected (diffusers does). On a GPU the variable is left as it is. Tests read the mode through
 blitzdiff.kernels._backends.triton_interpreted().
