@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from collections.abc import Sequence
 
 MIN_TILE = 64  # pixels: tiny images (the embedded models are 16x16) are enlarged in the grid, nearest-neighbour
@@ -104,30 +103,26 @@ def grid(images: list) -> object:
 
 
 def run_sample(args) -> None:
-    import torch
-
     import blitzdiff
+    from blitzdiff.bench.measure import timed_ms
 
     pipe = blitzdiff.load(args.model, device=args.device)
     labels = _labels(pipe, args.n, args.classes)
     kwargs = dict(steps=args.steps, sampler=args.sampler, seeds=args.seed, class_labels=labels,
                   guidance_scale=args.guidance, progress=not args.no_progress)
 
-    def timed_sample():
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        raw = pipe.sample(args.n, output_type="raw", **kwargs)
-        if raw.device.type == "cuda":
-            torch.cuda.synchronize()
-        return raw, time.perf_counter() - start
+    result = {}
+
+    def sample() -> None:
+        result["raw"] = pipe.sample(args.n, output_type="raw", **kwargs)
 
     note = "first call, includes warm-up"
     if args.mode is not None:
         pipe.compile(args.mode)
-        _, build = timed_sample()
-        note = f"mode {args.mode}, second call; the first, with the build, took {build:.2f} s"
-    raw, elapsed = timed_sample()
+        build_s = timed_ms(sample, pipe.device) / 1e3
+        note = f"mode {args.mode}, second call; the first, with the build, took {build_s:.2f} s"
+    elapsed = timed_ms(sample, pipe.device) / 1e3
+    raw = result["raw"]
     images = blitzdiff.engine.pipeline.to_pil(pipe.decode(raw).permute(0, 2, 3, 1).cpu().numpy())
     grid(images).save(args.output)
     print(f"{pipe.name}: {args.n} samples, {args.steps} steps of {args.sampler or pipe.sampler_name} on {args.device}: "

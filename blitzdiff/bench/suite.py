@@ -23,7 +23,7 @@ from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler
 from .measure import Measurement, measure, run_record
-from .workload import default_guidance, sample_inputs
+from .workload import sample_inputs
 
 # Pipeline.compile modes, measured in this order (eager first); "compile-loop" is mode "compile" with
 # compile_loop=True (the whole loop compiled with the network inlined: compile time grows with the step count).
@@ -119,7 +119,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     sampler = config.sampler or pipe.sampler_name
     if sampler is None:
         raise ValueError(f"{pipe.name}'s scheduler class has no blitzdiff sampler: pass --sampler")
-    guidance = default_guidance(pipe) if config.guidance is None else config.guidance
+    guidance = pipe.default_guidance_scale if config.guidance is None else config.guidance
     check_job(pipe, sampler, guidance)
     job = Job(pipe, sampler, guidance, config, log)
     rows: list[dict[str, Any]] = []

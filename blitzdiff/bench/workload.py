@@ -9,12 +9,6 @@ import torch
 from ..profiling import prompt_embeddings
 
 
-def default_guidance(pipe) -> float:
-    """Pipeline.sample's default guidance scale: 4.0 for a model trained with a null class (diffusers' DiTPipeline
-    default), else 1.0 (unguided)."""
-    return 4.0 if pipe.kind.null_class is not None else 1.0
-
-
 def sample_inputs(pipe, n: int, guidance_scale: float, *, seed: int = 0) -> dict[str, Any]:
     """Keyword arguments of `pipe.sample(n, steps=..., **inputs)` that the diffusers baseline takes too: unit
     initial noise [n, C, h, w] (float32, drawn on the CPU from `seed`, so every device gets the same numbers), class

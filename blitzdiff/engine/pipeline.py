@@ -213,6 +213,12 @@ class Pipeline:
         return cond, uncond
 
     @property
+    def default_guidance_scale(self) -> float:
+        """What guidance_scale=None means: 4.0 for a model trained with a null class (diffusers' DiTPipeline
+        default), else 1.0 (unguided)."""
+        return 4.0 if self.kind.null_class is not None else 1.0
+
+    @property
     def num_classes(self) -> int:
         config = self.model.config
         return config["num_embeds_ada_norm"] if "num_embeds_ada_norm" in config else config["num_class_embeds"]
@@ -270,7 +276,7 @@ class Pipeline:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if guidance_scale is None:
-            guidance_scale = 4.0 if self.kind.null_class is not None else 1.0
+            guidance_scale = self.default_guidance_scale
         device = self.device
         seed_values = seed_tensor(seeds, n, device)
         shape = self.latent_shape(height, width)

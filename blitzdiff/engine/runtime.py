@@ -264,15 +264,14 @@ class Runtime:
         config = resolve(request.sampler, pipe.scheduler_config)
         guided = request.guidance_scale != 1.0
         n = request.noise.shape[0]
+        scheduler = json.dumps({"class": config.class_name, **config.fields}, sort_keys=True, default=str)
+        cond = tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(request.cond.items()))
         outputs, bad = [], None
         for start in range(0, n, self.buckets[-1]):
             stop = min(n, start + self.buckets[-1])
-            key = ProgramKey(
-                batch=choose_bucket(stop - start, self.buckets), shape=tuple(request.noise.shape[1:]),
-                dtype=pipe.dtype, scheduler=json.dumps({"class": config.class_name, **config.fields}, sort_keys=True,
-                                                       default=str),
-                sampler=config.name, steps=request.steps, eta=request.eta, guided=guided,
-                cond=tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(request.cond.items())))
+            key = ProgramKey(batch=choose_bucket(stop - start, self.buckets), shape=tuple(request.noise.shape[1:]),
+                             dtype=pipe.dtype, scheduler=scheduler, sampler=config.name, steps=request.steps,
+                             eta=request.eta, guided=guided, cond=cond)
             program = self.program(key, config, pipe)
             program.load(request, start, stop)
             out, flags, timesteps = program.run(callback, progress, stop - start)
