@@ -9,6 +9,7 @@ wrapper, outside the sampling loop (which stays sync-free).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,10 @@ class Pipeline:
         vae: torch.nn.Module | None = None,
         *,
         name: str = "",
+        guidance_scale: float | None = None,
     ):
         self.model = model.eval()
+        self.recommended_guidance_scale = guidance_scale  # a folder's own default (model_index.json), or None
         self.scheduler_config = dict(scheduler_config)
         self.vae = vae.eval() if vae is not None else None
         self.kind = model_kind(model)
@@ -214,8 +217,11 @@ class Pipeline:
 
     @property
     def default_guidance_scale(self) -> float:
-        """What guidance_scale=None means: 4.0 for a model trained with a null class (diffusers' DiTPipeline
-        default), else 1.0 (unguided)."""
+        """What guidance_scale=None means: the folder's recommendation (model_index.json's
+        "_blitzdiff_guidance_scale", which the embedded models carry), else 4.0 for a model trained with a null class
+        (diffusers' DiTPipeline default), else 1.0 (unguided)."""
+        if self.recommended_guidance_scale is not None:
+            return self.recommended_guidance_scale
         return 4.0 if self.kind.null_class is not None else 1.0
 
     @property
@@ -374,17 +380,31 @@ def load(
     options = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle}
     folder_config: dict[str, Any] | None = {"_class_name": "DDPMScheduler"}
     vae_path = None if vae is None else Path(vae)
+    guidance = None
     if path.is_dir() and (path / "model_index.json").is_file():
         files = read_pipeline(path)
         model = load_model(files.denoiser, **options)
         folder_config = files.scheduler_config
         vae_path = files.vae if vae_path is None else vae_path
+        guidance = recommended_guidance(files.model_index, path)
     else:
         model = load_model(path, **options)
     if scheduler_config is not None:
         folder_config = read_config(scheduler_config)
     decoder = None if vae_path is None else load_model(vae_path, **options)
-    return Pipeline(model, folder_config, decoder, name=path.name)
+    return Pipeline(model, folder_config, decoder, name=path.name, guidance_scale=guidance)
+
+
+def recommended_guidance(model_index: dict[str, Any], folder: Path) -> float | None:
+    """A pipeline folder's default guidance scale (model_index.json "_blitzdiff_guidance_scale"; diffusers ignores
+    keys starting with "_"), or None."""
+    value = model_index.get("_blitzdiff_guidance_scale")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{folder / 'model_index.json'}: _blitzdiff_guidance_scale must be a finite number, "
+                         f"got {value!r}")
+    return float(value)
 
 
 def _progress_bar(progress: bool):

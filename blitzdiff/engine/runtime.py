@@ -18,6 +18,7 @@ while in-place weight updates (Pipeline.load_weights) are seen by every Program 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -99,7 +100,7 @@ class Program:
     """One bucket key's static buffers and the loop over them, built for one mode."""
 
     def __init__(self, key: ProgramKey, config: SchedulerConfig, network: torch.nn.Module, channels: int,
-                 device: torch.device, mode: str, compile_loop: bool, pool: Any):
+                 device: torch.device, mode: str, compile_loop: bool, pool: Any, lock: threading.Lock):
         batch = key.batch
         self.key, self.mode, self.device = key, mode, device
         self.plan = build_plan(config, key.steps, eta=key.eta)
@@ -120,8 +121,18 @@ class Program:
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.noise, self.seeds, *self.denoiser.cond.values()))
         self.hits = 0
+        self.build_s: float | None = None  # set by build(), which runs on the first request, under `lock`
+        self.compile_loop, self.pool = compile_loop, pool
+        # Held from loading a request's rows into the buffers until its results are copied out. In graph / step
+        # modes it is the Runtime's one lock (every capture and replay shares the memory pool), else this entry's.
+        self.lock = lock
+
+    def build(self) -> None:
+        """Compile or capture the loop (once; the caller holds `lock`)."""
+        if self.build_s is not None:
+            return
         start = time.perf_counter()
-        self._build(compile_loop, pool)
+        self._build(self.compile_loop, self.pool)
         self.build_s = time.perf_counter() - start
 
     # -- the loop over the static buffers ------------------------------------------------------------------------
@@ -190,6 +201,18 @@ class Program:
         if self.key.guided:
             self.guidance.fill_(request.guidance_scale)
 
+    def serve(self, request: Request, start: int, stop: int, callback: Callback | None,
+              progress: Any) -> tuple[torch.Tensor, tuple[int, float] | None]:
+        """Rows start:stop of the request, run in this entry: (their final samples, a copy [rows, ...], and the first
+        non-finite evaluation among them or None). Holds `lock` throughout, so concurrent requests never share the
+        static buffers."""
+        rows = stop - start
+        with self.lock:
+            self.build()
+            self.load(request, start, stop)
+            out, flags, timesteps = self.run(callback, progress, rows)
+            return out[:rows].clone(), first_non_finite(flags, timesteps, self.key.batch, rows)
+
     def run(self, callback: Callback | None, progress: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]:
         """Run the loop on the loaded buffers: (final sample [B, ...], flags [E, B'], timesteps [E]). In step mode
@@ -214,7 +237,14 @@ class Program:
 
 
 class Runtime:
-    """The Programs of one pipeline in one mode: an LRU cache of at most max_graphs entries, one memory pool."""
+    """The Programs of one pipeline in one mode: an LRU cache of at most max_graphs entries, one memory pool.
+
+    Threads: `lock` guards the cache (entries, LRU order, evictions, the compiled network, the pool); it is held only
+    to look up or insert an entry, never while a loop runs. Each entry serializes its own requests (Program.lock):
+    requests of different keys run in parallel in eager / compile modes. In graph / step modes every entry shares
+    `replay_lock`, because all captures and replays use one memory pool (a graph's intermediates are free memory
+    to the next capture), so one graph runs at a time.
+    """
 
     def __init__(self, mode: str, buckets: Sequence[int], max_graphs: int, compile_loop: bool):
         self.mode, self.buckets, self.max_graphs, self.compile_loop = mode, tuple(buckets), max_graphs, compile_loop
@@ -223,36 +253,48 @@ class Runtime:
         self.signature: tuple | None = None
         self.network: torch.nn.Module | None = None
         self.pool: Any = None
+        self.lock = threading.Lock()
+        self.replay_lock = threading.Lock() if mode in GRAPH_MODES else None
 
     def _check_model(self, model: torch.nn.Module, scheduler_config: Mapping) -> None:
-        """Empty the cache when the weights' storage, the model or the scheduler config changed since the build."""
+        """Empty the cache when the weights' storage, the model or the scheduler config changed since the build
+        (the caller holds `lock`)."""
         signature = (id(model), json.dumps(scheduler_config, sort_keys=True, default=str),
                      tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
         if signature != self.signature:
-            self.clear()
+            self._clear()
             self.signature = signature
             self.network = torch.compile(model, dynamic=False) if self.mode == "compile" else model
 
     def clear(self) -> None:
-        """Drop every Program (their graphs, buffers and compiled code references)."""
+        """Drop every Program (their graphs, buffers and compiled code references); requests running in other
+        threads finish on the entries they hold."""
+        with self.lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self.programs.clear()
         self.network = None
         self.signature = None
 
     def program(self, key: ProgramKey, config: SchedulerConfig, pipe: Any) -> Program:
-        if key in self.programs:
-            self.programs.move_to_end(key)
-            return self.programs[key]
-        if len(self.programs) >= self.max_graphs:
-            self.programs.popitem(last=False)
-            self.evictions += 1
-        if self.mode in GRAPH_MODES and self.pool is None:
-            self.pool = graphs.new_pool()
-        network = pipe.model if self.compile_loop else self.network
-        program = Program(key, config, network, pipe.kind.prediction_channels, pipe.device, self.mode,
-                          self.compile_loop, self.pool)
-        self.programs[key] = program
-        return program
+        """The cached entry of `key`, or a new one (not yet built: Program.serve builds it under its own lock, so a
+        long compile never blocks the other keys)."""
+        with self.lock:
+            self._check_model(pipe.model, pipe.scheduler_config)
+            if key in self.programs:
+                self.programs.move_to_end(key)
+                return self.programs[key]
+            if len(self.programs) >= self.max_graphs:
+                self.programs.popitem(last=False)
+                self.evictions += 1
+            if self.mode in GRAPH_MODES and self.pool is None:
+                self.pool = graphs.new_pool()
+            network = pipe.model if self.compile_loop else self.network
+            program = Program(key, config, network, pipe.kind.prediction_channels, pipe.device, self.mode,
+                              self.compile_loop, self.pool, self.replay_lock or threading.Lock())
+            self.programs[key] = program
+            return program
 
     def sample(self, pipe: Any, request: Request, callback: Callback | None,
                progress: Any) -> tuple[torch.Tensor, tuple[int, float] | None]:
@@ -260,7 +302,6 @@ class Runtime:
         if callback is not None and (self.mode == "graph" or self.compile_loop):
             raise ValueError("a callback needs the loop to stop between steps: use mode='step' (CUDA), 'eager' or "
                              "'compile' without compile_loop")
-        self._check_model(pipe.model, pipe.scheduler_config)
         config = resolve(request.sampler, pipe.scheduler_config)
         guided = request.guidance_scale != 1.0
         n = request.noise.shape[0]
@@ -272,20 +313,21 @@ class Runtime:
             key = ProgramKey(batch=choose_bucket(stop - start, self.buckets), shape=tuple(request.noise.shape[1:]),
                              dtype=pipe.dtype, scheduler=scheduler, sampler=config.name, steps=request.steps,
                              eta=request.eta, guided=guided, cond=cond)
-            program = self.program(key, config, pipe)
-            program.load(request, start, stop)
-            out, flags, timesteps = program.run(callback, progress, stop - start)
-            outputs.append(out[: stop - start].clone())
-            bad = bad or first_non_finite(flags, timesteps, key.batch, stop - start)
+            out, chunk_bad = self.program(key, config, pipe).serve(request, start, stop, callback, progress)
+            outputs.append(out)
+            if bad is None and chunk_bad is not None:  # evaluation indices are per chunk; the first chunk's wins
+                bad = chunk_bad
         return torch.cat(outputs), bad
 
     def stats(self) -> dict[str, Any]:
         """Mode, buckets, and per cached Program: its key (described, and batch / sampler / steps / guided), build
-        (compile / capture) seconds, bytes (static buffers plus, for graphs, the memory the capture reserved in the
-        shared pool) and hits."""
+        (compile / capture) seconds (None while its first request builds it), bytes (static buffers plus, for
+        graphs, the memory the capture reserved in the shared pool) and hits."""
+        with self.lock:
+            programs = list(self.programs.values())
         entries = [{"key": p.key.describe(), "batch": p.key.batch, "sampler": p.key.sampler, "steps": p.key.steps,
                     "guided": p.key.guided, "build_s": p.build_s, "bytes": p.nbytes, "hits": p.hits}
-                   for p in self.programs.values()]  # least recently used first
+                   for p in programs]  # least recently used first
         return {"mode": self.mode, "buckets": list(self.buckets), "max_graphs": self.max_graphs,
                 "compile_loop": self.compile_loop, "entries": entries,
                 "bytes": sum(e["bytes"] for e in entries), "evictions": self.evictions}

@@ -7,7 +7,10 @@ reuse the built entry.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -91,12 +94,46 @@ def test_new_inputs_reuse_the_entry():
     assert entry["hits"] == 3 and "guided" in entry["key"]
 
 
-def test_lru_cache_is_bounded():
+def test_lru_cache_is_bounded_and_evicts_the_least_recently_used():
     pipe = tiny_pipeline().compile("eager", buckets=(1, 2, 4), max_graphs=2)
-    for steps in (2, 3, 4, 2):
+    for steps in (2, 3, 2, 4):  # 2 is used again before 4 arrives: 3, not the older 2, must go
         run(pipe, 1, steps=steps)
     stats = pipe.runtime_stats()
-    assert stats["evictions"] == 2 and [e["steps"] for e in stats["entries"]] == [4, 2]
+    assert stats["evictions"] == 1 and [e["steps"] for e in stats["entries"]] == [2, 4]
+    assert [e["hits"] for e in stats["entries"]] == [2, 1]
+
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("mode", [None, "eager"])
+def test_repeated_calls_hold_no_memory(mode):
+    pipe = tiny_pipeline()
+    if mode is not None:
+        pipe.compile(mode, buckets=(4,))
+    for _ in range(3):  # warm-up: the entry, allocator caches
+        run(pipe, 3, sampler="euler_ancestral")
+    tensors, rss = live_tensors(), rss_bytes()
+    for _ in range(100):
+        run(pipe, 3, sampler="euler_ancestral")
+    assert live_tensors() == tensors  # no tensor outlives its call (e.g. per-evaluation flags kept across runs)
+    assert rss_bytes() - rss < 32 * 2**20
+
+
+def test_evicted_entries_are_released():
+    pipe = tiny_pipeline().compile("eager", buckets=(4,), max_graphs=1)
+    run(pipe, 3, steps=2)
+    first = weakref.ref(pipe.runtime.programs[next(iter(pipe.runtime.programs))])
+    run(pipe, 3, steps=3)  # evicts the first entry
+    gc.collect()
+    assert first() is None and pipe.runtime_stats()["evictions"] == 1
 
 
 def _save_checkpoint(model: torch.nn.Module, folder: Path) -> Path:
@@ -138,6 +175,26 @@ class NaNAfter(torch.nn.Module):
         self.calls += 1
         out = self.inner(x, t, **cond)
         return out * float("nan") if self.calls > self.bad_from else out
+
+
+class NaNWhereZero(torch.nn.Module):
+    """Wraps a model; rows whose input is all zero (bucket padding: zero noise) come out NaN."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config, self.diffusers_class = inner, inner.config, inner.diffusers_class
+
+    def forward(self, x, t, **cond):
+        zero = (x.flatten(1) == 0).all(1).reshape(-1, *[1] * (x.dim() - 1))
+        return self.inner(x, t, **cond).masked_fill(zero, float("nan"))
+
+
+def test_non_finite_padding_does_not_fail_real_samples():
+    pipe = blitzdiff.Pipeline(NaNWhereZero(tiny_model()), SCHEDULER).compile("eager", buckets=(4,))
+    out = run(pipe, 3, guidance_scale=2.0)  # padding row 3 is NaN at every evaluation; rows 0-2 are not
+    assert torch.isfinite(out).all() and relative(out, run(tiny_pipeline(), 3, guidance_scale=2.0)) < 1e-5
+    with pytest.raises(NonFiniteOutput, match="evaluation 0"):  # a real all-zero input row is reported
+        run(pipe, 3, noise=torch.zeros(3, 2, 8, 8))
 
 
 def test_non_finite_guard_through_the_runtime():
@@ -219,6 +276,21 @@ def test_graph_replay_equals_the_eager_loop(mode):
         assert relative(run(pipe, 3, seeds=seeds, class_labels=labels, guidance_scale=scale), expected) < 1e-5
     (entry,) = pipe.runtime_stats()["entries"]
     assert entry["hits"] == 3 and entry["bytes"] > 0
+    chunked = run(pipe, 6, guidance_scale=2.0)  # two chunks: 4 in the built entry, then 2 padded to 4
+    assert relative(chunked, run(tiny_pipeline(device="cuda"), 6, guidance_scale=2.0)) < 1e-5
+    assert pipe.runtime_stats()["entries"][0]["hits"] == 5
+
+
+@CUDA
+def test_evicted_graphs_release_their_memory():
+    pipe = tiny_pipeline(device="cuda").compile("graph", buckets=(4,), max_graphs=1)
+    run(pipe, 3, steps=2)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    for steps in (3, 4, 5, 2, 3):  # every call evicts the previous entry
+        run(pipe, 3, steps=steps)
+    torch.cuda.synchronize()
+    assert pipe.runtime_stats()["evictions"] == 5 and torch.cuda.memory_allocated() <= baseline
 
 
 @CUDA
