@@ -37,7 +37,8 @@ def assert_parity(noise, config, steps):
     assert relative_error(ours, stock) < 1e-5 and relative_error(ours, exact) < 1e-10
 
 
-# final_sigmas_type="zero" (the default) makes diffusers return NaN with bh1 or predict_x0=False: those use sigma_min
+# final_sigmas_type="zero" (the default) makes diffusers return NaN with bh1 or predict_x0=False: parity runs those
+# with sigma_min; blitzdiff's limit at sigma 0 is tested in test_unipc_limit.py
 SOLVERS = {
     "bh2-2": {},
     "bh2-3": {"solver_order": 3},
@@ -142,8 +143,8 @@ def test_unipc_history_is_bounded(config, predict_x0):
     """solver_order + 1 estimates at any number of steps, also for noise prediction (its eps_j are read from the
     kept evaluation points)."""
     config = {**config, "predict_x0": predict_x0}
-    if not predict_x0:  # diffusers returns NaN at a final sigma of 0 and ignores thresholding: both are refused
-        config = {**config, "final_sigmas_type": "sigma_min", "thresholding": False}
+    if not predict_x0:  # diffusers ignores thresholding there: refused
+        config = {**config, "thresholding": False}
     plan = build_plan(resolve("unipc", config), 200)
     assert plan.history == resolve("unipc", config).solver_order + 1 <= 4
 
@@ -151,9 +152,8 @@ def test_unipc_history_is_bounded(config, predict_x0):
 @pytest.mark.parametrize(
     "config, match",
     [
-        ({"solver_type": "bh1"}, "bh1"),
-        ({"predict_x0": False}, "predict_x0"),
         ({"lower_order_final": False}, "lower_order_final"),
+        ({"lower_order_final": False, "solver_type": "bh1", "predict_x0": False}, "no finite last step"),
         ({"thresholding": True, "predict_x0": False, "final_sigmas_type": "sigma_min"}, "thresholding"),
         ({"disable_corrector": "0"}, "disable_corrector"),
         ({"timestep_spacing": "leading", "num_train_timesteps": 10}, "repeats a noise level"),

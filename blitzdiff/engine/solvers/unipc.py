@@ -59,25 +59,18 @@ def unipc_schedule(config: SchedulerConfig, steps: int) -> tuple[np.ndarray, np.
 
 
 def _check(config: SchedulerConfig, steps: int) -> None:
-    """Refuse the configurations where diffusers' own UniPC returns NaN / inf or ignores a field."""
+    """Refuse the configurations without a finite update (diffusers returns NaN / inf there too) and the fields
+    diffusers ignores."""
     disabled = config.disable_corrector
     if not isinstance(disabled, Sequence) or not all(isinstance(i, int) for i in disabled):
         raise ValueError(f"UniPCMultistepScheduler: disable_corrector must be a list of step indices (ints), got "
                          f"{disabled!r}")
-    if config.final_sigmas_type == "zero":
-        # At sigma_next = 0, h = inf: B(h) = h (bh1) and the noise-prediction terms sigma_next * (e^h - 1) are inf * 0.
-        if config.solver_type == "bh1":
-            raise ValueError("UniPCMultistepScheduler: solver_type='bh1' with final_sigmas_type='zero' returns NaN in "
-                             "diffusers (B(h) = h is infinite at the final sigma 0); use solver_type='bh2' or "
-                             "final_sigmas_type='sigma_min'")
-        if not config.predict_x0:
-            raise ValueError("UniPCMultistepScheduler: predict_x0=False with final_sigmas_type='zero' returns NaN in "
-                             "diffusers (the noise-prediction update is undefined at sigma 0); use predict_x0=True or "
-                             "final_sigmas_type='sigma_min'")
-        if not config.lower_order_final and config.solver_order > 1 and steps > 1:
-            raise ValueError("UniPCMultistepScheduler: lower_order_final=False with final_sigmas_type='zero' fails in "
-                             "diffusers (a multistep update into sigma 0 divides by zero); use "
-                             "lower_order_final=True or final_sigmas_type='sigma_min'")
+    if config.final_sigmas_type == "zero" and not config.lower_order_final and config.solver_order > 1 and steps > 1:
+        # into sigma 0 (h = inf) an order >= 2 UniP extrapolates the model outputs to lambda = inf: r_k -> 0, so its
+        # terms B(h) rho_k (m_k - m_s0) / r_k grow like h or faster; only an order-1 last step has a finite limit
+        raise ValueError("UniPCMultistepScheduler: lower_order_final=False with final_sigmas_type='zero' has no "
+                         "finite last step (a multistep update into sigma 0 extrapolates to lambda = inf; diffusers "
+                         "divides by zero there); use lower_order_final=True or final_sigmas_type='sigma_min'")
     if config.thresholding and not config.predict_x0:
         raise ValueError("UniPCMultistepScheduler: thresholding acts only on x0 estimates (predict_x0=True); "
                          "diffusers ignores it with predict_x0=False. Set thresholding=False or predict_x0=True")
@@ -91,8 +84,18 @@ def _uni_bh(
     diffusers' multistep_uni_p_bh_update / multistep_uni_c_bh_update): x_next = a * x + sum_j c_j * m_j.
 
     Uses m_{s0}, ..., m_{s0 - order + 1} and, for UniC, the new m_{s0 + 1}. Returns (a, {j: c_j}).
+
+    Into sigma_t = 0 (h = inf; only the last, order-1 UniP: _check) the update is its limit, in which B(h) plays
+    no part: it multiplies the empty sum of an order-1 step. diffusers evaluates that term as B(h) * 0, NaN for
+    bh1 (B(h) = -inf), and sigma_t (e^h - 1) as 0 * inf, NaN for noise prediction.
     """
     t = s0 + 1
+    if sigmas[t] == 0:
+        assert order == 1 and not corrector
+        if predict_x0:  # sigma_t / sigma_s0 -> 0, -alpha_t (e^-h - 1) -> 1: x_t = D_s0
+            return 0.0, {s0: 1.0}
+        # sigma_t (e^h - 1) = alpha_t sigma_s0 / alpha_s0 - sigma_t: x_t = alpha_t / alpha_s0 (x - sigma_s0 eps_s0)
+        return float(alphas[t] / alphas[s0]), {s0: float(-alphas[t] * sigmas[s0] / alphas[s0])}
     h = lambdas[t] - lambdas[s0]
     hh = -h if predict_x0 else h
     h_phi_1 = np.expm1(hh)  # h phi_1(h) = e^h - 1
