@@ -10,6 +10,7 @@ import torch
 
 from .config import SchedulerConfig, resolve
 from .denoiser import Denoiser, clip, dynamic_threshold
+from .inputs import finite_number
 from .noise import resolve_noise_backend, seed_tensor
 from .sampler import Postprocess, Scope, run_plan
 from .solvers import build_plan
@@ -76,6 +77,9 @@ def sample(
     All give the same integer hash; their float32 log / cos may differ by an ulp, so pin one to compare runs.
     scope(stage, "network" | "solver"): a context manager around each part of each stage (profiling ranges).
     """
+    guidance_scale = finite_number("guidance_scale", guidance_scale)
+    if eta is not None:
+        eta = finite_number("eta", eta, minimum=0.0)
     overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
     config = resolve(sampler, scheduler_config, **overrides)
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 2:

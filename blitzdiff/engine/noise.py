@@ -13,23 +13,15 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels.gaussian_noise import BACKENDS, auto_backend, check_backend, gaussian_noise, gaussian_noise_ref
+from .inputs import seed_values
 
 NOISE_BACKENDS = ("auto", *BACKENDS)
 
 
 def seed_tensor(seeds: int | Sequence[int] | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-    """Seeds as an int64 tensor [batch]: an int s means s, s+1, ..., s+batch-1; None means 0, 1, ..., batch-1."""
-    if seeds is None:
-        seeds = 0
-    if isinstance(seeds, int):
-        if seeds < 0:
-            raise ValueError(f"seeds must be non-negative integers, got {seeds}")
-        return torch.arange(seeds, seeds + batch, dtype=torch.int64, device=device)
-    tensor = torch.as_tensor(seeds, dtype=torch.int64).to(device)
-    if tensor.shape != (batch,):
-        raise ValueError(f"seeds must be an int or a sequence of {batch} ints (one per sample), got shape "
-                         f"{tuple(tensor.shape)}")
-    return tensor
+    """Seeds as an int64 tensor [batch] (blitzdiff.engine.inputs.seed_values: an int s means s, s+1, ...,
+    s+batch-1; None means 0, 1, ..., batch-1; each in 0 .. 2**63 - 1)."""
+    return torch.tensor(seed_values(seeds, batch), dtype=torch.int64, device=device)
 
 
 def resolve_noise_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -9,6 +9,7 @@ wrapper, outside the sampling loop (which stays sync-free).
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from typing import Any
 import torch
 
 from ..kernels.gaussian_noise import MAX_STREAM
-from ..models import PRESETS, build_preset, load_model, read_pipeline, set_backend
-from .config import read_config, resolve
+from ..models import PRESETS, build_preset, describe, load_model, read_pipeline, set_backend
+from .config import CLASS_DEFAULTS, read_config, resolve
 from .functional import sample
+from .inputs import finite_number, integer_values
 from .network import Callback, NetworkCall, NonFiniteOutput
 from .noise import gaussian, resolve_noise_backend, seed_tensor
 from .runtime import DEFAULT_BUCKETS, Request, Runtime, check_options
@@ -36,12 +38,40 @@ INITIAL_NOISE_STREAM = MAX_STREAM - 1
 
 
 def model_path(path: str | Path | None) -> Path:
-    """A checkpoint path, or the name of an embedded model ("dit-digits", "unet-digits"; None means the default)."""
+    """A checkpoint path, or the name of an embedded model ("dit-digits", "unet-digits"; None means the default).
+    A path that does not exist is a ValueError listing the names, with the closest one when it looks mistyped."""
     if path is None:
         path = DEFAULT_MODEL
     if isinstance(path, str) and path in EMBEDDED:
         return ASSETS / path
+    if not Path(path).exists():
+        close = difflib.get_close_matches(str(path), (*EMBEDDED, *PRESETS), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{path}: no such file or folder{hint} (embedded models: {', '.join(EMBEDDED)}; "
+                         f"random-weight presets: {', '.join(PRESETS)})")
     return Path(path)
+
+
+def check_scheduler_config(config: dict[str, Any], source: str | Path) -> None:
+    """Resolve a scheduler config of a class blitzdiff runs, so that a bad field fails at load time naming its file
+    (`source`); a class blitzdiff lacks (e.g. PNDMScheduler) loads, and sample() then needs sampler=."""
+    if config.get("_class_name", "DDPMScheduler") not in CLASS_DEFAULTS:
+        return
+    try:
+        resolve(None, config)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
+def info(path: str | Path | None = None) -> dict[str, Any]:
+    """What `blitzdiff info` prints: blitzdiff.models.describe of a checkpoint (or an embedded model by name), with
+    the same checks as load(): the model config, keys and shapes, and the scheduler config."""
+    path = model_path(path)
+    info = describe(path)
+    if info.get("scheduler") is not None:
+        config_file = path / "scheduler" / "scheduler_config.json"
+        check_scheduler_config(read_config(config_file), config_file)
+    return info
 
 
 @dataclass(frozen=True)
@@ -185,7 +215,7 @@ class Pipeline:
             if class_labels is None:
                 raise ValueError(f"{self.name or 'this model'} is class-conditional: pass class_labels (an int or one "
                                  f"per sample, in 0..{self.num_classes - 1})")
-            labels = torch.as_tensor(class_labels, dtype=torch.int64).reshape(-1)
+            labels = torch.tensor(integer_values("class_labels", class_labels), dtype=torch.int64)
             labels = labels.expand(n) if labels.numel() == 1 else labels
             if labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.num_classes:
                 raise ValueError(f"class_labels must be an int or {n} ints in 0..{self.num_classes - 1}, got "
@@ -281,8 +311,10 @@ class Pipeline:
             raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
+        guidance_scale = finite_number("guidance_scale", self.default_guidance_scale if guidance_scale is None
+                                       else guidance_scale)
+        if eta is not None:
+            eta = finite_number("eta", eta, minimum=0.0)
         device = self.device
         seed_values = seed_tensor(seeds, n, device)
         shape = self.latent_shape(height, width)
@@ -372,10 +404,13 @@ def load(
     unless given). vae: a VAE folder for a bare latent model. dtype: the networks' dtype (default float32); the
     sampler state stays float32. Pickled weights are refused unless allow_pickle=True.
     """
+    if scheduler_config is not None:
+        given_config = read_config(scheduler_config)
+        check_scheduler_config(given_config, scheduler_config if isinstance(scheduler_config, (str, Path))
+                               else "scheduler_config")
     if isinstance(path, str) and path in PRESETS:
         model, preset_config = build_preset(path, device=device, dtype=dtype)
-        return Pipeline(model, read_config(scheduler_config) if scheduler_config is not None else preset_config,
-                        None, name=path)
+        return Pipeline(model, preset_config if scheduler_config is None else given_config, None, name=path)
     path = model_path(path)
     options = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle}
     folder_config: dict[str, Any] | None = {"_class_name": "DDPMScheduler"}
@@ -385,12 +420,14 @@ def load(
         files = read_pipeline(path)
         model = load_model(files.denoiser, **options)
         folder_config = files.scheduler_config
+        if folder_config is not None and scheduler_config is None:
+            check_scheduler_config(folder_config, path / "scheduler" / "scheduler_config.json")
         vae_path = files.vae if vae_path is None else vae_path
         guidance = recommended_guidance(files.model_index, path)
     else:
         model = load_model(path, **options)
     if scheduler_config is not None:
-        folder_config = read_config(scheduler_config)
+        folder_config = given_config
     decoder = None if vae_path is None else load_model(vae_path, **options)
     return Pipeline(model, folder_config, decoder, name=path.name, guidance_scale=guidance)
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from .dit_original import original_dit_config, original_dit_to_diffusers
+from .placement import resolve_device, resolve_dtype
 from .registry import class_name, dropped_prefixes, model_class
 
 WEIGHTS = "diffusion_pytorch_model"  # diffusers' weights file stem (its SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
@@ -291,15 +292,6 @@ def _check(model: nn.Module, source: _Source) -> None:
                          + "; ".join(problems))
 
 
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype (or its name, e.g. 'float16'), got {dtype!r}")
-    return resolved
-
-
 def load_model(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                allow_pickle: bool = False, image_size: int | None = None) -> nn.Module:
     """A blitzdiff model, in eval mode, from a checkpoint on disk.
@@ -310,9 +302,9 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None, dt
     is inferred, `image_size` in pixels where it has no pos_embed). Floating-point tensors are converted to `dtype`
     (default float32), everything goes to `device` (default CPU). Errors are ValueErrors naming the file.
     """
-    device, dtype = torch.device("cpu" if device is None else device), _dtype(dtype)
-    if device.type == "meta":
+    if str(device) == "meta":
         raise ValueError("device='meta' would discard the weights; build the class on the meta device instead")
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     source = _source(path, allow_pickle, image_size)
     model = _build(source)
     _check(model, source)
@@ -360,6 +352,7 @@ def load_component(path: str | Path, name: str, **kwargs: Any) -> nn.Module:
 
 
 def _summary(source: _Source, root: Path) -> dict[str, Any]:
+    _check(_build(source), source)  # what load_model checks before reading data: config fields, keys, shapes
     files = [source.weights, *sorted({t.file for t in source.stored.values()} - {source.weights})]
     sizes = {str(f.relative_to(root)): f.stat().st_size for f in files}
     return {

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import _dtype as resolve_dtype
+from .placement import resolve_device, resolve_dtype
 from .registry import model_class
 
 
@@ -111,7 +111,7 @@ def build_random(class_name: str, config: Mapping[str, Any], *, device: torch.de
     """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    device, dtype = torch.device("cpu" if device is None else device), resolve_dtype(dtype)
+    device, dtype = resolve_device(device, allow_meta=True), resolve_dtype(dtype)
     with torch.device("meta"):
         model = model_class(class_name).from_config(config).to(dtype=dtype)
     # to_empty leaves every tensor uninitialized: fine for parameters (all initialized below), wrong for a buffer

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import random
 import threading
+import time
+from collections import OrderedDict
 
 import pytest
 import torch
+
+from blitzdiff.engine import solvers
+from blitzdiff.engine.config import resolve
+from blitzdiff.engine.solvers import build_plan, builder
 
 from .test_runtime import run, tiny_pipeline
 
@@ -92,3 +98,47 @@ def test_threads_with_a_small_cache_that_evicts():
 @pytest.mark.parametrize("mode", ["graph", "step"])
 def test_threads_cuda_graphs(mode):
     check_mode(mode, device="cuda", buckets=(1, 2, 4))
+
+
+class PausingLookups(OrderedDict):
+    """The plan LRU, with a pause after the first membership test of `key`: the window in which another thread may
+    evict that key, made long enough that it does."""
+
+    def __init__(self, key):
+        super().__init__()
+        self.key, self.checked = key, threading.Event()
+
+    def __contains__(self, key) -> bool:
+        found = super().__contains__(key)
+        if key == self.key and not self.checked.is_set():
+            self.checked.set()
+            time.sleep(0.05)
+        return found
+
+
+def test_plan_cache_lookup_and_eviction_in_two_threads(monkeypatch):
+    # The cache is full (64 plans) and steps=1 is its oldest entry. Thread A looks steps=1 up; while it is between
+    # finding the key and moving it to the end, thread B builds a 65th plan, which evicts the oldest. Without the
+    # cache's lock B evicts steps=1 under A (KeyError); with it B waits and evicts steps=2.
+    config = resolve("ddim", {})
+    build, fields = builder(config.class_name), solvers._frozen(config.fields)
+    key = (config.class_name, fields, 1, ())  # build_plan's cache key: (class, fields, steps, options)
+    cache = PausingLookups(key)
+    monkeypatch.setattr(solvers, "_plans", cache)
+    for steps in range(1, 65):
+        cache[(config.class_name, fields, steps, ())] = build(config, steps)
+    errors: list[BaseException] = []
+
+    def look_up() -> None:
+        try:
+            assert build_plan(config, 1) == build(config, 1)
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    first = threading.Thread(target=look_up)
+    first.start()
+    assert cache.checked.wait(5)
+    build_plan(config, 65)
+    first.join()
+    assert not errors, repr(errors[0])
+    assert key in dict(cache) and len(cache) == 64

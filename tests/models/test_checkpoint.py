@@ -292,7 +292,7 @@ def test_dtype_and_device(saved):
     for bad in (torch.int64, "int8", "float17"):
         with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
             load_model(folder, dtype=bad)
-    with pytest.raises(RuntimeError, match="Expected one of"):
+    with pytest.raises(ValueError, match=r"device must be one of cpu, cuda \(or cuda:N\), got 'nonsense'"):
         load_model(folder, device="nonsense")
     with pytest.raises(ValueError, match="device='meta' would discard the weights"):
         load_model(folder, device="meta")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ def builder(class_name: str) -> Callable[..., Plan]:
 
 _CACHE_SIZE = 64
 _plans: OrderedDict[tuple, Plan] = OrderedDict()  # LRU: a plan is a pure function of (config, steps, options)
+_plans_lock = threading.Lock()  # Pipelines sample from many threads (tests/engine/test_threads.py)
 
 
 def _frozen(value: Any) -> Any:
@@ -74,10 +76,14 @@ def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Pl
         raise ValueError(f"{config.name} does not take option(s) {extra}; it takes: {sorted(accepted) or 'none'}")
     options = {k: v for k, v in options.items() if v is not None}
     key = (config.class_name, _frozen(config.fields), steps, _frozen(options))
-    if key in _plans:
+    with _plans_lock:
+        if key in _plans:
+            _plans.move_to_end(key)
+            return _plans[key]
+    plan = build(config, steps, **options)  # outside the lock: two threads may both build a new key, same plan
+    with _plans_lock:
+        _plans[key] = plan
         _plans.move_to_end(key)
-        return _plans[key]
-    plan = _plans[key] = build(config, steps, **options)
-    if len(_plans) > _CACHE_SIZE:
-        _plans.popitem(last=False)
+        while len(_plans) > _CACHE_SIZE:
+            _plans.popitem(last=False)
     return plan

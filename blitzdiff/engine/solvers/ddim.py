@@ -31,6 +31,10 @@ def ddim(config: SchedulerConfig, steps: int, eta: float = 0.0) -> Plan:
         alpha_prev = math.sqrt(ab_prev)
         variance = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
         std = eta * math.sqrt(variance)
+        if std**2 > 1 - ab_prev:  # the noise would take more than the whole variance of x_prev (eta <= 1 never does)
+            raise ValueError(f"eta={eta:g} is too large for DDIM at timestep {t} of this {steps}-step schedule: "
+                             f"there it may be at most {math.sqrt((1 - ab_prev) / variance):.4g} (eta <= 1 always "
+                             "works)")
         direction = math.sqrt(1 - ab_prev - std**2) / sigma  # coefficient of eps = (x - alpha * D_raw) / sigma
         if _post_processed(config):
             update = Combination(x=direction, denoised=(alpha_prev,), raw=-direction * alpha, noise=std)
