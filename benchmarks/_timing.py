@@ -1,11 +1,27 @@
 """Timing helpers shared by the benchmarks: warm-up, batches of calls long enough to time, synchronization, medians,
-and the name of the device a figure was measured on."""
+the name of the device a figure was measured on, and `blitzdiff bench`'s thread rule for the scripts."""
 
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
+
+from blitzdiff.bench import CpuThreads, format_warnings
+
+QUICK_HELP = "smoke run: tiny sizes, few repeats, no torch.compile rows (benchmarks/test_scripts.py runs it)"
+
+
+@contextmanager
+def cpu_threads(requested: int | None):
+    """Run the body with torch's thread count by `blitzdiff bench`'s rule (blitzdiff.bench.threads), or `requested`;
+    prints the count first and, after the body, a warning block when the CPU was oversubscribed."""
+    with CpuThreads(requested) as threads:
+        print(threads.describe())
+        yield threads
+    if threads.warnings():
+        print(format_warnings(threads.warnings()))
 
 
 def median_us(run, repeats: int, inner: int | None = None) -> float:

@@ -4,7 +4,7 @@
 returns a precomputed tensor, so both loops do identical network work (none) and the time left is the scheduler's:
 model-input scaling, prediction-type conversion and the solver update (and, for diffusers, its Python bookkeeping).
 
-    python benchmarks/bench_scheduler_overhead.py [--steps 50] [--repeats 15] [--json out.json]
+    python benchmarks/bench_scheduler_overhead.py [--steps 50] [--repeats 15] [--threads N] [--json out.json] [--quick]
 
 Reports the median over repeats (after warm-up) of microseconds per step, for each sampler and shape, and the
 ratio diffusers / blitzdiff.
@@ -17,7 +17,7 @@ import json
 import platform
 
 import torch
-from _timing import median_seconds  # benchmarks/ is on sys.path when run as a script
+from _timing import QUICK_HELP, cpu_threads, median_seconds  # benchmarks/ is on sys.path when run as a script
 
 import blitzdiff
 from blitzdiff.engine.config import resolve
@@ -36,6 +36,7 @@ CASES = {  # name -> (blitzdiff sampler, diffusers class)
     "unipc": ("unipc", "UniPCMultistepScheduler"),
 }
 SHAPES = {"pixel 1x3x32x32": (1, 3, 32, 32), "latent 1x4x64x64": (1, 4, 64, 64), "latent 8x4x64x64": (8, 4, 64, 64)}
+QUICK_SHAPES = {"pixel 1x3x8x8": (1, 3, 8, 8)}
 
 
 
@@ -79,36 +80,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: blitzdiff bench's rule, the cores the load leaves)")
     parser.add_argument("--samplers", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--noise-backend", default="auto", choices=NOISE_BACKENDS,
                         help="how stochastic samplers draw noise (auto: the compiled C++ kernel where built)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP + "; 4 steps, 3 repeats")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.steps, args.repeats = 4, 3
     import diffusers
-
-    print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
-          f"torch {torch.__version__}, diffusers {diffusers.__version__}, blitzdiff {blitzdiff.__version__}; "
-          f"{args.steps} steps, median of {args.repeats}, noise backend {args.noise_backend}")
-    print(f"{'sampler':<16} {'shape':<18} {'blitzdiff us/step':>18} {'diffusers us/step':>18} {'ratio':>7}")
-    rows = []
-    for name in args.samplers:
-        sampler, class_name = CASES[name]
-        for shape_name, shape in SHAPES.items():
-            ours = median_seconds(blitzdiff_loop(sampler, shape, args.steps, args.noise_backend), args.repeats)
-            ours = ours / args.steps * 1e6
-            theirs = median_seconds(diffusers_loop(sampler, class_name, shape, args.steps), args.repeats)
-            theirs = theirs / args.steps * 1e6
-            rows.append({"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": ours,
-                         "diffusers_us_per_step": theirs, "ratio": theirs / ours})
-            print(f"{name:<16} {shape_name:<18} {ours:>18.1f} {theirs:>18.1f} {theirs / ours:>6.1f}x")
+    with cpu_threads(args.threads) as threads:
+        print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
+              f"torch {torch.__version__}, diffusers {diffusers.__version__}, blitzdiff {blitzdiff.__version__}; "
+              f"{args.steps} steps, median of {args.repeats}, noise backend {args.noise_backend}")
+        print(f"{'sampler':<16} {'shape':<18} {'blitzdiff us/step':>18} {'diffusers us/step':>18} {'ratio':>7}")
+        rows = []
+        for name in args.samplers:
+            sampler, class_name = CASES[name]
+            for shape_name, shape in (QUICK_SHAPES if args.quick else SHAPES).items():
+                ours = median_seconds(blitzdiff_loop(sampler, shape, args.steps, args.noise_backend), args.repeats)
+                ours = ours / args.steps * 1e6
+                theirs = median_seconds(diffusers_loop(sampler, class_name, shape, args.steps), args.repeats)
+                theirs = theirs / args.steps * 1e6
+                rows.append({"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": ours,
+                             "diffusers_us_per_step": theirs, "ratio": theirs / ours})
+                print(f"{name:<16} {shape_name:<18} {ours:>18.1f} {theirs:>18.1f} {theirs / ours:>6.1f}x")
     if args.json:
-        meta = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+        meta = {"device": "cpu", "threads": threads.record(), "torch": torch.__version__,
                 "diffusers": diffusers.__version__, "steps": args.steps, "repeats": args.repeats,
                 "noise_backend": args.noise_backend}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            json.dump({"meta": meta, "rows": rows, "warnings": threads.warnings()}, f, indent=2)
 
 
 if __name__ == "__main__":

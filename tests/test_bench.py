@@ -1,44 +1,68 @@
 """`blitzdiff bench` on the embedded models, quick sizes: the JSON holds every row and field with consistent figures,
 the speed-ups are the baseline's median over ours, the plots are PNGs, the diffusers baseline computes the same
-samples as blitzdiff (so it is the same job), failures of a system are recorded, and CLI errors are one line.
-Timings are recorded, never asserted."""
+samples as blitzdiff (so it is the same job), failures of a system are recorded, and CLI errors are one line. The
+spread statistics against hand-computed values, the warnings on synthetic times and faked load averages, and the
+thread rule on faked cores and load. Timings are recorded, never asserted."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import blitzdiff
-from blitzdiff.bench import BenchConfig, DiffusersSampler, bench_config, measure, run_bench, sample_inputs
+from blitzdiff.bench import (
+    BenchConfig,
+    CpuThreads,
+    DiffusersSampler,
+    Measurement,
+    bench_config,
+    format_results,
+    measure,
+    run_bench,
+    sample_inputs,
+)
+from blitzdiff.bench import suite as bench_suite
 from blitzdiff.bench.measure import PeakMemory, memory_method
-from blitzdiff.bench.suite import planned_systems
+from blitzdiff.bench.report import value_range
+from blitzdiff.bench.suite import measurement_warnings, planned_systems, result_row
+from blitzdiff.bench.threads import rule_threads
 from blitzdiff.cli import main
 from blitzdiff.engine.pipeline import Pipeline
 from blitzdiff.models.presets import build_random
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ROW_FIELDS = {"system", "kind", "batch", "steps", "median_ms", "ms_per_step", "images_per_s", "times_ms",
-              "first_call_ms", "build_s", "peak_memory_bytes", "peak_total_bytes"}
+ROW_FIELDS = {"system", "kind", "batch", "steps", "min_ms", "q25_ms", "median_ms", "q75_ms", "max_ms", "rel_iqr",
+              "max_over_min", "unstable", "ms_per_step", "images_per_s", "times_ms", "first_call_ms", "build_s",
+              "peak_memory_bytes", "peak_total_bytes"}
+THREAD_FIELDS = {"count", "requested", "rule", "torch_default", "usable_cores", "load_before", "load_after",
+                 "others_load_after", "own_busy_threads", "wall_s"}
 CPU = torch.device("cpu")
 
 
 def test_bench_json_rows_fields_speedups_and_plots(tmp_path, capsys):
     report, plots = tmp_path / "bench.json", tmp_path / "plots"
-    args = ["bench", "--model", "unet-digits", "--sampler", "ddim", "--quick", "--repeats", "3", "--json",
+    args = ["bench", "--model", "unet-digits", "--sampler", "ddim", "--quick", "--json",
             str(report), "--plots", str(plots)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "diffusers / eager" in printed and "blitzdiff-graph: skipped" in printed
+    assert [line[:5] for line in printed.splitlines() if line.startswith("[")] == [f"[{i}/8]" for i in range(1, 9)]
     results = json.loads(report.read_text())
 
     meta = results["meta"]
     assert meta["command"] and meta["date"] and meta["model"] == "unet-digits" and meta["sampler"] == "ddim"
-    assert meta["device"]["type"] == "cpu" and meta["device"]["torch_threads"] == torch.get_num_threads()
+    threads = meta["threads"]
+    assert set(threads) == THREAD_FIELDS and threads["requested"] is None and threads["usable_cores"] >= 1
+    assert meta["device"]["type"] == "cpu" and meta["device"]["torch_threads"] == threads["count"] >= 1
+    assert f"torch threads: {threads['count']} (by the rule" in printed
+    assert meta["unstable_bounds"] == {"rel_iqr": 0.1, "max_over_min": 1.5}
     assert {"torch", "diffusers", "triton", "blitzdiff", "python"} <= set(meta["versions"])
     assert meta["memory"]["method"] == memory_method(CPU) and meta["repeats"] == 3
     status = {s["name"]: s["status"] for s in results["systems"]}
@@ -54,6 +78,14 @@ def test_bench_json_rows_fields_speedups_and_plots(tmp_path, capsys):
         for r in rows:
             assert ROW_FIELDS <= set(r), set(r)
             assert len(r["times_ms"]) == 3 and r["median_ms"] == statistics.median(r["times_ms"]) > 0
+            q25, q75 = np.percentile(r["times_ms"], [25, 75])  # an independent implementation of the quartiles
+            assert (r["min_ms"], r["max_ms"]) == (min(r["times_ms"]), max(r["times_ms"]))
+            assert (r["q25_ms"], r["q75_ms"]) == (pytest.approx(q25), pytest.approx(q75))
+            assert r["rel_iqr"] == pytest.approx((q75 - q25) / r["median_ms"])
+            spread = max(r["times_ms"]) / min(r["times_ms"])
+            assert r["unstable"] == ((q75 - q25) / r["median_ms"] > 0.1 or spread > 1.5)
+            if r["unstable"]:
+                assert any(w.startswith(f"unstable: {system} batch {r['batch']}, ") for w in results["warnings"])
             assert r["ms_per_step"] == pytest.approx(r["median_ms"] / r["steps"])
             assert r["images_per_s"] == pytest.approx(r["batch"] * 1e3 / r["median_ms"])
             assert r["build_s"] == pytest.approx(max(r["first_call_ms"] - r["median_ms"], 0) / 1e3)
@@ -129,7 +161,7 @@ def test_a_failing_system_is_recorded_and_the_rest_measured(monkeypatch):
         raise RuntimeError("no compiler here\nsecond line")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    config = bench_config(quick=True, model="unet-digits", baselines=["diffusers", "diffusers-compile"], modes=None,
+    config = bench_config(quick=True, model="unet-digits", baseline=["diffusers", "diffusers-compile"], modes=None,
                           steps=[1], batches=[1])
     results = run_bench(config, log=lambda line: None)
     systems = {s["name"]: s for s in results["systems"]}
@@ -143,7 +175,7 @@ def test_defaults_skip_cuda_only_modes_off_cuda_and_options_resolve():
     modes, baselines, skipped = planned_systems(bench_config(), CPU)
     assert modes == ["eager", "compile"] and baselines == ["diffusers", "diffusers-compile"]
     assert [s["name"] for s in skipped] == ["blitzdiff-graph"]
-    modes, baselines, _ = planned_systems(bench_config(modes=["compile", "eager"], baselines=["none"]), CPU)
+    modes, baselines, _ = planned_systems(bench_config(modes=["compile", "eager"], baseline=["none"]), CPU)
     assert modes == ["eager", "compile"] and baselines == []  # eager is always measured first
     quick = bench_config(quick=True, repeats=4)
     assert (quick.batches, quick.steps, quick.throughput_steps, quick.repeats) == ((1, 2), (1, 2), 2, 4)
@@ -158,6 +190,7 @@ def test_defaults_skip_cuda_only_modes_off_cuda_and_options_resolve():
     (["--baseline", "none", "diffusers"], "unknown baseline(s) ['none']"),
     (["--modes", "compile", "--sampler", "plms"], "unknown sampler 'plms'"),  # refused before any system runs
     (["--modes", "compile", "--guidance", "3"], "needs a conditional model"),
+    (["--threads", "0"], "threads must be an int >= 1"),
 ])
 def test_cli_errors_are_one_line(args, message, capsys):
     assert main(["bench", "--model", "unet-digits", "--quick", *args]) == 2
@@ -165,3 +198,182 @@ def test_cli_errors_are_one_line(args, message, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("blitzdiff bench: error: ") and message in lines[0], captured.err
     assert "throughput" not in captured.out  # refused before measuring anything
+
+
+@pytest.mark.parametrize(("times", "spread", "unstable"), [
+    # sorted 10 11 12 13 30: quartiles at positions 1 and 3 of 0..4 (linear between order statistics)
+    ((12, 30, 10, 13, 11), {"min_ms": 10, "q25_ms": 11, "median_ms": 12, "q75_ms": 13, "max_ms": 30,
+                            "rel_iqr": 2 / 12, "max_over_min": 3.0}, True),
+    # IQR 2 / 12 = 17% > 10%, slowest / fastest 1.4 <= 1.5: unstable by the IQR alone
+    ((10, 11, 12, 13, 14), {"min_ms": 10, "q25_ms": 11, "median_ms": 12, "q75_ms": 13, "max_ms": 14,
+                            "rel_iqr": 2 / 12, "max_over_min": 1.4}, True),
+    # IQR 0, slowest / fastest 1.6 > 1.5: unstable by the range alone
+    ((100, 100, 160, 100, 100), {"min_ms": 100, "q25_ms": 100, "median_ms": 100, "q75_ms": 100, "max_ms": 160,
+                                 "rel_iqr": 0.0, "max_over_min": 1.6}, True),
+    # exactly at the range bound (1.5) is not beyond it; positions 1.25 and 3.75 of 0..5 both land on 100
+    ((100, 100, 100, 100, 100, 150), {"min_ms": 100, "q25_ms": 100, "median_ms": 100, "q75_ms": 100, "max_ms": 150,
+                                      "rel_iqr": 0.0, "max_over_min": 1.5}, False),
+    # an even count: positions 0.75 and 2.25 of 0..3 -> 17.5 and 32.5, median 25
+    ((40, 10, 30, 20), {"min_ms": 10, "q25_ms": 17.5, "median_ms": 25, "q75_ms": 32.5, "max_ms": 40,
+                        "rel_iqr": 15 / 25, "max_over_min": 4.0}, True),
+    ((100, 104, 101, 103, 102), {"min_ms": 100, "q25_ms": 101, "median_ms": 102, "q75_ms": 103, "max_ms": 104,
+                                 "rel_iqr": 2 / 102, "max_over_min": 1.04}, False),
+    ((7,), {"min_ms": 7, "q25_ms": 7, "median_ms": 7, "q75_ms": 7, "max_ms": 7, "rel_iqr": 0.0,
+            "max_over_min": 1.0}, False),
+])
+def test_spread_against_hand_computed_values(times, spread, unstable):
+    m = Measurement(50.0, tuple(float(t) for t in times), 0, 0)
+    assert m.spread() == pytest.approx(spread, rel=1e-12) and m.unstable is unstable
+    row = result_row("blitzdiff-eager", "latency", 2, 4, m)
+    assert {key: row[key] for key in spread} == pytest.approx(spread, rel=1e-12) and row["unstable"] is unstable
+    low, high = spread["min_ms"], spread["max_ms"]  # batch 2: images/s from the slowest and the fastest repeat
+    assert value_range(row, "images_per_s") == pytest.approx((2e3 / spread["median_ms"], 2e3 / high, 2e3 / low))
+    assert value_range(row, "median_ms") == (spread["median_ms"], low, high)
+
+
+def rows_of(system: str, times_by_steps: dict[int, tuple[float, ...]]) -> list[dict]:
+    return [result_row(system, "latency", 1, steps, Measurement(0.0, times, 0, 0))
+            for steps, times in times_by_steps.items()]
+
+
+def test_measurement_warnings_fire_for_spread_falling_latency_and_one_repeat_only():
+    tight = rows_of("blitzdiff-eager", {1: (10.0, 10.1, 10.2), 4: (40.0, 40.4, 40.2)})
+    assert measurement_warnings(tight, repeats=3) == []
+    wide = rows_of("diffusers", {1: (10.0, 10.1, 30.0), 4: (40.0, 40.4, 40.2)})
+    assert measurement_warnings(wide, repeats=3) == [
+        "unstable: diffusers batch 1, 1 step: repeats 10.00-30.00 ms (slowest / fastest 3.00, bound 1.5; IQR 99% of "
+        "the median, bound 10%)"]
+    # the issue's symptom: diffusers' latency dropped from 2 to 8 steps
+    fell = rows_of("diffusers", {2: (200.0, 201.0, 202.0), 8: (100.0, 101.0, 102.0)})
+    assert [w.split(":")[0] for w in measurement_warnings(fell, repeats=3)] == ["latency fell"]
+    assert "diffusers took 101.00 ms for 8 steps but 201.00 ms for 2 steps" in measurement_warnings(fell, 3)[0]
+    single = rows_of("blitzdiff-eager", {1: (10.0,), 4: (40.0,)})
+    assert [w.split(":")[0] for w in measurement_warnings(single, repeats=1)] == ["repeats"]
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Fake usable cores and a fake 1-minute load average (a sequence: one value per os.getloadavg call, the last
+    one repeated)."""
+    state = {"loads": [0.0]}
+
+    def getloadavg():
+        load = state["loads"].pop(0) if len(state["loads"]) > 1 else state["loads"][0]
+        return load, load, load
+
+    def set_machine(cores: int, *loads: float) -> None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+        state["loads"] = list(loads)
+
+    monkeypatch.setattr(os, "getloadavg", getloadavg)
+    return set_machine
+
+
+@pytest.mark.parametrize(("cores", "load", "torch_default", "threads"), [
+    (2, 0.0, 2, 2), (2, 0.4, 2, 2), (2, 0.5, 2, 1), (2, 1.06, 2, 1), (2, 3.9, 2, 1), (2, None, 2, 2),
+    (16, 3.4, 8, 8), (16, 9.6, 8, 6), (16, 15.5, 8, 1), (4, 1.0, 1, 1),
+])
+def test_thread_rule(cores, load, torch_default, threads):
+    assert rule_threads(cores, load, torch_default) == threads
+
+
+@pytest.fixture
+def torch_threads():
+    """Sets torch's thread count for a test (restored after); the CI machine has 2 cores, so keep it small."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("cores", "load", "requested", "inside"), [
+    (8, 5.4, None, 3),  # the others keep 5 of 8 cores busy
+    (8, 1.2, None, 4),  # torch's default (4) is the cap
+    (8, 7.7, None, 1),  # at least 1
+    (8, 7.7, 2, 2),  # an explicit count wins
+])
+def test_cpu_threads_applies_the_rule_records_it_and_restores(machine, torch_threads, cores, load, requested, inside):
+    torch_threads(4)
+    machine(cores, load, 0.25)
+    with CpuThreads(requested) as threads:
+        assert torch.get_num_threads() == inside
+    assert torch.get_num_threads() == 4
+    record = threads.record()
+    assert set(record) == THREAD_FIELDS and record["count"] == inside and record["requested"] == requested
+    assert (record["usable_cores"], record["torch_default"]) == (cores, 4)
+    assert (record["load_before"], record["load_after"]) == (load, 0.25)
+    assert record["rule"] == ("requested" if requested else blitzdiff.bench.THREAD_RULE)
+
+
+@pytest.mark.parametrize(("cores", "loads", "requested", "when"), [
+    (2, (0.2, 0.3), None, None),  # idle: 2 threads on 2 cores
+    (2, (3.9, 3.9), None, "before the run and"),  # loaded throughout: even 1 thread competes
+    (2, (0.2, 3.0), None, "during the run"),  # another job started during the run
+    (2, (0.2, 0.3), 3, "before the run and"),  # an explicit count beyond the cores
+    (4, (1.3, 1.3), None, None),  # 3 threads beside one busy core
+])
+def test_load_warnings(machine, torch_threads, cores, loads, requested, when):
+    torch_threads(cores)
+    machine(cores, *loads)
+    with CpuThreads(requested) as threads:
+        pass
+    warnings = threads.warnings()
+    if when is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("load: ") and when in warnings[0]
+        assert f"on {cores} usable cores: the CPU was oversubscribed" in warnings[0]
+
+
+@pytest.mark.parametrize(("load_after", "warned"), [(2.05, False), (3.2, True)])
+def test_the_runs_own_threads_are_not_counted_as_other_load(machine, torch_threads, monkeypatch, load_after, warned):
+    # A 10-minute run keeping both cores busy lifts the load average to ~2 by itself (2 * (1 - e^-10) = 2.0):
+    # only what is left beyond it is other work.
+    clock = iter([0.0, 600.0])  # perf_counter at enter and exit
+    cpu = iter([0.0, 1200.0])  # process_time: 2 busy threads over the 600 s
+    monkeypatch.setattr(blitzdiff.bench.threads, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(blitzdiff.bench.threads, "process_time", lambda: next(cpu))
+    torch_threads(2)
+    machine(2, 0.0, load_after)
+    with CpuThreads() as threads:
+        pass
+    assert threads.record()["own_busy_threads"] == 2.0
+    assert threads.others_load_after() == pytest.approx(load_after - 2 * (1 - np.exp(-10)))
+    assert bool(threads.warnings()) is warned
+
+
+def synthetic(times: tuple[float, ...]):
+    """A stand-in for measure.measure: every configuration 'took' `times`."""
+    return lambda run, device, repeats: Measurement(times[0], times, 0, 0)
+
+
+@pytest.mark.parametrize(("times", "load", "expected"), [
+    ((10.0, 10.2, 10.1), 0.0, []),
+    ((10.0, 10.2, 25.0), 0.0, ["unstable"] * 6),  # 2 systems x (batch 1 and 2 at 2 steps, batch 1 at 1 step)
+    ((10.0, 10.2, 10.1), 3.9, ["load"]),
+])
+def test_run_bench_warns_loudly(machine, torch_threads, monkeypatch, times, load, expected):
+    torch_threads(2)
+    machine(2, load)
+    monkeypatch.setattr(bench_suite, "measure", synthetic(times))
+    lines = []
+    results = run_bench(bench_config(quick=True, model="unet-digits", repeats=3, threads=None), log=lines.append)
+    assert torch.get_num_threads() == 2
+    assert [w.split(":")[0] for w in results["warnings"]] == expected
+    assert all(r["unstable"] is (expected[:1] == ["unstable"]) for r in results["rows"])
+    assert results["meta"]["threads"]["count"] == results["meta"]["device"]["torch_threads"] == (1 if load else 2)
+    assert lines[0].startswith(f"torch threads: {1 if load else 2} (by the rule")
+    report = format_results(results)
+    if expected:
+        block = report[report.index("WARNING: these figures may be wrong"):]
+        assert all(f"  - {w}" in block for w in results["warnings"])
+    else:
+        assert "WARNING" not in report
+    # latency cells: median 10.2, quartiles 10.1 and 17.6, so IQR 7.5 / 10.2 = 74%
+    assert ("10.20 [10.00-25.00] ±74%!" in report) is (expected[:1] == ["unstable"])
+
+
+def test_bench_config_takes_the_cli_names():
+    config = bench_config(baseline=["diffusers"], threads=1)
+    assert (config.baseline, config.threads) == (("diffusers",), 1)
+    with pytest.raises(ValueError, match=r"unknown bench option\(s\) \['baselines'\]; allowed: model, .*baseline"):
+        bench_config(baselines=["diffusers"])

@@ -1,10 +1,11 @@
 """blitzdiff.profiling and `blitzdiff profile` on the embedded models: profiler ranges for every plan stage and
 part, ops attributed to the range they ran in (checked against time containment), the per-step split, the tables,
-the Chrome trace, the command line end to end and its one-line errors."""
+the Chrome trace, the command line end to end (its thread count and load warnings) and its one-line errors."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -156,15 +157,38 @@ def test_bad_calls_are_errors(unet):
 def test_cli_profile_writes_trace_and_json(tmp_path, capsys):
     trace, report = tmp_path / "t.json", tmp_path / "p.json"
     args = ["profile", "--model", "unet-digits", "--sampler", "ddim", "--steps", "2", "-n", "1", "--top", "5",
-            "--per-step", "--trace", str(trace), "--json", str(report)]
+            "--per-step", "--trace", str(trace), "--json", str(report), "--threads", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "network ms" in printed and f"trace -> {trace}" in printed and printed.count("top 5 of") == 3
+    assert "torch threads: 1 (as requested)" in printed
     names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
     assert "blitzdiff/step 1/network" in names
     data = json.loads(report.read_text())
     assert data["model"] == "unet-digits" and data["sampler"] == "ddim" and data["steps"] == 2
     assert [row["step"] for row in data["per_step"]] == [0, 1] and data["summary"]["network_ms"] > 0
+    assert data["threads"]["count"] == data["threads"]["requested"] == 1 and data["threads"]["rule"] == "requested"
+    assert data["threads"]["usable_cores"] >= 1 and isinstance(data["warnings"], list)
+
+
+@pytest.mark.parametrize(("load", "threads", "warned"), [(0.0, 2, False), (3.9, 1, True)])
+def test_cli_profile_takes_the_cores_the_load_leaves_and_warns(load, threads, warned, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["profile", "--model", "unet-digits", "--sampler", "ddim", "--steps", "1", "--top", "2",
+                     "--trace", str(tmp_path / "t.json"), "--json", str(tmp_path / "p.json")]) == 0
+        assert torch.get_num_threads() == 2  # restored after the run
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["threads"]["count"] == threads and data["threads"]["load_before"] == load
+    assert f"torch threads: {threads} (by the rule" in printed
+    assert ("WARNING: these figures may be wrong (1 problem)" in printed) is warned
+    assert [w.split(":")[0] for w in data["warnings"]] == (["load"] if warned else [])
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -173,6 +197,7 @@ def test_cli_profile_writes_trace_and_json(tmp_path, capsys):
     (["--top", "0"], "--top must be >= 1"),
     (["--dtype", "int8"], "dtype must be a floating-point torch.dtype"),
     (["--model", "unet-digits", "--guidance", "3"], "needs a conditional model"),
+    (["--threads", "0"], "threads must be an int >= 1"),
 ])
 def test_cli_profile_errors_are_one_line(args, message, tmp_path, capsys):
     assert main(["profile", "--steps", "2", *args, "--trace", str(tmp_path / "t.json")]) == 2

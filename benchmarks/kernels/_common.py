@@ -11,22 +11,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _timing
-from _timing import time_us  # noqa: E402
+from _timing import QUICK_HELP, time_us  # noqa: E402
 
 
 def parse_args(doc: str, dtypes: list[str], gpu_dtype: str, dtype_help: str = "") -> tuple:
-    """(args, device, dtype) from the command line of a kernel benchmark; applies --threads. The dtype defaults to
-    `gpu_dtype` on a GPU and float32 on CPU."""
+    """(args, device, dtype) from the command line of a kernel benchmark (run its body in _timing.cpu_threads(
+    args.threads)). The dtype defaults to `gpu_dtype` on a GPU and float32 on CPU; --quick means 3 repeats and no
+    compile rows (the script picks its tiny sizes)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=dtypes,
                         help=f"{dtype_help}default {gpu_dtype} on a GPU, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: blitzdiff bench's rule, the cores the load leaves)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats, args.no_compile = 3, True
     device = torch.device(args.device)
     return args, device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else gpu_dtype))
 

@@ -1,6 +1,7 @@
 """Flash attention: the Triton and CUDA kernels vs PyTorch's SDPA backends and torch.compile of the spec.
 
     python benchmarks/kernels/bench_attention.py [--device cpu|cuda] [--dtypes float16 bfloat16] [--repeats 30]
+        [--threads N] [--quick]
 
 Shapes (issue 4): SD1.5's UNet at 64x64 latents (self-attention over 4096 tokens in 8 heads of 40, cross-attention
 to 77 text tokens; 1024 tokens in heads of 80 one level down) with a classifier-free-guidance batch of 2, and
@@ -23,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _timing
-from _timing import device_name, time_us  # noqa: E402
+from _timing import QUICK_HELP, cpu_threads, device_name, time_us  # noqa: E402
 
 from blitzdiff.kernels.attention import attention, attention_ref, kernel_limits  # noqa: E402
 
@@ -41,6 +42,7 @@ CPU_SHAPES = {
     "SD 32x32 cross": (1, 8, 1024, 77, 40),
     "DiT-XL/2 256px": (1, 16, 256, 256, 72),
 }
+QUICK_SHAPES = {"tiny self": (1, 2, 64, 64, 16)}
 SDPA_BACKENDS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -53,13 +55,14 @@ def forced_sdpa(backend: SDPBackend):
     return run
 
 
-def variants(device: torch.device) -> dict:
+def variants(device: torch.device, compile_ref: bool) -> dict:
     """name -> callable(q, k, v) for every variant that exists on `device`."""
     if device.type != "cuda":
         return {"ref": attention_ref, "sdpa:math": forced_sdpa(SDPBackend.MATH)}
     rows = {"ref": attention_ref}
     rows.update({f"sdpa:{name}": forced_sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
-    rows["compile(ref)"] = torch.compile(attention_ref, dynamic=False)
+    if compile_ref:
+        rows["compile(ref)"] = torch.compile(attention_ref, dynamic=False)
     rows.update({backend: (lambda q, k, v, b=backend: attention(q, k, v, backend=b)) for backend in ("triton", "cuda")})
     return rows
 
@@ -69,35 +72,43 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: float16 bfloat16 (GPU), float32 (CPU)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: blitzdiff bench's rule, the cores the load leaves)")
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 3
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtypes = [getattr(torch, name) for name in (args.dtypes or (["float16", "bfloat16"] if on_gpu else ["float32"]))]
-    print(f"device: {device_name(device)}, torch {torch.__version__}")
-    if not on_gpu:
-        print("CPU run: PyTorch's SDPA only; the Triton and CUDA kernels' figures need a GPU (run this there)")
-    print(f"{'shape':>16} {'B,H,Lq,Lk,D':>20} {'dtype':>9} {'variant':>15} {'ms':>9} {'TFLOP/s':>8} {'ref/this':>8}")
-    rows = variants(device)
-    for shape_name, (b, h, lq, lk, d) in (GPU_SHAPES if on_gpu else CPU_SHAPES).items():
-        flops = 4 * b * h * lq * lk * d
-        for dtype in dtypes:
-            g = torch.Generator(device=device).manual_seed(0)
-            q, k, v = (torch.randn(b, h, n, d, generator=g, device=device, dtype=dtype) for n in (lq, lk, lk))
-            ref_ms = None
-            torch._dynamo.reset()  # compile(ref) afresh per shape and dtype, never past dynamo's recompile limit
-            for name, run in rows.items():
-                prefix = f"{shape_name:>16} {f'{b},{h},{lq},{lk},{d}':>20} {str(dtype)[6:]:>9} {name:>15}"
-                if name in ("triton", "cuda") and kernel_limits(q, k) is not None:
-                    print(f"{prefix} {'n/a':>9}")
-                    continue
-                try:
-                    with torch.inference_mode():
-                        ms = time_us(functools.partial(run, q, k, v), device, args.repeats, cuda_inner=5) / 1e3
-                except RuntimeError as e:  # an SDPA backend refusing the inputs, a kernel not built
-                    print(f"{prefix} {'n/a':>9}  ({str(e).splitlines()[0][:60]})")
-                    continue
-                ref_ms = ref_ms or ms  # "ref" runs first
-                print(f"{prefix} {ms:9.3f} {flops / ms / 1e9:8.3f} {ref_ms / ms:8.2f}")
+    with cpu_threads(args.threads):
+        print(f"device: {device_name(device)}, torch {torch.__version__}")
+        if not on_gpu:
+            print("CPU run: PyTorch's SDPA only; the Triton and CUDA kernels' figures need a GPU (run this there)")
+        print(f"{'shape':>16} {'B,H,Lq,Lk,D':>20} {'dtype':>9} {'variant':>15} {'ms':>9} {'TFLOP/s':>8} "
+              f"{'ref/this':>8}")
+        rows = variants(device, compile_ref=not args.quick)
+        shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if on_gpu else CPU_SHAPES
+        for shape_name, (b, h, lq, lk, d) in shapes.items():
+            flops = 4 * b * h * lq * lk * d
+            for dtype in dtypes:
+                g = torch.Generator(device=device).manual_seed(0)
+                q, k, v = (torch.randn(b, h, n, d, generator=g, device=device, dtype=dtype) for n in (lq, lk, lk))
+                ref_ms = None
+                torch._dynamo.reset()  # compile(ref) afresh per shape and dtype, never past dynamo's recompile limit
+                for name, run in rows.items():
+                    prefix = f"{shape_name:>16} {f'{b},{h},{lq},{lk},{d}':>20} {str(dtype)[6:]:>9} {name:>15}"
+                    if name in ("triton", "cuda") and kernel_limits(q, k) is not None:
+                        print(f"{prefix} {'n/a':>9}")
+                        continue
+                    try:
+                        with torch.inference_mode():
+                            ms = time_us(functools.partial(run, q, k, v), device, args.repeats, cuda_inner=5) / 1e3
+                    except RuntimeError as e:  # an SDPA backend refusing the inputs, a kernel not built
+                        print(f"{prefix} {'n/a':>9}  ({str(e).splitlines()[0][:60]})")
+                        continue
+                    ref_ms = ref_ms or ms  # "ref" runs first
+                    print(f"{prefix} {ms:9.3f} {flops / ms / 1e9:8.3f} {ref_ms / ms:8.2f}")
 
 
 if __name__ == "__main__":

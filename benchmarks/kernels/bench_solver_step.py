@@ -1,7 +1,7 @@
 """The fused solver step vs the sampling loop's eager ops and torch.compile of its spec.
 
     python benchmarks/kernels/bench_solver_step.py [--device cpu|cuda] [--dtype float32] [--repeats 30] [--threads N]
-        [--no-compile]
+        [--no-compile] [--quick]
 
 One plan stage after a classifier-free-guided network call (out = [uncond; cond], w = 4): "2m" is DPM-Solver++(2M)
 (x, D_0, D_1), "unipc3" UniPC-3's corrector from its predictor point (point, x, D_0 .. D_3), "sde" an SDE stage
@@ -15,11 +15,12 @@ traffic: every input read once, both outputs written once.
 
 import torch
 from _common import kernel_rows, parse_args, print_timed_rows  # benchmarks/kernels/ is on sys.path as a script
-from _timing import device_name  # _common puts benchmarks/ on sys.path
+from _timing import cpu_threads, device_name  # _common puts benchmarks/ on sys.path
 
 from blitzdiff.kernels.solver_step import KERNEL_DTYPES, solver_step, solver_step_ref
 
 SHAPES = {"SD 64x64 latents": (8, 4, 64, 64), "DiT-XL/2 256px latents": (8, 4, 32, 32)}
+QUICK_SHAPES = {"8x8 latents": (2, 4, 8, 8)}
 W = 4.0
 CASES = {  # name: (number of older history tensors, own evaluation point, noise)
     "2m": (1, False, False),
@@ -67,14 +68,15 @@ def variants(kw, device, dtype, compile_ref: bool) -> dict:
 
 def main() -> None:
     args, device, dtype = parse_args(__doc__, ["float16", "bfloat16", "float32", "float64"], "float32")
-    print(f"device: {device_name(device)}; torch {torch.__version__}; {dtype}")
-    print(f"{'shape':>24} {'case':>7} {'variant':>9} {'us/call':>9} {'GB/s':>7} {'eager/this':>10}")
-    with torch.inference_mode():
-        for label, shape in SHAPES.items():
-            for case in CASES:
-                kw, nbytes = stage(shape, case, device, dtype)
-                rows = variants(kw, device, dtype, not args.no_compile)
-                print_timed_rows(f"{label:>24} {case:>7}", rows, device, args.repeats, nbytes)
+    with cpu_threads(args.threads):
+        print(f"device: {device_name(device)}; torch {torch.__version__}; {dtype}")
+        print(f"{'shape':>24} {'case':>7} {'variant':>9} {'us/call':>9} {'GB/s':>7} {'eager/this':>10}")
+        with torch.inference_mode():
+            for label, shape in (QUICK_SHAPES if args.quick else SHAPES).items():
+                for case in CASES:
+                    kw, nbytes = stage(shape, case, device, dtype)
+                    rows = variants(kw, device, dtype, not args.no_compile)
+                    print_timed_rows(f"{label:>24} {case:>7}", rows, device, args.repeats, nbytes)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@
 compilation, allocator growth), then one untimed warm-up call during which peak memory is measured (so the memory
 probe never perturbs a timing), then `repeats` timed calls. Every timed call is wall time with the device
 synchronized before and after it, so queued GPU work is counted in the call that queued it.
+
+The repeats' spread is part of the figure: min, quartiles, median, max, the relative interquartile range
+(q75 - q25) / median and the slowest over the fastest repeat. A configuration whose repeats disagree by more than
+UNSTABLE_REL_IQR or UNSTABLE_MAX_OVER_MIN is unstable: its median says little (another process, frequency scaling,
+a GC pause took part), and `blitzdiff bench` says so after its tables.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from typing import Any
 
 import torch
 
+# A configuration is unstable when its relative IQR exceeds UNSTABLE_REL_IQR or its slowest repeat is more than
+# UNSTABLE_MAX_OVER_MIN times its fastest (a steady CPU or GPU run stays within a few %).
+UNSTABLE_REL_IQR = 0.10
+UNSTABLE_MAX_OVER_MIN = 1.5
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 # How peak memory is measured (meta.memory): peak_total_bytes is the peak, peak_memory_bytes its rise above the
@@ -50,6 +59,21 @@ class Measurement:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.times_ms)
+
+    def spread(self) -> dict[str, float]:
+        """min_ms, q25_ms, median_ms, q75_ms, max_ms of the repeats (quartiles interpolated linearly between the
+        sorted times, numpy's default; one repeat: all equal), rel_iqr = (q75 - q25) / median, max_over_min."""
+        times = sorted(self.times_ms)
+        q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+        median = self.median_ms
+        return {"min_ms": times[0], "q25_ms": q25, "median_ms": median, "q75_ms": q75, "max_ms": times[-1],
+                "rel_iqr": (q75 - q25) / median, "max_over_min": times[-1] / times[0]}
+
+    @property
+    def unstable(self) -> bool:
+        """The repeats disagree beyond UNSTABLE_REL_IQR or UNSTABLE_MAX_OVER_MIN."""
+        spread = self.spread()
+        return spread["rel_iqr"] > UNSTABLE_REL_IQR or spread["max_over_min"] > UNSTABLE_MAX_OVER_MIN
 
     @property
     def build_s(self) -> float:

@@ -1,5 +1,5 @@
 """`blitzdiff bench` results as text tables (throughput, latency, speed-ups, build time, peak memory, per-step split)
-and as a JSON file."""
+with the spread of the repeats and the run's warnings, and as a JSON file."""
 
 from __future__ import annotations
 
@@ -8,13 +8,34 @@ from pathlib import Path
 from typing import Any
 
 from ..profiling import format_table  # columns: first left-aligned, the others right-aligned
-from .measure import device_label
+from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, device_label
 from .suite import BASELINES
 
 
 def systems_measured(results: dict[str, Any]) -> list[str]:
     """System names in the order they were measured (first row of each)."""
     return list(dict.fromkeys(row["system"] for row in results["rows"]))
+
+
+def value_range(row: dict[str, Any], value: str) -> tuple[float, float, float]:
+    """(median, low, high) of a row's repeats in the unit of `value`: "median_ms" (ms per run) or "images_per_s"
+    (the slowest repeat gives the lowest throughput)."""
+    if value == "median_ms":
+        return row["median_ms"], row["min_ms"], row["max_ms"]
+    assert value == "images_per_s", value
+    images_ms = row["batch"] * 1e3
+    return images_ms / row["median_ms"], images_ms / row["max_ms"], images_ms / row["min_ms"]
+
+
+def _number(x: float) -> str:
+    return f"{x:.0f}" if x >= 1000 else f"{x:.1f}" if x >= 100 else f"{x:.2f}"
+
+
+def _cell(row: dict[str, Any], value: str) -> str:
+    """"median [min-max] ±IQR%", "!" appended when the row is unstable."""
+    median, low, high = value_range(row, value)
+    return (f"{_number(median)} [{_number(low)}-{_number(high)}] ±{row['rel_iqr']:.0%}"
+            + ("!" if row["unstable"] else ""))
 
 
 def _ratio_columns(systems: list[str]) -> list[tuple[str, str]]:
@@ -31,7 +52,7 @@ def _sweep_table(results: dict[str, Any], kind: str, varied: str, value: str) ->
     table = []
     for point in dict.fromkeys(r[varied] for r in rows):
         line = [str(point)]
-        line += [f"{cells[s, point][value]:.2f}" if (s, point) in cells else "-" for s in systems]
+        line += [_cell(cells[s, point], value) if (s, point) in cells else "-" for s in systems]
         line += [f"{cells[s, point]['speedup'][b]:.2f}x" if b in cells.get((s, point), {}).get("speedup", {})
                  else "-" for b, s in ratios]
         table.append(line)
@@ -39,12 +60,19 @@ def _sweep_table(results: dict[str, Any], kind: str, varied: str, value: str) ->
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """The whole report: header, throughput and latency tables with speed-ups, build times, peak memory, the
-    per-step split and the systems that were skipped or failed."""
-    meta = results["meta"]
+    """The whole report: header (device, threads, load), throughput and latency tables (median, range, IQR) with
+    speed-ups, build times, peak memory, the per-step split, the systems that were skipped or failed, and last the
+    run's warnings."""
+    meta, threads = results["meta"], results["meta"]["threads"]
+    loads = "/".join("-" if load is None else f"{load:.2f}" for load in (threads["load_before"], threads["load_after"]))
     parts = [f"{meta['model']}, sampler {meta['sampler']}, {meta['dtype']}, guidance {meta['guidance_scale']:g}; "
-             f"{meta['device']['type']} ({device_label(meta['device'])}); median of {meta['repeats']} after a "
-             f"warm-up call; torch {meta['versions']['torch']}, diffusers {meta['versions']['diffusers']}"]
+             f"{meta['device']['type']} ({device_label(meta['device'])}); torch {meta['versions']['torch']}, "
+             f"diffusers {meta['versions']['diffusers']}\n"
+             f"{threads['count']} torch thread{'s' if threads['count'] != 1 else ''} "
+             f"({'as requested' if threads['requested'] else 'by the load rule'}) "
+             f"on {threads['usable_cores']} usable cores, load average {loads} before/after\n"
+             f"cells: median [min-max] ±IQR/median of {meta['repeats']} timed runs after a warm-up call; ! unstable "
+             f"(IQR > {UNSTABLE_REL_IQR:.0%} of the median or slowest / fastest > {UNSTABLE_MAX_OVER_MIN:g})"]
     if results["rows"]:
         parts.append(f"throughput, images/s at {meta['throughput_steps']} steps (speed-up: baseline time / blitzdiff "
                      "time)\n" + _sweep_table(results, "throughput", "batch", "images_per_s"))
@@ -57,7 +85,16 @@ def format_results(results: dict[str, Any]) -> str:
     parts.append(_split_line(results["step_split"]))
     notes = [f"{s['name']}: {s['status']} ({s.get('reason') or s.get('error')})" for s in results["systems"]
              if s["status"] != "ok"]
-    return "\n\n".join(part for part in [*parts, "\n".join(notes)] if part)
+    return "\n\n".join(part for part in [*parts, "\n".join(notes), format_warnings(results["warnings"])] if part)
+
+
+def format_warnings(warnings: list[str]) -> str:
+    """A banner listing `warnings` (bench's, or the load warnings of `blitzdiff profile`), or "" when none."""
+    if not warnings:
+        return ""
+    banner = "!" * 80
+    return "\n".join([banner, f"WARNING: these figures may be wrong ({len(warnings)} problem"
+                       f"{'s' if len(warnings) != 1 else ''}):", *(f"  - {w}" for w in warnings), banner])
 
 
 def _build(system: dict[str, Any]) -> str:

@@ -3,16 +3,19 @@
 For each system (a blitzdiff runtime mode, `Pipeline.compile(mode=...)`, or a diffusers baseline) it measures
 throughput (images/s) over batch sizes at a fixed step count and latency (ms per run and per step) over step counts
 at one batch size, each configuration by `measure.measure` (build call, untimed warm-up with the memory probe,
-median of the timed repeats); for blitzdiff eager also the per-step network / solver / host split from
+median and spread of the timed repeats); for blitzdiff eager also the per-step network / solver / host split from
 blitzdiff.profiling. Every system gets the same initial noise and conditioning (bench.workload). A failing
-non-eager system (a compile error, say) is recorded with its error and the run goes on.
+non-eager system (a compile error, say) is recorded with its error and the run goes on. The run uses the torch
+thread count of bench.threads (one that leaves the cores other work occupies) and ends with its warnings: unstable
+configurations, an oversubscribed CPU, too few repeats to judge, a latency that fell as the steps grew.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -22,7 +25,8 @@ from ..engine.pipeline import load
 from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler
-from .measure import Measurement, measure, run_record
+from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, Measurement, measure, run_record
+from .threads import CpuThreads
 from .workload import sample_inputs
 
 # Pipeline.compile modes, measured in this order (eager first); "compile-loop" is mode "compile" with
@@ -34,16 +38,17 @@ DTYPES = ("float32", "float16", "bfloat16")
 # What an option left unset means; --quick is a CI-sized smoke run. Default modes that need CUDA are skipped, with
 # a note, on other devices (naming one explicitly there is an error).
 DEFAULTS = {"modes": ("eager", "compile", "graph"), "batches": (1, 4, 16), "steps": (1, 2, 4, 8, 20, 50),
-            "throughput_steps": 20, "latency_batch": 1, "repeats": 5, "baselines": BASELINES}
+            "throughput_steps": 20, "latency_batch": 1, "repeats": 5, "baseline": BASELINES}
 QUICK = {"modes": ("eager", "graph"), "batches": (1, 2), "steps": (1, 2), "throughput_steps": 2, "latency_batch": 1,
-         "repeats": 1, "baselines": ("diffusers",)}
+         "repeats": 3, "baseline": ("diffusers",)}
 
 Sample = Callable[..., torch.Tensor]  # sample(n, *, steps, **sample_inputs(...)) -> the final sample
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What one `blitzdiff bench` run measures. modes / baselines None: the defaults (DEFAULTS, or QUICK)."""
+    """What one `blitzdiff bench` run measures (the fields are the command's options). modes / baseline None: the
+    defaults (DEFAULTS, or QUICK); threads None: bench.threads.THREAD_RULE."""
 
     model: str | None = None
     sampler: str | None = None
@@ -56,16 +61,22 @@ class BenchConfig:
     latency_batch: int = DEFAULTS["latency_batch"]
     guidance: float | None = None
     repeats: int = DEFAULTS["repeats"]
-    baselines: tuple[str, ...] | None = None
+    baseline: tuple[str, ...] | None = None
+    threads: int | None = None
     quick: bool = False
     channels_last: bool = False  # blitzdiff modes only: Pipeline.compile(channels_last=True)
 
 
 def bench_config(*, quick: bool = False, **options: Any) -> BenchConfig:
-    """A BenchConfig from command-line options; None means the default (QUICK's when quick). Modes and baselines
-    stay None when not given: planned_systems resolves them (a default CUDA-only mode is skipped, not refused)."""
+    """A BenchConfig from command-line options (BenchConfig's field names, as `blitzdiff bench`'s flags); None means
+    the default (QUICK's when quick). Modes and baseline stay None when not given: planned_systems resolves them (a
+    default CUDA-only mode is skipped, not refused)."""
+    unknown = sorted(set(options) - {f.name for f in fields(BenchConfig)})
+    if unknown:
+        allowed = ", ".join(f.name for f in fields(BenchConfig) if f.name != "quick")
+        raise ValueError(f"unknown bench option(s) {unknown}; allowed: {allowed}")
     defaults = QUICK if quick else DEFAULTS
-    values = {name: value for name, value in defaults.items() if name not in ("modes", "baselines")}
+    values = {name: value for name, value in defaults.items() if name not in ("modes", "baseline")}
     values.update({name: tuple(dict.fromkeys(value)) if isinstance(value, list | tuple) else value  # deduplicated
                    for name, value in options.items() if value is not None})
     return BenchConfig(quick=quick, **values)
@@ -99,7 +110,7 @@ def planned_systems(config: BenchConfig, device: torch.device) -> tuple[list[str
                              f"{device.type} use eager or compile")
         skipped = [{"name": f"blitzdiff-{m}", "status": "skipped", "reason": f"needs CUDA; the device is {device.type}"}
                    for m in cuda_only]
-    baselines = config.baselines if config.baselines is not None else (QUICK if config.quick else DEFAULTS)["baselines"]
+    baselines = config.baseline if config.baseline is not None else (QUICK if config.quick else DEFAULTS)["baseline"]
     if baselines == ("none",):
         baselines = ()
     bad = [b for b in baselines if b not in BASELINES]
@@ -110,40 +121,47 @@ def planned_systems(config: BenchConfig, device: torch.device) -> tuple[list[str
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every system of `config`; returns the results (see README, "Benchmarks": JSON fields)."""
+    """Measure every system of `config`; returns the results (see README, "Benchmarks": JSON fields). `log` gets
+    the progress: the thread count, then one line per configuration as it is measured."""
     device = torch.device(config.device)
     modes, baselines, systems = planned_systems(config, device)
-    for skipped in systems:
-        log(f"{skipped['name']}: skipped ({skipped['reason']})")
-    pipe = load(config.model, device=device, dtype=config.dtype)
-    sampler = config.sampler or pipe.sampler_name
-    if sampler is None:
-        raise ValueError(f"{pipe.name}'s scheduler class has no blitzdiff sampler: pass --sampler")
-    guidance = pipe.default_guidance_scale if config.guidance is None else config.guidance
-    check_job(pipe, sampler, guidance)
-    job = Job(pipe, sampler, guidance, config, log)
-    rows: list[dict[str, Any]] = []
-    # The split first: profiling ranges need the plain eager loop, i.e. the pipeline before any compile().
-    step_split = job.step_split() if "eager" in modes else None
-    max_graphs = len({(batch, steps) for _, batch, steps in job.configurations()})  # keep every build in the stats
-    for mode in modes:
-        name, build = f"blitzdiff-{mode}", partial(blitzdiff_sample, pipe, sampler, mode, max_graphs,
-                                                        config.channels_last)
-        # eager is the reference: its errors are not caught
-        systems.append(job.sweep(name, build(), rows) if mode == "eager" else job.guarded(name, build, rows))
-        if systems[-1]["status"] == "ok":
-            systems[-1]["runtime_stats"] = pipe.runtime_stats()
-    for baseline in baselines:
-        systems.append(job.guarded(baseline, partial(diffusers_sample, pipe, sampler, baseline), rows))
+    with CpuThreads(config.threads) as threads:
+        log(threads.describe())
+        for skipped in systems:
+            log(f"{skipped['name']}: skipped ({skipped['reason']})")
+        pipe = load(config.model, device=device, dtype=config.dtype)
+        sampler = config.sampler or pipe.sampler_name
+        if sampler is None:
+            raise ValueError(f"{pipe.name}'s scheduler class has no blitzdiff sampler: pass --sampler")
+        guidance = pipe.default_guidance_scale if config.guidance is None else config.guidance
+        check_job(pipe, sampler, guidance)
+        configurations = Job.configurations(config)
+        job = Job(pipe, sampler, guidance, config, log, total=(len(modes) + len(baselines)) * len(configurations))
+        rows: list[dict[str, Any]] = []
+        # The split first: profiling ranges need the plain eager loop, i.e. the pipeline before any compile().
+        step_split = job.step_split() if "eager" in modes else None
+        max_graphs = len({(batch, steps) for _, batch, steps in configurations})  # keep every build in the stats
+        for mode in modes:
+            name, build = f"blitzdiff-{mode}", partial(blitzdiff_sample, pipe, sampler, mode, max_graphs,
+                                                            config.channels_last)
+            # eager is the reference: its errors are not caught
+            systems.append(job.sweep(name, build(), rows) if mode == "eager" else job.guarded(name, build, rows))
+            if systems[-1]["status"] == "ok":
+                systems[-1]["runtime_stats"] = pipe.runtime_stats()
+        for baseline in baselines:
+            systems.append(job.guarded(baseline, partial(diffusers_sample, pipe, sampler, baseline), rows))
+        record = run_record(device)  # inside: the device record holds the run's thread count
     add_speedups(rows)
-    meta = {**run_record(device), "model": pipe.name, "sampler": sampler, "dtype": config.dtype,
+    meta = {**record, "threads": threads.record(), "model": pipe.name, "sampler": sampler, "dtype": config.dtype,
             "guidance_scale": guidance, "latent_shape": list(pipe.latent_shape(None, None)),
             "batches": list(config.batches), "steps": list(config.steps), "throughput_steps": config.throughput_steps,
             "latency_batch": config.latency_batch, "repeats": config.repeats, "quick": config.quick,
             "channels_last": config.channels_last,
+            "unstable_bounds": {"rel_iqr": UNSTABLE_REL_IQR, "max_over_min": UNSTABLE_MAX_OVER_MIN},
             "timing": "wall clock per sampling run, device synchronized before and after; the first call (build) "
-                      "and one warm-up call (peak memory) untimed; median of the repeats"}
-    return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split}
+                      "and one warm-up call (peak memory) untimed; median, quartiles, min and max of the repeats"}
+    warnings = [*threads.warnings(), *measurement_warnings(rows, config.repeats)]
+    return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split, "warnings": warnings}
 
 
 def check_job(pipe, sampler: str, guidance: float) -> None:
@@ -180,33 +198,37 @@ def error_line(error: BaseException) -> str:
 
 @dataclass
 class Job:
-    """One bench run's fixed parts: the pipeline, sampler, guidance scale, config and progress log."""
+    """One bench run's fixed parts: the pipeline, sampler, guidance scale, config and progress log (one line per
+    row: `done` of `total`)."""
 
     pipe: Any
     sampler: str
     guidance: float
     config: BenchConfig
     log: Callable[[str], None]
+    total: int
+    done: int = 0
 
-    def configurations(self) -> list[tuple[str, int, int]]:
+    @staticmethod
+    def configurations(config: BenchConfig) -> list[tuple[str, int, int]]:
         """(kind, batch, steps): throughput over the batch sizes, latency over the step counts."""
-        c = self.config
-        return ([("throughput", b, c.throughput_steps) for b in c.batches]
-                + [("latency", c.latency_batch, s) for s in c.steps])
+        return ([("throughput", b, config.throughput_steps) for b in config.batches]
+                + [("latency", config.latency_batch, s) for s in config.steps])
 
     def sweep(self, name: str, sample: Sample, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Measure `sample` on every configuration, appending one row each (a configuration met twice, e.g. the
         throughput batch equal to the latency batch, is measured once); returns the system's record."""
         measured: dict[tuple[int, int], Measurement] = {}
         build_s = 0.0
-        for kind, batch, steps in self.configurations():
+        for kind, batch, steps in self.configurations(self.config):
             if (batch, steps) not in measured:
                 inputs = sample_inputs(self.pipe, batch, self.guidance)
                 run = partial(sample, batch, steps=steps, **inputs)
                 measured[batch, steps] = measure(run, self.pipe.device, self.config.repeats)
                 build_s += measured[batch, steps].build_s
             rows.append(result_row(name, kind, batch, steps, measured[batch, steps]))
-            self.log(describe_row(rows[-1]))
+            self.done += 1
+            self.log(f"[{self.done:>{len(str(self.total))}}/{self.total}] {describe_row(rows[-1])}")
         return {"name": name, "status": "ok", "build_s": build_s}
 
     def guarded(self, name: str, build: Callable[[], Sample], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -234,17 +256,39 @@ class Job:
 
 
 def result_row(system: str, kind: str, batch: int, steps: int, m: Measurement) -> dict[str, Any]:
-    median = m.median_ms
-    return {"system": system, "kind": kind, "batch": batch, "steps": steps, "median_ms": median,
-            "ms_per_step": median / steps, "images_per_s": batch / (median / 1e3), "times_ms": list(m.times_ms),
-            "first_call_ms": m.first_call_ms, "build_s": m.build_s, "peak_memory_bytes": m.peak_memory_bytes,
-            "peak_total_bytes": m.peak_total_bytes}
+    """One configuration's row: the times' spread (Measurement.spread), per step and per image figures of the
+    median, every timed run, the build call, peak memory, and whether the repeats disagree (`unstable`)."""
+    spread = m.spread()
+    return {"system": system, "kind": kind, "batch": batch, "steps": steps, **spread,
+            "ms_per_step": spread["median_ms"] / steps, "images_per_s": batch / (spread["median_ms"] / 1e3),
+            "unstable": m.unstable, "times_ms": list(m.times_ms), "first_call_ms": m.first_call_ms,
+            "build_s": m.build_s, "peak_memory_bytes": m.peak_memory_bytes, "peak_total_bytes": m.peak_total_bytes}
 
 
 def describe_row(row: dict[str, Any]) -> str:
     return (f"{row['system']:<18} {row['kind']:<10} batch {row['batch']:>4} steps {row['steps']:>4}: "
-            f"{row['median_ms']:10.2f} ms {row['images_per_s']:9.1f} images/s, "
-            f"first call {row['first_call_ms']:.0f} ms")
+            f"{row['median_ms']:10.2f} ms [{row['min_ms']:.2f}-{row['max_ms']:.2f}] IQR {row['rel_iqr']:.0%}, "
+            f"{row['images_per_s']:.1f} images/s, first call {row['first_call_ms']:.0f} ms"
+            + (" UNSTABLE" if row["unstable"] else ""))
+
+
+def measurement_warnings(rows: list[dict[str, Any]], repeats: int) -> list[str]:
+    """What makes measured rows untrustworthy: repeats that disagree (a row's `unstable`), a single repeat (no
+    spread to judge), a latency that fell as the step count grew (more steps are more work: noise beat it)."""
+    unstable = {(r["system"], r["batch"], r["steps"]): r for r in rows if r["unstable"]}  # one per measurement
+    found = [f"unstable: {system} batch {batch}, {steps} step{'s' if steps != 1 else ''}: repeats "
+             f"{r['min_ms']:.2f}-{r['max_ms']:.2f} ms (slowest / fastest {r['max_over_min']:.2f}, bound "
+             f"{UNSTABLE_MAX_OVER_MIN:g}; IQR {r['rel_iqr']:.0%} of the median, bound {UNSTABLE_REL_IQR:.0%})"
+             for (system, batch, steps), r in unstable.items()]
+    for system in dict.fromkeys(r["system"] for r in rows):
+        latency = sorted((r["steps"], r["median_ms"]) for r in rows if (r["system"], r["kind"]) == (system, "latency"))
+        found += [f"latency fell: {system} took {ms:.2f} ms for {steps} steps but {shorter_ms:.2f} ms for {fewer} "
+                  "steps: more steps are more work, so these figures are noise"
+                  for (fewer, shorter_ms), (steps, ms) in pairwise(latency) if ms < shorter_ms]
+    if rows and repeats < 2:
+        found.append(f"repeats: {repeats} timed run per configuration, so no spread to judge the figures by: use "
+                     "--repeats 5 or more for figures")
+    return found
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:

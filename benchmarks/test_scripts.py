@@ -1,0 +1,75 @@
+"""Every benchmark script (benchmarks/bench_*.py, benchmarks/kernels/bench_*.py) runs end to end in its --quick mode
+(tiny sizes, 3 repeats, no torch.compile rows), as a user runs it, so none can rot unnoticed: it exits 0, says which
+thread count it used, and prints a table of finite figures. A new script is picked up by its name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = sorted([*HERE.glob("bench_*.py"), *(HERE / "kernels").glob("bench_*.py")])
+HEADER_WORDS = ("variant", "sampler")  # every script's table header names one of these columns
+
+
+def run_script(script: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", *args], capture_output=True,
+                            text=True, timeout=300, cwd=HERE.parent)
+    assert result.returncode == 0, f"{script.name} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def table_rows(printed: str) -> list[list[str]]:
+    """The words of each line of the script's table: after its header, before any warning banner."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if any(word in line.split() for word in HEADER_WORDS))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("!"):
+            break
+        rows.append(line.split())
+    return rows
+
+
+def numbers(words: list[str]) -> list[float]:
+    found = []
+    for word in words:
+        try:
+            found.append(float(word.removesuffix("x")))
+        except ValueError:  # a shape, a name, "n/a"
+            continue
+    return found
+
+
+def test_every_script_is_found():
+    names = {script.name for script in SCRIPTS}
+    assert {"bench_scheduler_overhead.py", "bench_attention.py", "bench_group_norm.py"} <= names and len(names) >= 8
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: str(script.relative_to(HERE)))
+def test_script_runs_quick(script, tmp_path):
+    report = tmp_path / "figures.json"  # bench_scheduler_overhead.py also writes its figures as JSON
+    printed = run_script(script, *(["--json", str(report)] if script.name == "bench_scheduler_overhead.py" else []))
+    assert printed.startswith("torch threads: 1 (as requested)"), printed
+    rows = table_rows(printed)
+    assert len(rows) >= 2, printed  # a reference row and at least one contender
+    for row in rows:
+        figures = numbers(row)
+        assert figures and all(math.isfinite(x) and x >= 0 for x in figures), (row, printed)
+    if report.exists():
+        check_overhead_json(json.loads(report.read_text()), rows)
+
+
+def check_overhead_json(data: dict, rows: list[list[str]]) -> None:
+    """The JSON of bench_scheduler_overhead.py --quick: its settings, the table's rows, ratio = theirs / ours."""
+    assert data["meta"]["threads"]["count"] == 1 and data["meta"]["steps"] == 4 and data["meta"]["repeats"] == 3
+    assert [row["sampler"] for row in data["rows"]] == [row[0] for row in rows] and len(rows) == 6
+    for row in data["rows"]:
+        assert row["blitzdiff_us_per_step"] > 0 and row["diffusers_us_per_step"] > 0
+        assert row["ratio"] == pytest.approx(row["diffusers_us_per_step"] / row["blitzdiff_us_per_step"])
