@@ -1,10 +1,11 @@
 """blitzdiff.load(folder).sample(...) against diffusers' own denoising loops on the same folder.
 
 Tiny random diffusers models are saved as pipeline folders (UNet2D pixel model; UNet2DCondition + VAE, Stable
-Diffusion style; DiT with learned sigma + VAE). With the same sampler, step count and initial noise, the Pipeline's
-`output_type="raw"` equals the loop diffusers' pipelines run (DDPMPipeline, StableDiffusionPipeline, DiTPipeline:
-written out here with their guidance and learned-sigma handling) to 1e-4 relative in float32, with and without
-guidance; decoding equals the VAE's decode.
+Diffusion style; DiT with learned sigma + VAE) and one bare model folder (a grayscale UNet2D). With the same sampler,
+step count and initial noise, the Pipeline's `output_type="raw"` equals the loop diffusers' pipelines run
+(DDPMPipeline, StableDiffusionPipeline, DiTPipeline: written out here with their guidance and learned-sigma
+handling) to 1e-4 relative in float32, with and without guidance, and with load()'s scheduler_config, vae and
+sample()'s height / width; decoding equals the diffusers VAE's decode; PIL images hold the numpy output's pixels.
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import blitzdiff
+import blitzdiff.engine.sampler
+from blitzdiff.engine.config import resolve
+from blitzdiff.engine.pipeline import INITIAL_NOISE_STREAM
+from blitzdiff.engine.solvers import build_plan
+from blitzdiff.kernels.gaussian_noise import gaussian_noise_ref
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -51,7 +58,7 @@ def _vae():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """name -> (pipeline folder, the diffusers components it was saved from)."""
+    """name -> (pipeline folder, the diffusers components it was saved from); "gray" is a bare model folder."""
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                                  layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -75,6 +82,12 @@ def folders(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         folder = _save(tmp_path_factory.mktemp(name), cls, scheduler, **parts)
         # Reloaded from the folder, as a diffusers user has it (its config then lists every field explicitly).
         out[name] = folder, {"scheduler": type(scheduler).from_pretrained(folder / "scheduler"), **parts}
+    gray = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2)
+    folder = tmp_path_factory.mktemp("gray")
+    _randomize(gray, 5).save_pretrained(folder)
+    out["gray"] = folder, {"unet": gray}
     return out
 
 
@@ -156,10 +169,14 @@ def test_stable_diffusion_pipeline_matches_diffusers(folders, guidance):
     assert (images - decoded).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("mode", [None, "eager"])
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
-def test_dit_pipeline_matches_diffusers(folders, guidance):
+def test_dit_pipeline_matches_diffusers(folders, guidance, mode):
+    # Learned sigma: the DiT returns [eps; variance] (8 channels for 4); both paths keep the leading 4, as diffusers.
     folder, parts = folders["dit"]
     pipe = blitzdiff.load(folder)
+    if mode is not None:
+        pipe.compile(mode)  # the compiled runtime's own NetworkCall (its reference mode runs on the CPU)
     x, labels = noise((3, 4, 8, 8)), torch.tensor([1, 7, 3])
     ours = pipe.sample(3, steps=STEPS, noise=x, class_labels=labels, guidance_scale=guidance, output_type="raw",
                        progress=False)
@@ -173,16 +190,24 @@ def test_dit_guidance_defaults_to_diffusers_4(folders):
     torch.testing.assert_close(pipe.sample(1, **kwargs), pipe.sample(1, guidance_scale=4.0, **kwargs))
 
 
-def test_output_types(folders):
-    pipe = blitzdiff.load(folders["ddpm"][0])
+@pytest.mark.parametrize(("name", "mode"), [("ddpm", "RGB"), ("gray", "L")])
+def test_output_types(folders, name, mode):
+    pipe = blitzdiff.load(folders[name][0])
+    channels = 3 if mode == "RGB" else 1
     kwargs = dict(steps=2, seeds=3, progress=False)
+    raw = pipe.sample(2, output_type="raw", **kwargs)
     tensor = pipe.sample(2, output_type="tensor", **kwargs)
     array = pipe.sample(2, output_type="numpy", **kwargs)
     images = pipe.sample(2, output_type="pil", **kwargs)
-    assert tensor.shape == (2, 3, 8, 8) and 0 <= tensor.min() and tensor.max() <= 1
-    assert array.shape == (2, 8, 8, 3)
+    assert torch.equal(tensor, (raw / 2 + 0.5).clamp(0, 1))  # a pixel model: [-1, 1] -> [0, 1], no VAE
+    assert array.shape == (2, 8, 8, channels) and array.dtype == np.float32
     assert torch.equal(torch.from_numpy(array).permute(0, 3, 1, 2), tensor)
-    assert len(images) == 2 and images[0].size == (8, 8)
+    pixels = (array * 255).round().astype(np.uint8)  # [0, 1] -> 0..255, rounded to nearest
+    assert len(images) == 2
+    for image, expected in zip(images, pixels, strict=True):
+        assert image.mode == mode and image.size == (8, 8)
+        assert np.array_equal(np.asarray(image), expected if channels == 3 else expected[..., 0])
+    assert len(np.unique(pixels)) > 10  # the check sees many levels, not only clamped 0 / 255
 
 
 def test_seeds_key_each_sample(folders):
@@ -193,6 +218,93 @@ def test_seeds_key_each_sample(folders):
     alone = pipe.sample(1, steps=3, seeds=[9], class_labels=[2], output_type="raw", progress=False)
     assert_close(together[1:2], alone)
     assert (together[0] - together[2]).abs().max() > 0.1
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def test_initial_noise_is_independent_of_the_loops_noise(folders, monkeypatch):
+    """x_T has its own stream: stage k draws from streams 2k (its point) and 2k + 1 (its update), so sharing one
+    would correlate x_T with that stage's noise and skew every sample's variance."""
+    pipe = blitzdiff.load(folders["ddpm"][0])
+    draw, draws, inputs = blitzdiff.engine.sampler.gaussian, [], []
+
+    def recorded(seeds, stream, shape, dtype, *, backend="ref"):
+        draws.append(draw(seeds, stream, shape, dtype, backend=backend))
+        return draws[-1]
+
+    monkeypatch.setattr(blitzdiff.engine.sampler, "gaussian", recorded)
+    for sampler in ("ddpm", "euler_ancestral"):
+        draws.clear()
+        inputs.clear()
+        pipe.sample(4, steps=4, sampler=sampler, seeds=11, callback=lambda i, t, x: inputs.append(x.clone()),
+                    output_type="raw", progress=False)
+        initial = inputs[0]  # the first network input: x_T (c_in = 1 for epsilon; init_scale ~ 1)
+        assert len(draws) >= 3  # an update noise in every stage (the last may have none)
+        for z in draws:  # 768 values each: independent draws correlate by ~0.04
+            assert abs(correlation(initial, z)) < 0.2, sampler
+    # x_T is the stream INITIAL_NOISE_STREAM, above every stream of the longest plan: heun (2 evaluations per step
+    # but the last, the most of any sampler) over the whole training schedule.
+    assert correlation(initial, gaussian_noise_ref(torch.arange(11, 15), INITIAL_NOISE_STREAM, (3, 8, 8),
+                                                   torch.float32)) > 0.9999
+    config = resolve("heun", pipe.scheduler_config)
+    assert INITIAL_NOISE_STREAM >= 2 * len(build_plan(config, config.num_train_timesteps).stages)
+
+
+V_COSINE = {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "clip_sample": False,
+            "set_alpha_to_one": False, "steps_offset": 1}
+
+
+@pytest.mark.parametrize("name", ["ddpm", "gray"])
+def test_load_scheduler_config_replaces_the_folders(folders, tmp_path, name):
+    # A pipeline folder's DDIM config replaced by a dict; a bare model's default (DDPM) by a scheduler folder.
+    folder, parts = folders[name]
+    scheduler = diffusers.DDIMScheduler(**V_COSINE)
+    scheduler.save_pretrained(tmp_path)
+    given = tmp_path if name == "gray" else json.loads((tmp_path / "scheduler_config.json").read_text())
+    x = noise((2, parts["unet"].config.in_channels, 8, 8))
+    kwargs = dict(steps=STEPS, noise=x, output_type="raw", progress=False)
+    ours = blitzdiff.load(folder, scheduler_config=given).sample(2, **kwargs)
+    assert_close(ours, diffusers_loop({**parts, "scheduler": scheduler}, x))
+    folders_own = blitzdiff.load(folder).sample(2, **kwargs)
+    assert ((ours - folders_own).abs().max() / folders_own.abs().max()).item() > 0.1
+
+
+def test_load_vae_decodes_with_the_given_vae(folders, tmp_path):
+    # vae= gives a bare latent model its decoder, and replaces a pipeline folder's own.
+    folder, parts = folders["dit"]
+    parts["transformer"].save_pretrained(tmp_path / "dit")
+    vae = _randomize(_vae(), 5)
+    vae.save_pretrained(tmp_path / "vae")
+    kwargs = dict(steps=2, seeds=4, class_labels=[2, 6], progress=False)
+    for model_folder in (tmp_path / "dit", folder):
+        raw = blitzdiff.load(model_folder).sample(2, output_type="raw", **kwargs)
+        images = blitzdiff.load(model_folder, vae=tmp_path / "vae").sample(2, output_type="tensor", **kwargs)
+        with torch.no_grad():
+            expected = (vae.decode(raw / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        assert images.shape == (2, 3, 16, 16)
+        assert (images - expected).abs().max().item() < 1e-4
+    assert (blitzdiff.load(folder).sample(2, output_type="tensor", **kwargs) - images).abs().max() > 0.05
+    assert blitzdiff.load(tmp_path / "dit").sample(2, output_type="tensor", **kwargs).shape == (2, 4, 8, 8)  # latents
+
+
+def test_height_and_width_set_the_latent_size(folders):
+    folder, parts = folders["sd"]
+    pipe = blitzdiff.load(folder)
+    prompt = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(2))
+    x = noise((1, 4, 6, 10))  # 12 x 20 pixels: the VAE scales by 2
+    ours = pipe.sample(1, steps=STEPS, noise=x, height=12, width=20, encoder_hidden_states=prompt, output_type="raw",
+                       progress=False)
+    assert_close(ours, diffusers_loop(parts, x, encoder_hidden_states=prompt))
+    images = pipe.sample(1, steps=2, height=12, width=20, encoder_hidden_states=prompt, output_type="tensor",
+                         progress=False)
+    assert images.shape == (1, 3, 12, 20)
+    pixels = blitzdiff.load(folders["ddpm"][0]).sample(1, steps=2, height=6, width=4, output_type="tensor",
+                                                       progress=False)
+    assert pixels.shape == (1, 3, 6, 4)  # no VAE: height and width are the sample's own
 
 
 def test_callback_and_progress(folders):
@@ -217,6 +329,10 @@ BAD = {
                          r"needs negative_encoder_hidden_states"),
     "height": ("sd", {"encoder_hidden_states": torch.zeros(1, 5, 8), "height": 15}, r"height=15 must be a positive "
                r"multiple of 2"),
+    "width": ("sd", {"encoder_hidden_states": torch.zeros(1, 5, 8), "width": 9}, r"width=9 must be a positive "
+              r"multiple of 2"),
+    "height-zero": ("sd", {"encoder_hidden_states": torch.zeros(1, 5, 8), "height": 0}, r"height=0 must be a "
+                    r"positive multiple of 2"),
     "sampler": ("ddpm", {"sampler": "plms"}, r"unknown sampler 'plms'"),
 }
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from blitzdiff.kernels import adaln_gated_residual, adaln_gated_residual_ref, adaln_modulate, adaln_modulate_ref
-from blitzdiff.kernels._backends import triton_interpreted
+from blitzdiff.kernels._backends import choose_backend, triton_interpreted
+from blitzdiff.kernels.adaln_modulate import AUTO_ORDER, KERNEL_DTYPES
 
 TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/conftest.py picks the mode
 
@@ -126,10 +127,16 @@ def test_empty_and_auto():
     assert adaln_modulate(x, shift, scale, backend="cpu").shape == (2, 0, 8)
     assert adaln_gated_residual(x, y, gate, backend="cpu").shape == (2, 0, 8)
     x, shift, scale, gate, y = make_inputs((2, 3, 8), torch.float32)
-    cpu = adaln_modulate(x, shift, scale, backend="cpu")
-    assert torch.equal(adaln_modulate(x, shift, scale, backend="auto"), cpu)  # the CPU kernel where built
+    cpu = torch.device("cpu")
+    assert choose_backend(cpu, torch.float32, KERNEL_DTYPES, AUTO_ORDER) == "cpu"  # the CPU kernel where built
+    assert torch.equal(adaln_modulate(x, shift, scale, backend="auto"), adaln_modulate(x, shift, scale, backend="cpu"))
+    assert choose_backend(cpu, torch.float16, KERNEL_DTYPES, AUTO_ORDER) == "ref"  # no CPU kernel: the spec
     half = [t.half() for t in (x, shift, scale)]
-    assert torch.equal(adaln_modulate(*half, backend="auto"), adaln_modulate_ref(*half))  # no CPU kernel: the spec
+    out = adaln_modulate(*half, backend="auto")
+    assert torch.equal(out, adaln_modulate_ref(*half))
+    wide = [t.double() for t in half]  # and the spec is right in float16: LayerNorm, scale, shift in float64
+    exact = torch.nn.functional.layer_norm(wide[0], (8,), eps=1e-6) * (1 + wide[2][:, None]) + wide[1][:, None]
+    torch.testing.assert_close(out.double(), exact, rtol=2e-3, atol=2e-3)  # float16 keeps 11 bits: 5e-4 relative
 
 
 @pytest.mark.parametrize("backend", ["ref", *KERNEL_BACKENDS])

@@ -139,7 +139,8 @@ def test_heads_merge_without_a_copy(backend, layout):
     merged = out.transpose(1, 2).reshape(2, 17, 3 * 16)
     if backend != "ref" or layout == "blhd":
         assert merged.data_ptr() == out.data_ptr() and merged._base is not None
-    torch.testing.assert_close(out, attention_ref(q, k, v))
+    err, plain_err, largest = errors(out, q, k, v)  # against float64 attention, not the float32 spec (auto's own)
+    assert err <= 2 * plain_err + torch.finfo(torch.float32).eps * largest, (err, plain_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

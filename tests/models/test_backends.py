@@ -2,10 +2,10 @@
 
 The budget is the kernel tests' rule applied to the whole network: against a float64 run of the same weights, a
 backend's float32 output error is at most 2x the float32 `ref` output's error (plus a floor of a few float32 ulps
-of the output's scale, for networks whose ref error is itself at the ulp level). "auto" picks the C++ kernels on
-CPU where an op has one (GroupNorm, adaLN, timestep embedding) and ref elsewhere; "triton" runs the Triton kernels,
-under TRITON_INTERPRET=1 here (tests/conftest.py sets it when no GPU is usable). Head dims are >= 16, what the
-attention kernels take.
+of the output's scale, for networks whose ref error is itself at the ulp level), and its output is not bitwise the
+`ref` output (some kernel ran). "auto" picks the C++ kernels on CPU where an op has one (GroupNorm, adaLN, timestep
+embedding) and ref elsewhere; "triton" runs the Triton kernels, under TRITON_INTERPRET=1 here (tests/conftest.py
+sets it when no GPU is usable). Head dims are >= 16, what the attention kernels take.
 """
 
 from __future__ import annotations
@@ -65,8 +65,11 @@ def run(model: torch.nn.Module, inputs: dict, dtype: torch.dtype) -> torch.Tenso
 def test_model_backend_matches_ref_within_budget(name, backend):
     model, inputs = build(name)
     exact = run(copy.deepcopy(model), inputs, torch.float64)
-    ref_error = (run(copy.deepcopy(model), inputs, torch.float32) - exact).abs().max().item()
-    fused = set_backend(copy.deepcopy(model), backend)
-    error = (run(fused, inputs, torch.float32) - exact).abs().max().item()
+    ref = run(set_backend(copy.deepcopy(model), "ref"), inputs, torch.float32)
+    ref_error = (ref - exact).abs().max().item()
+    fused = run(set_backend(copy.deepcopy(model), backend), inputs, torch.float32)
+    error = (fused - exact).abs().max().item()
     floor = 4 * torch.finfo(torch.float32).eps * exact.abs().max().item()
     assert error <= 2 * ref_error + floor, f"{name} on {backend}: error {error:.3g}, ref's {ref_error:.3g}"
+    # The budget alone would pass a backend that ran the spec everywhere; a kernel rounds differently somewhere.
+    assert not torch.equal(fused, ref), f"{name} on {backend}: bitwise the ref output, so no kernel ran"
