@@ -5,47 +5,71 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from .engine.config import SAMPLERS
+from .engine.pipeline import DEFAULT_MODEL, EMBEDDED
+from .models import PRESETS
 
 MIN_TILE = 64  # pixels: tiny images (the embedded models are 16x16) are enlarged in the grid, nearest-neighbour
+GAP = 2  # pixels of mid-grey between the grid's tiles
+GAP_VALUE = 128
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line, like the commands' own (argparse prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a checkpoint folder or file, an embedded model: "
-                        "dit-digits (default), unet-digits, or a random-weight preset: sd15-unet, dit-xl-2-256, "
-                        "dit-xl-2-512")
-    parser.add_argument("--sampler", default=None, help="a sampler name (default: the folder's scheduler)")
+    embedded = ", ".join(f"{name} (default)" if name == DEFAULT_MODEL else name for name in EMBEDDED)
+    parser.add_argument("--model", default=None, help=f"a checkpoint folder or file, an embedded model: {embedded}, "
+                        f"or a random-weight preset: {', '.join(PRESETS)}")
+    parser.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default: the folder's "
+                        "scheduler)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                        "model's recommended one, from its model_index.json; else 4.0 for a DiT with a null class, "
+                        "else 1.0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blitzdiff", description="Fast, sync-free sampling of diffusion models.")
+    parser = _Parser(prog="blitzdiff", description="Fast, sync-free sampling of diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser("sample", help="sample a model and write a PNG grid")
     _add_model_options(sample)
-    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    sample.add_argument("--dtype", default="float32", help="the network's dtype: float32 (default), float16, "
+                        "bfloat16")
     sample.add_argument("-n", type=int, default=16, help="number of samples")
     sample.add_argument("--seed", type=int, default=0, help="sample i gets seed + i")
     sample.add_argument("--class", dest="classes", type=int, nargs="+", default=None,
                         help="class label(s) for a class-conditional model (default: 0, 1, 2, ... cycling)")
-    sample.add_argument("--output", default="samples.png", help="PNG file to write (default samples.png)")
+    sample.add_argument("--output", default="samples.png", help="PNG file to write, in an existing folder (default "
+                        "samples.png)")
     sample.add_argument("--mode", choices=["eager", "compile", "step", "graph"], default=None,
                         help="run through Pipeline.compile(mode): a first call builds (compile / CUDA graph "
                         "capture), a second one is timed (default: the plain eager loop, one call)")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     info = commands.add_parser("info", help="describe a checkpoint folder or file")
-    info.add_argument("path", help="a checkpoint folder or file, or an embedded model name")
+    info.add_argument("path", nargs="?", default=None, help=f"a checkpoint folder or file, an embedded model name "
+                      f"(default {DEFAULT_MODEL}) or a random-weight preset")
 
     evaluate = commands.add_parser("eval", help="sample quality of an embedded digits model (Frechet distance in the "
                                    "feature space of a digits classifier; class accuracy)")
     _add_model_options(evaluate)
-    evaluate.add_argument("--steps", type=int, nargs="+", default=[20])
+    evaluate.add_argument("--steps", type=int, nargs="+", default=[20], help="sampling steps, one evaluation per "
+                          "count (default 20)")
     evaluate.add_argument("-n", type=int, default=300, help="samples per evaluation")
     evaluate.add_argument("--json", help="also write the figures to this JSON file")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = commands.add_parser("bench", help="throughput, latency, per-step split, build time and peak memory of "
                                 "blitzdiff's runtime modes and of diffusers on the same checkpoint and sampler")
@@ -57,14 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, nargs="+", help="latency step counts (default 1 2 4 8 20 50)")
     bench.add_argument("--throughput-steps", type=int, help="step count of the throughput runs (default 20)")
     bench.add_argument("--latency-batch", type=int, help="batch size of the latency runs (default 1)")
-    bench.add_argument("--repeats", type=int, help="timed runs per configuration, median reported (default 5)")
+    bench.add_argument("--repeats", type=int, help="timed runs per configuration: median, min, max and IQR reported, "
+                       "a warning when they disagree (default 5)")
     bench.add_argument("--baseline", nargs="+", help="diffusers, diffusers-compile (default both), or none")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: the usable cores minus the rounded "
+                       "load average, at least 1, at most torch's default; recorded in the JSON)")
     bench.add_argument("--channels-last", action="store_true", help="blitzdiff modes with the network's weights "
                        "channels-last (Pipeline.compile(channels_last=True)); baselines as loaded")
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.add_argument("--plots", help="write latency-vs-steps and throughput-vs-batch PNGs into this folder")
     bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "
-                       "at 2 steps, 1 repeat, modes eager graph, baseline diffusers (options given still apply)")
+                       "at 2 steps, 3 repeats, modes eager graph, baseline diffusers (options given still apply)")
 
     prof = commands.add_parser("profile", help="profile one sampling run: a torch.profiler trace (Chrome / Perfetto "
                                "JSON), network / solver / host time per step, and the ops of each step")
@@ -77,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--top", type=int, default=20, help="ops per table (default 20)")
     prof.add_argument("--per-step", action="store_true", help="also an op table for each step")
     prof.add_argument("--json", help="also write the figures to this JSON file")
+    prof.add_argument("--threads", type=int, help="torch CPU threads (default: as `blitzdiff bench`, the usable cores "
+                      "minus the rounded load average, at least 1, at most torch's default)")
     return parser
 
 
@@ -88,28 +117,49 @@ def _labels(pipe, n: int, classes: Sequence[int] | None) -> list[int] | None:
 
 
 def grid(images: list) -> object:
-    """PIL images of one size -> one PIL image, ceil(sqrt(n)) columns, tiles enlarged to at least MIN_TILE px."""
+    """PIL images of one size -> one PIL image, ceil(sqrt(n)) columns, tiles enlarged to at least MIN_TILE px and
+    GAP px apart (mid-grey)."""
     from PIL import Image
 
     width, height = images[0].size
     zoom = max(1, math.ceil(MIN_TILE / max(width, height)))
+    tile_w, tile_h = width * zoom, height * zoom
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    sheet = Image.new(images[0].mode, (columns * width * zoom, rows * height * zoom))
+    size = (columns * tile_w + (columns - 1) * GAP, rows * tile_h + (rows - 1) * GAP)
+    sheet = Image.new(images[0].mode, size, (GAP_VALUE,) * len(images[0].getbands()))
     for i, image in enumerate(images):
-        tile = image.resize((width * zoom, height * zoom), Image.NEAREST)
-        sheet.paste(tile, ((i % columns) * width * zoom, (i // columns) * height * zoom))
+        tile = image.resize((tile_w, tile_h), Image.NEAREST)
+        sheet.paste(tile, ((i % columns) * (tile_w + GAP), (i // columns) * (tile_h + GAP)))
     return sheet
+
+
+def check_writable(option: str, path: str, suffix: str | None = None) -> None:
+    """Refuse an output file that cannot be written (a folder, a missing one, another format than `suffix`'s), before
+    any work."""
+    output = Path(path)
+    if output.is_dir() or (suffix is not None and output.suffix.lower() != suffix):
+        raise ValueError(f"{option} {path}: give a file name" + (f" ending in {suffix} (the format written)"
+                                                                 if suffix is not None else ""))
+    folder = output.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path}: folder {folder} is not writable")
 
 
 def run_sample(args) -> None:
     import blitzdiff
     from blitzdiff.bench.measure import timed_ms
+    from blitzdiff.profiling import prompt_embeddings
 
-    pipe = blitzdiff.load(args.model, device=args.device)
+    check_writable("--output", args.output, ".png")
+    pipe = blitzdiff.load(args.model, device=args.device, dtype=args.dtype)
     labels = _labels(pipe, args.n, args.classes)
+    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
     kwargs = dict(steps=args.steps, sampler=args.sampler, seeds=args.seed, class_labels=labels,
-                  guidance_scale=args.guidance, progress=not args.no_progress)
+                  guidance_scale=guidance, progress=not args.no_progress,
+                  **prompt_embeddings(pipe, args.n, guidance))  # random stand-ins for a text-conditional UNet
 
     result = {}
 
@@ -124,34 +174,48 @@ def run_sample(args) -> None:
     elapsed = timed_ms(sample, pipe.device) / 1e3
     raw = result["raw"]
     images = blitzdiff.engine.pipeline.to_pil(pipe.decode(raw).permute(0, 2, 3, 1).cpu().numpy())
-    grid(images).save(args.output)
-    print(f"{pipe.name}: {args.n} samples, {args.steps} steps of {args.sampler or pipe.sampler_name} on {args.device}: "
-          f"{elapsed / args.steps * 1e3:.2f} ms/step, {args.n / elapsed:.1f} images/s ({note}) -> {args.output}")
+    grid(images).save(args.output, format="PNG")
+    notes = [f"guidance {guidance:g}"]
+    if pipe.kind.text_conditional:
+        notes.append("random stand-in prompt embeddings")
+    if pipe.vae is None and pipe.model.config["in_channels"] == 4:
+        notes.append("the PNG shows the raw latents: no VAE")
+    print(f"{pipe.name}: {args.n} samples, {args.steps} steps of {args.sampler or pipe.sampler_name} on {args.device} "
+          f"({args.dtype}, {', '.join(notes)}): {elapsed / args.steps * 1e3:.2f} ms/step, {args.n / elapsed:.1f} "
+          f"images/s ({note}) -> {args.output}")
 
 
 def run_info(args) -> None:
-    from blitzdiff.engine.pipeline import model_path
-    from blitzdiff.models import describe
+    from blitzdiff.engine.pipeline import info
 
-    print(json.dumps(describe(model_path(args.path)), indent=2, default=str))
+    print(json.dumps(info(args.path), indent=2, default=str))
 
 
 def run_eval(args) -> None:
     import torch
+    from tqdm.auto import tqdm
 
     import blitzdiff
     from blitzdiff import quality
 
+    if args.json:
+        check_writable("--json", args.json)
     pipe = blitzdiff.load(args.model, device=args.device)
+    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
+    sampler = args.sampler or pipe.sampler_name
+    total = sum(pipe.evaluations(steps, args.sampler) for steps in args.steps)
+    bar = tqdm(total=total, desc="eval", unit="eval", leave=True, disable=args.no_progress)
     rows = []
-    for steps in args.steps:
-        labels = _labels(pipe, args.n, None)
-        images = pipe.sample(args.n, steps=steps, sampler=args.sampler, seeds=0, class_labels=labels,
-                             guidance_scale=args.guidance, output_type="tensor", progress=False)
-        scores = quality.evaluate(images.cpu() * 2 - 1, None if labels is None else torch.tensor(labels))
-        rows.append({"model": pipe.name, "sampler": args.sampler or pipe.sampler_name, "steps": steps, **scores})
-        shown = ", ".join(f"{k} {scores[k]:.3f}" for k in ("fd", "accuracy") if k in scores)
-        print(f"{pipe.name} {rows[-1]['sampler']} {steps} steps: {shown}")
+    with bar:
+        for steps in args.steps:
+            labels = _labels(pipe, args.n, None)
+            images = pipe.sample(args.n, steps=steps, sampler=args.sampler, seeds=0, class_labels=labels,
+                                 guidance_scale=guidance, output_type="tensor", progress=False,
+                                 callback=lambda i, t, x: bar.update(1))
+            scores = quality.evaluate(images.cpu() * 2 - 1, None if labels is None else torch.tensor(labels))
+            rows.append({"model": pipe.name, "sampler": sampler, "steps": steps, "guidance": guidance, **scores})
+            shown = ", ".join(f"{k} {scores[k]:.3f}" for k in ("fd", "accuracy") if k in scores)
+            bar.write(f"{pipe.name} {sampler} {steps} steps, guidance {guidance:g}: {shown}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -163,8 +227,8 @@ def run_bench(args) -> None:
     config = bench.bench_config(
         quick=args.quick, model=args.model, sampler=args.sampler, device=args.device, dtype=args.dtype,
         modes=args.modes, batches=args.batches, steps=args.steps, throughput_steps=args.throughput_steps,
-        latency_batch=args.latency_batch, guidance=args.guidance, repeats=args.repeats, baselines=args.baseline,
-        channels_last=args.channels_last)
+        latency_batch=args.latency_batch, guidance=args.guidance, repeats=args.repeats, baseline=args.baseline,
+        threads=args.threads, channels_last=args.channels_last)
     results = bench.run_bench(config)
     print("\n" + bench.format_results(results))
     if args.json:
@@ -179,20 +243,26 @@ def run_profile(args) -> None:
 
     import blitzdiff
     from blitzdiff import profiling
+    from blitzdiff.bench import CpuThreads, format_warnings
 
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    pipe = blitzdiff.load(args.model, device=args.device, dtype=args.dtype)
-    conditioning = dict(class_labels=_labels(pipe, args.n, None),
-                        **profiling.prompt_embeddings(pipe, args.n, args.guidance))
-    result = profiling.profile_sampling(pipe, args.n, steps=args.steps, sampler=args.sampler, trace_path=args.trace,
-                                        guidance_scale=args.guidance, **conditioning)
+    with CpuThreads(args.threads) as threads:
+        pipe = blitzdiff.load(args.model, device=args.device, dtype=args.dtype)
+        guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
+        conditioning = dict(class_labels=_labels(pipe, args.n, None),
+                            **profiling.prompt_embeddings(pipe, args.n, guidance))
+        result = profiling.profile_sampling(pipe, args.n, steps=args.steps, sampler=args.sampler,
+                                            trace_path=args.trace, guidance_scale=guidance, **conditioning)
     run = {"model": pipe.name, "sampler": args.sampler or pipe.sampler_name, "steps": args.steps, "n": args.n,
-           "dtype": args.dtype, "guidance": args.guidance, "torch": torch.__version__}
+           "dtype": args.dtype, "guidance": guidance, "torch": torch.__version__, "threads": threads.record(),
+           "warnings": threads.warnings()}
     print(f"{run['model']}: {args.n} samples, {args.steps} steps of {run['sampler']} on {args.device} ({args.dtype}); "
-          "one profiled run after warm-up")
+          f"one profiled run after warm-up\n{threads.describe()}")
     print(profiling.format_report(result, args.top, args.per_step))
     print(f"trace -> {args.trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    if run["warnings"]:
+        print(format_warnings(run["warnings"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**run, **result.to_dict()}, f, indent=2)

@@ -3,8 +3,9 @@
     python scripts/eval_table.py [--samplers ddim dpmpp_2m unipc euler_ancestral] [--steps 1 2 4 10 20 50]
                                  [-n 500] [--json benchmarks/results/eval_default_models.json]
 
-Each cell samples n images (seeds 0..n-1; classes cycling 0..9 for the DiT, guidance at its default) and scores
-them with blitzdiff.quality against the held-out digits. Prints a Markdown table per model.
+Each cell samples n images (seeds 0..n-1; classes cycling 0..9 for the DiT, guidance at its recommended scale unless
+--guidance is given) and scores them with blitzdiff.quality against the held-out digits. Prints a Markdown table per
+model.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10, 20, 50])
     parser.add_argument("-n", type=int, default=500)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale of class-conditional models "
-                        "(default: the pipeline's, 4.0 for a DiT)")
+                        "(default: the model's recommended one, Pipeline.default_guidance_scale)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
     rows = []
     for name in args.models:
         pipe = blitzdiff.load(name)
         labels = torch.arange(args.n) % pipe.num_classes if pipe.kind.class_conditional else None
-        guidance = "" if labels is None else f", guidance {args.guidance or 'default'}"
-        print(f"\n{name} (n={args.n}{guidance}; FD / accuracy)\n")
+        guidance = pipe.default_guidance_scale if labels is None or args.guidance is None else args.guidance
+        print(f"\n{name} (n={args.n}, guidance {guidance:g}; FD / accuracy)\n")
         print("| sampler | " + " | ".join(f"{s} steps" for s in args.steps) + " |")
         print("|---|" + "---|" * len(args.steps))
         for sampler in args.samplers:
@@ -44,10 +45,9 @@ def main() -> None:
             for steps in args.steps:
                 start = time.perf_counter()
                 images = pipe.sample(args.n, steps=steps, sampler=sampler, seeds=0, class_labels=labels,
-                                     guidance_scale=args.guidance if labels is not None else None,
-                                     output_type="tensor", progress=False)
+                                     guidance_scale=guidance, output_type="tensor", progress=False)
                 scores = quality.evaluate(images * 2 - 1, labels)
-                rows.append({"model": name, "sampler": sampler, "steps": steps, "n": args.n,
+                rows.append({"model": name, "sampler": sampler, "steps": steps, "n": args.n, "guidance": guidance,
                              "seconds": time.perf_counter() - start, **scores})
                 cell = f"{scores['fd']:.1f}"
                 if "accuracy" in scores:

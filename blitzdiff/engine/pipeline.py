@@ -20,6 +20,7 @@ import torch
 
 from ..kernels.gaussian_noise import MAX_STREAM
 from ..models import PRESETS, build_preset, describe, load_model, read_pipeline, set_backend
+from ..models.checkpoint import summary_config
 from .config import CLASS_DEFAULTS, read_config, resolve
 from .functional import sample
 from .inputs import finite_number, integer_values
@@ -27,6 +28,7 @@ from .network import Callback, NetworkCall, NonFiniteOutput
 from .noise import gaussian, resolve_noise_backend, seed_tensor
 from .runtime import DEFAULT_BUCKETS, Request, Runtime, check_options
 from .sampler import Scope
+from .solvers import build_plan
 
 OUTPUT_TYPES = ("pil", "numpy", "tensor", "raw")
 NON_FINITE_POLICIES = ("raise", "retry")
@@ -65,7 +67,14 @@ def check_scheduler_config(config: dict[str, Any], source: str | Path) -> None:
 
 def info(path: str | Path | None = None) -> dict[str, Any]:
     """What `blitzdiff info` prints: blitzdiff.models.describe of a checkpoint (or an embedded model by name), with
-    the same checks as load(): the model config, keys and shapes, and the scheduler config."""
+    the same checks as load(): the model config, keys and shapes, and the scheduler config. A preset name describes
+    the architecture, built on the meta device (nothing allocated)."""
+    if isinstance(path, str) and path in PRESETS:
+        model, scheduler_config = build_preset(path, device="meta")
+        return {"path": path, "format": "random-weight preset (built on load, nothing stored)",
+                "class": model.diffusers_class, "parameters": sum(p.numel() for p in model.parameters()),
+                "dtypes": ["float32"], "config": summary_config(model.config),
+                "scheduler": scheduler_config["_class_name"]}
     path = model_path(path)
     info = describe(path)
     if info.get("scheduler") is not None:
@@ -245,6 +254,10 @@ class Pipeline:
             raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; this one is unconditional")
         return cond, uncond
 
+    def evaluations(self, steps: int, sampler: str | None = None, eta: float | None = None) -> int:
+        """Network evaluations of one sampling run of `steps` steps (the plan's stages: Heun's are 2 * steps - 1)."""
+        return len(build_plan(resolve(sampler, self.scheduler_config), steps, eta=eta).stages)
+
     @property
     def default_guidance_scale(self) -> float:
         """What guidance_scale=None means: the folder's recommendation (model_index.json's
@@ -293,10 +306,10 @@ class Pipeline:
         """n samples. The folder's scheduler config picks the sampler unless `sampler` names one (its config fields
         still apply where that sampler has them). seeds: an int s (sample i gets s + i) or n ints; they key both the
         initial noise and the sampler's own noise, so sample i does not depend on the batch. noise: unit-variance
-        initial noise [n, C, h, w] instead (float32). guidance_scale: None means 4.0 for a class-conditional model
-        trained with a null class (diffusers' DiTPipeline default), else 1.0. output_type: "pil" (list of images),
-        "numpy" (float32 [n, H, W, C] in [0, 1]), "tensor" (float32 [n, C, H, W] in [0, 1]) or "raw" (the loop's
-        final sample, before decoding). callback(i, t, x_in) runs before network evaluation i (after
+        initial noise [n, C, h, w] instead (float32). guidance_scale: None means default_guidance_scale (the folder's
+        recommendation, else 4.0 with a null class as diffusers' DiTPipeline, else 1.0). output_type: "pil" (list of
+        images), "numpy" (float32 [n, H, W, C] in [0, 1]), "tensor" (float32 [n, C, H, W] in [0, 1]) or "raw" (the
+        loop's final sample, before decoding). callback(i, t, x_in) runs before network evaluation i (after
         compile(mode="step"): callback(stage, t, state after the stage) between the stages' graphs; refused in
         mode "graph").
         on_non_finite: what to do when the network returned NaN / Inf at some evaluation (checked once, after the
@@ -346,8 +359,10 @@ class Pipeline:
         if on_non_finite == "retry" and self.dtype in (torch.float16, torch.bfloat16):
             attempts.append(None)  # built only if needed: a float32 copy of the network, run eagerly
         n = request.noise.shape[0]
+        evaluations = self.evaluations(request.steps, request.sampler, request.eta)
         for model in attempts:
-            bar = _progress_bar(progress)
+            runs = 1 if model is not self.model or self.runtime is None else self.runtime.chunks(n)
+            bar = _progress_bar(progress, evaluations * runs)
             try:
                 if model is self.model and self.runtime is not None:
                     raw, bad = self.runtime.sample(self, request, callback, bar)
@@ -444,12 +459,13 @@ def recommended_guidance(model_index: dict[str, Any], folder: Path) -> float | N
     return float(value)
 
 
-def _progress_bar(progress: bool):
+def _progress_bar(progress: bool, total: int):
+    """A tqdm bar over the run's network evaluations ("20/20 evals" with rate and ETA), left on screen at the end."""
     if not progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(desc="sampling", unit="eval", leave=False)
+    return tqdm(total=total, desc="sampling", unit="eval", leave=True)
 
 
 def to_pil(array) -> list:

@@ -218,9 +218,15 @@ class Program:
         """Run the loop on the loaded buffers: (final sample [B, ...], flags [E, B'], timesteps [E]). In step mode
         callback(stage, timestep [B'], state after the stage [rows, ...]) runs between the stages' graphs."""
         self.hits += 1
-        if self.mode == "graph":
-            self.graphs[0].replay()
-            return self.result
+        if self.mode == "graph" or self.compile_loop:  # no host code runs inside: the bar counts the run at its end
+            if self.compile_loop:
+                result = self.body()
+            else:
+                self.graphs[0].replay()
+                result = self.result
+            if progress is not None:
+                progress.update(len(self.plan.stages))
+            return result
         if self.mode == "step":
             for k, graph in enumerate(self.graphs):
                 graph.replay()
@@ -308,7 +314,7 @@ class Runtime:
         scheduler = json.dumps({"class": config.class_name, **config.fields}, sort_keys=True, default=str)
         cond = tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(request.cond.items()))
         outputs, bad = [], None
-        for start in range(0, n, self.buckets[-1]):
+        for start in range(0, n, self.buckets[-1]):  # self.chunks(n) runs
             stop = min(n, start + self.buckets[-1])
             key = ProgramKey(batch=choose_bucket(stop - start, self.buckets), shape=tuple(request.noise.shape[1:]),
                              dtype=pipe.dtype, scheduler=scheduler, sampler=config.name, steps=request.steps,
@@ -318,6 +324,10 @@ class Runtime:
             if bad is None and chunk_bad is not None:  # evaluation indices are per chunk; the first chunk's wins
                 bad = chunk_bad
         return torch.cat(outputs), bad
+
+    def chunks(self, n: int) -> int:
+        """How many bucket runs a request of n samples takes (larger requests run in chunks of the largest)."""
+        return -(-n // self.buckets[-1])
 
     def stats(self) -> dict[str, Any]:
         """Mode, buckets, and per cached Program: its key (described, and batch / sampler / steps / guided), build

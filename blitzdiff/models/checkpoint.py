@@ -351,6 +351,11 @@ def load_component(path: str | Path, name: str, **kwargs: Any) -> nn.Module:
     return load_model(files.root / name, **kwargs)
 
 
+def summary_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config fields `describe` shows (SUMMARY_FIELDS that are set)."""
+    return {k: config[k] for k in SUMMARY_FIELDS if config.get(k) is not None}
+
+
 def _summary(source: _Source, root: Path) -> dict[str, Any]:
     _check(_build(source), source)  # what load_model checks before reading data: config fields, keys, shapes
     files = [source.weights, *sorted({t.file for t in source.stored.values()} - {source.weights})]
@@ -360,7 +365,7 @@ def _summary(source: _Source, root: Path) -> dict[str, Any]:
         "parameters": sum(math.prod(t.shape) for t in source.stored.values()),
         "dtypes": sorted({t.dtype for t in source.stored.values()}),
         "files": sizes, "bytes": sum(sizes.values()),
-        "config": {k: source.config[k] for k in SUMMARY_FIELDS if source.config.get(k) is not None},
+        "config": summary_config(source.config),
     }
 
 

@@ -59,6 +59,7 @@ def _vae():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """name -> (pipeline folder, the diffusers components it was saved from); "gray" is a bare model folder."""
+    torch.manual_seed(0)  # diffusers initializes the weights before _randomize perturbs them: make runs repeat
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                                  layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),

@@ -221,10 +221,13 @@ def test_channels_last_weights_match_eager():
     assert relative(run(pipe, 3, guidance_scale=2.0), reference) < 1e-5
 
 
-def test_compile_loop_matches_eager():
+def test_compile_loop_matches_eager(capsys):
     reference = run(tiny_pipeline(), 2, steps=2)
     pipe = tiny_pipeline().compile("compile", buckets=(2,), compile_loop=True)
     assert relative(run(pipe, 2, steps=2), reference) < 1e-4
+    capsys.readouterr()
+    run(pipe, 3, steps=2, progress=True)  # two chunks of bucket 2; the bar is counted outside the compiled loop
+    assert "4/4" in capsys.readouterr().err
     with pytest.raises(ValueError, match="a callback needs the loop to stop between steps"):
         run(pipe, 2, steps=2, callback=lambda *args: None)
 
@@ -241,6 +244,14 @@ def test_bad_options_are_refused():
         pipe.compile("eager", compile_loop=True)
     with pytest.raises(ValueError, match="max_graphs must be an int >= 1"):
         pipe.compile("eager", max_graphs=0)
+
+
+@pytest.mark.parametrize("mode", [None, "eager"])
+def test_progress_bar_counts_every_evaluation(mode, capsys):
+    pipe = tiny_pipeline() if mode is None else tiny_pipeline().compile(mode, buckets=(4,))
+    run(pipe, 6, steps=3, sampler="heun", progress=True)  # heun: 5 evaluations; the runtime runs 6 as 4 + 2
+    total = 5 if mode is None else 10
+    assert f"{total}/{total}" in capsys.readouterr().err  # the finished bar stays on screen
 
 
 def test_callback_in_bucketed_eager_sees_every_evaluation():
