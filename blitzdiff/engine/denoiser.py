@@ -100,7 +100,9 @@ class Denoiser:
         c = self.scalars[k]
         x_in = x if c.c_in == 1.0 else x * c.c_in
         if self.guided:
-            out_uncond, out_cond = self.fn(torch.cat([x_in, x_in]), self.timesteps[k], **self.cond).chunk(2)
+            both = self.fn(torch.cat([x_in, x_in]), self.timesteps[k], **self.cond)  # [uncond; cond]
+            # slices, not chunk(2): chunk's size rule would pin a symbolic batch when the loop is exported
+            out_uncond, out_cond = both[: x.shape[0]], both[x.shape[0]:]
             out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
         else:
             out = self.fn(x_in, self.timesteps[k], **self.cond)

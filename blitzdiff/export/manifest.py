@@ -1,0 +1,54 @@
+"""`export.json`, the manifest beside an exported `model.onnx`: what the graph takes and returns, how it was made,
+and the bytes it was written as, so that a runtime can refuse a graph that does not match what it expects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+FORMAT = "blitzdiff-onnx/1"
+MANIFEST = "export.json"
+GRAPH = "model.onnx"
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"bytes", "sha256"} of a file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Record every file of the folder (the graph and its external data) with its size and digest, then write
+    export.json."""
+    files = {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, **manifest, "files": files}, indent=2) + "\n")
+
+
+def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of an export folder; ValueError when it is missing, malformed, of another format, or (verify)
+    when a file it lists is missing or differs from what was written (a truncated or replaced graph)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {MANIFEST}; an export folder holds {GRAPH} and {MANIFEST} (blitzdiff export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: format {found!r}; this blitzdiff reads {FORMAT!r}")
+    if verify:
+        for name, expected in manifest["files"].items():
+            file = folder / name
+            if not file.is_file():
+                raise ValueError(f"{file}: listed in {MANIFEST} but missing")
+            if file_digest(file) != expected:
+                raise ValueError(f"{file} does not match {MANIFEST} ({expected['bytes']} bytes, sha256 "
+                                 f"{expected['sha256'][:12]}...): truncated or replaced; export again")
+    return manifest
