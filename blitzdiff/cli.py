@@ -93,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "
                        "at 2 steps, 3 repeats, modes eager graph, baseline diffusers (options given still apply)")
 
+    export = commands.add_parser("export", help="export the network, its VAE decoder or the whole fixed-step "
+                                 "sampling loop to ONNX (model.onnx + export.json)")
+    _add_model_options(export)
+    export.add_argument("--out", required=True, help="the folder to write (must not exist unless --overwrite)")
+    export.add_argument("--what", choices=["denoiser", "loop", "vae"], default="denoiser",
+                        help="denoiser (default): the network; loop: the whole --steps run of --sampler, guided "
+                        "when the guidance scale is not 1; vae: the VAE decoder")
+    export.add_argument("--steps", type=int, help="loop: the number of sampling steps (unrolled in the graph)")
+    export.add_argument("--batch", type=int, nargs=2, metavar=("MIN", "MAX"), default=[1, 64],
+                        help="the range of the dynamic batch dimension (default 1 64)")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; 18..23)")
+    export.add_argument("--external-data", action="store_true", help="weights in a separate file (default: when "
+                        "they exceed 1 GiB)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     prof = commands.add_parser("profile", help="profile one sampling run: a torch.profiler trace (Chrome / Perfetto "
                                "JSON), network / solver / host time per step, and the ops of each step")
     _add_model_options(prof)
@@ -268,7 +283,26 @@ def run_profile(args) -> None:
             json.dump({**run, **result.to_dict()}, f, indent=2)
 
 
-COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench}
+def run_export(args) -> None:
+    import blitzdiff
+    from blitzdiff.export import export_onnx, read_manifest
+
+    pipe = blitzdiff.load(args.model, device=args.device)
+    folder = export_onnx(pipe, args.out, what=args.what, sampler=args.sampler, steps=args.steps,
+                         guidance_scale=args.guidance, batch=tuple(args.batch), opset=args.opset,
+                         external_data=args.external_data or None, overwrite=args.overwrite)
+    manifest = read_manifest(folder)
+    inputs = ", ".join(f"{spec['name']} {spec['dtype']}{spec['shape']}" for spec in manifest["inputs"])
+    loop = manifest.get("loop")
+    what = (f"loop of {loop['sampler']}, {loop['steps']} steps, {loop['evaluations']} evaluations, "
+            f"{'guided' if loop['guided'] else 'unguided'}" if loop else args.what)
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    print(f"{pipe.name}: {what} -> {folder} ({size / 2**20:.1f} MiB, opset {manifest['opset']}, batch "
+          f"{manifest['batch'][0]}..{manifest['batch'][1]}); inputs: {inputs}")
+
+
+COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench,
+            "export": run_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

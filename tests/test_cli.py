@@ -229,3 +229,20 @@ def test_python_m_blitzdiff_errors_are_one_line(args):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("blitzdiff sample: error: "), \
         result.stderr
+
+
+def test_export_writes_a_graph_that_runs_like_the_model(tmp_path, capsys):
+    import blitzdiff
+    from blitzdiff.export import OnnxGraph
+
+    out = tmp_path / "unet"
+    assert main(["export", "--model", "unet-digits", "--out", str(out), "--batch", "1", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"unet-digits: denoiser -> {out}" in printed and "batch 1..4" in printed
+    x, t = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([999.0, 500.0, 1.0])
+    with torch.no_grad():
+        expected = blitzdiff.load("unet-digits").model(x, t)
+    assert ((OnnxGraph(out)(sample=x, timestep=t) - expected).abs().max() / expected.abs().max()) < 1e-5
+    assert main(["export", "--model", "unet-digits", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"blitzdiff export: error: {out} exists; choose a new folder or pass overwrite=True (--overwrite)"]

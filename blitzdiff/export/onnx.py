@@ -147,7 +147,7 @@ def _check_options(pipe: Any, what: str, steps: int | None, batch: Sequence[int]
     if what == "vae" and pipe.vae is None:
         raise ValueError(f"{pipe.name or 'this pipeline'} has no VAE decoder to export")
     if what == "loop" and steps is None:
-        raise ValueError("what='loop' exports a fixed number of steps: pass steps")
+        raise ValueError("what='loop' exports a fixed number of steps: pass steps (--steps)")
     if opset not in OPSETS:
         raise ValueError(f"opset {opset!r} is not supported; allowed: {OPSETS.start}..{OPSETS.stop - 1}")
     if (len(batch) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in batch)
@@ -181,8 +181,11 @@ def export_onnx(
 
     out_dir = Path(out_dir)
     low, high = _check_options(pipe, what, steps, batch, opset)
+    if pipe.dtype != torch.float32:
+        raise ValueError(f"exporting a {str(pipe.dtype).removeprefix('torch.')} network is not supported yet; load "
+                         "the pipeline in float32")
     if out_dir.exists() and not overwrite:
-        raise ValueError(f"{out_dir} exists; choose a new folder or pass overwrite=True")
+        raise ValueError(f"{out_dir} exists; choose a new folder or pass overwrite=True (--overwrite)")
     if not out_dir.parent.is_dir():
         raise ValueError(f"{out_dir}: folder {out_dir.parent} does not exist")
     scale = pipe.default_guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -192,7 +195,7 @@ def export_onnx(
                          "embeddings; export this one with guidance_scale=1.0")
     network = pipe.vae if what == "vae" else pipe.model
     module = {"denoiser": lambda: DenoiserGraph(pipe.model), "vae": lambda: DecoderGraph(pipe.vae),
-              "loop": lambda: LoopGraph(pipe, sampler, steps, eta, guided)}[what]()
+              "loop": lambda: LoopGraph(pipe, sampler, steps, eta, guided)}[what]().eval()
     example_batch = min(max(2, low), high)  # not 1 where the range allows: torch.export specializes size-1 dims
     specs = _inputs(pipe, what, example_batch, guided)
     dim = torch.export.Dim("batch", min=low, max=high) if low < high else None
