@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def main() -> None:
                 rows.append({"model": name, "what": "loop", "sampler": sampler, "steps": args.steps,
                              "guidance_scale": scale, **row, "relative_error": relative(out, expected)})
                 print(rows[-1], flush=True)
-    meta = {"command": "python scripts/export_parity.py", "torch": torch.__version__,
+    meta = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "provider": "CPUExecutionProvider",
             "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
     if args.json:

@@ -168,6 +168,7 @@ def export_onnx(
     batch: Sequence[int] = DEFAULT_BATCH,
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
+    optimize: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Write `out_dir/model.onnx` and `out_dir/export.json` (blitzdiff.export.manifest); returns out_dir.
@@ -175,7 +176,10 @@ def export_onnx(
     what: "denoiser" (the network), "vae" (the VAE decoder) or "loop" (the whole `steps`-step run of `sampler`,
     guided when guidance_scale, default pipe.default_guidance_scale, is not 1: the scale itself is an input).
     batch: (min, max) of the dynamic batch dimension. external_data: weights in a separate file (default: when
-    they exceed 1 GiB). The graph is checked by onnx.checker before the folder appears under its name.
+    they exceed 1 GiB). optimize: run the ONNX optimizer (constant folding, fusions) over the traced graph: most
+    of the export time for a loop (converting a traced 4-step loop of unet-digits: 54 s against 16 s), and a
+    smaller graph that runs faster (2,580 against 8,530 nodes; 29 against 54 ms per run on ORT's CPU provider);
+    turn it off for quick iterations. The graph is checked by onnx.checker before the folder appears under its name.
     """
     import onnx
 
@@ -214,15 +218,16 @@ def export_onnx(
             try:
                 program = torch.onnx.export(module, (), kwargs=examples, dynamo=True, opset_version=opset,
                                             input_names=[spec["name"] for spec in specs], output_names=[output],
-                                            dynamic_shapes=dynamic, verbose=False)
+                                            dynamic_shapes=dynamic, optimize=optimize, verbose=False)
             except Exception as err:  # noqa: BLE001 - torch.export / onnxscript raise many types
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ValueError(f"could not export the {what} of {pipe.name or network.diffusers_class} "
                                  f"({network.diffusers_class}) to ONNX: {first}") from err
         program.save(str(temporary / GRAPH), external_data=external)
         onnx.checker.check_model(str(temporary / GRAPH))
-        write_manifest(temporary, _manifest(pipe, what, specs, output, reference, opset, (low, high), module,
-                                            sampler, steps, eta, guided))
+        manifest = _manifest(pipe, what, specs, output, reference, opset, (low, high), module, sampler, steps, eta,
+                             guided)
+        write_manifest(temporary, {**manifest, "optimized": optimize})
         if out_dir.exists():
             shutil.rmtree(out_dir)
         temporary.rename(out_dir)

@@ -109,6 +109,7 @@ def test_manifest_describes_the_graph(exports):
     assert manifest["what"] == "denoiser" and manifest["batch"] == [1, 8] and manifest["opset"] == 18
     assert manifest["model"]["class"] == "DiTTransformer2DModel" and manifest["model"]["config"]["num_layers"] == 2
     assert manifest["scheduler_config"] == SCHEDULER and set(manifest["files"]) == {"model.onnx"}
+    assert manifest["optimized"] is True
     symbolic = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert symbolic.dim_param and not symbolic.dim_value  # the batch dim is dynamic in the graph itself
 
@@ -153,8 +154,10 @@ def test_exported_loop_equals_pipe_sample(dit_loops, sampler):
 
 
 def test_text_conditional_loop_with_negative_prompts(tmp_path):
-    pipe = pipeline("sd")
-    folder = export_onnx(pipe, tmp_path / "loop", what="loop", sampler="dpmpp_2m", steps=3, guidance_scale=5.0)
+    pipe = pipeline("sd")  # also the unoptimized graph: the same numbers, more nodes
+    folder = export_onnx(pipe, tmp_path / "loop", what="loop", sampler="dpmpp_2m", steps=3, guidance_scale=5.0,
+                         optimize=False)
+    assert read_manifest(folder)["optimized"] is False
     generator = torch.Generator().manual_seed(0)
     prompt, negative = torch.randn(2, 77, 8, generator=generator), torch.randn(2, 77, 8, generator=generator)
     expected = pipe.sample(2, steps=3, sampler="dpmpp_2m", seeds=[4, 5], encoder_hidden_states=prompt,
