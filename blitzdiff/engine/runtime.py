@@ -123,8 +123,8 @@ class Program:
         self.hits = 0
         self.build_s: float | None = None  # set by build(), which runs on the first request, under `lock`
         self.compile_loop, self.pool = compile_loop, pool
-        # Held from loading a request's rows into the buffers until its results are copied out. In graph / step
-        # modes it is the Runtime's one lock (every capture and replay shares the memory pool), else this entry's.
+        # Held from loading a request's rows into the buffers until its results are copied out: this entry's own in
+        # eager mode, else the Runtime's one run_lock (see Runtime).
         self.lock = lock
 
     def build(self) -> None:
@@ -247,9 +247,11 @@ class Runtime:
 
     Threads: `lock` guards the cache (entries, LRU order, evictions, the compiled network, the pool); it is held only
     to look up or insert an entry, never while a loop runs. Each entry serializes its own requests (Program.lock):
-    requests of different keys run in parallel in eager / compile modes. In graph / step modes every entry shares
-    `replay_lock`, because all captures and replays use one memory pool (a graph's intermediates are free memory
-    to the next capture), so one graph runs at a time.
+    requests of different keys run in parallel in eager mode. In the other modes every entry shares `run_lock`, so
+    one loop runs at a time: graph / step captures and replays all use one memory pool (a graph's intermediates are
+    free memory to the next capture); compiled CPU kernels split their OpenMP work by the threads a call gets, which
+    a concurrent call changes (1 of 400 concurrent requests came out 1e-4 off its solo result), and results must
+    not depend on what else runs.
     """
 
     def __init__(self, mode: str, buckets: Sequence[int], max_graphs: int, compile_loop: bool):
@@ -260,7 +262,7 @@ class Runtime:
         self.network: torch.nn.Module | None = None
         self.pool: Any = None
         self.lock = threading.Lock()
-        self.replay_lock = threading.Lock() if mode in GRAPH_MODES else None
+        self.run_lock = threading.Lock() if mode != "eager" else None
 
     def _check_model(self, model: torch.nn.Module, scheduler_config: Mapping) -> None:
         """Empty the cache when the weights' storage, the model or the scheduler config changed since the build
@@ -284,8 +286,8 @@ class Runtime:
         self.signature = None
 
     def program(self, key: ProgramKey, config: SchedulerConfig, pipe: Any) -> Program:
-        """The cached entry of `key`, or a new one (not yet built: Program.serve builds it under its own lock, so a
-        long compile never blocks the other keys)."""
+        """The cached entry of `key`, or a new one (not yet built: Program.serve builds it under the entry's lock,
+        not under the cache's)."""
         with self.lock:
             self._check_model(pipe.model, pipe.scheduler_config)
             if key in self.programs:
@@ -298,7 +300,7 @@ class Runtime:
                 self.pool = graphs.new_pool()
             network = pipe.model if self.compile_loop else self.network
             program = Program(key, config, network, pipe.kind.prediction_channels, pipe.device, self.mode,
-                              self.compile_loop, self.pool, self.replay_lock or threading.Lock())
+                              self.compile_loop, self.pool, self.run_lock or threading.Lock())
             self.programs[key] = program
             return program
 
