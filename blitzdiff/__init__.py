@@ -2,7 +2,8 @@
 
 from .engine.config import SAMPLERS, resolve
 from .engine.functional import sample
-from .engine.pipeline import Pipeline, load
+from .engine.loading import load
+from .engine.pipeline import Pipeline
 from .models import load_model
 
 __all__ = ["SAMPLERS", "Pipeline", "load", "load_model", "resolve", "sample"]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .engine.config import SAMPLERS
-from .engine.pipeline import DEFAULT_MODEL, EMBEDDED
+from .engine.loading import DEFAULT_MODEL, EMBEDDED
 from .models import PRESETS
 
 MIN_TILE = 64  # pixels: tiny images (the embedded models are 16x16) are enlarged in the grid, nearest-neighbour
@@ -203,7 +203,7 @@ def run_sample(args) -> None:
 
 
 def run_info(args) -> None:
-    from blitzdiff.engine.pipeline import info
+    from blitzdiff.engine.loading import info
 
     print(json.dumps(info(args.path), indent=2, default=str))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from blitzdiff.cli import build_parser
-from blitzdiff.engine.pipeline import EMBEDDED, model_path
+from blitzdiff.engine.loading import EMBEDDED, model_path
 from blitzdiff.models import PRESETS, build_preset, describe
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..engine.config import resolve
-from ..engine.pipeline import load
+from ..engine.loading import load
 from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler

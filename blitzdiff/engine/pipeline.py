@@ -1,4 +1,4 @@
-"""`blitzdiff.load(path) -> Pipeline`: a checkpoint folder on disk, sampled with the scheduler core.
+"""The Pipeline: a loaded checkpoint (blitzdiff.engine.loading.load), sampled with the scheduler core.
 
 The Pipeline owns the network (UNet2DModel, UNet2DConditionModel or DiT), the folder's scheduler config and the
 optional VAE decoder. It turns its arguments into the functional API's `fn(x, t, **cond)`, conditioning and
@@ -9,8 +9,6 @@ wrapper, outside the sampling loop (which stays sync-free).
 from __future__ import annotations
 
 import copy
-import difflib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +17,8 @@ from typing import Any
 import torch
 
 from ..kernels.gaussian_noise import MAX_STREAM
-from ..models import PRESETS, build_preset, describe, load_model, read_pipeline, set_backend
-from ..models.checkpoint import summary_config
-from .config import CLASS_DEFAULTS, read_config, resolve
+from ..models import load_model, set_backend
+from .config import resolve
 from .functional import sample
 from .inputs import finite_number, integer_values
 from .network import Callback, NetworkCall, NonFiniteOutput
@@ -32,55 +29,8 @@ from .solvers import build_plan
 
 OUTPUT_TYPES = ("pil", "numpy", "tensor", "raw")
 NON_FINITE_POLICIES = ("raise", "retry")
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED = ("dit-digits", "unet-digits")  # folders under blitzdiff/assets, trained by scripts/train_default_models.py
-DEFAULT_MODEL = "dit-digits"
 # The initial noise of sample i is drawn from the last stream of its seed: the loop's stages use streams 2k, 2k + 1.
 INITIAL_NOISE_STREAM = MAX_STREAM - 1
-
-
-def model_path(path: str | Path | None) -> Path:
-    """A checkpoint path, or the name of an embedded model ("dit-digits", "unet-digits"; None means the default).
-    A path that does not exist is a ValueError listing the names, with the closest one when it looks mistyped."""
-    if path is None:
-        path = DEFAULT_MODEL
-    if isinstance(path, str) and path in EMBEDDED:
-        return ASSETS / path
-    if not Path(path).exists():
-        close = difflib.get_close_matches(str(path), (*EMBEDDED, *PRESETS), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{path}: no such file or folder{hint} (embedded models: {', '.join(EMBEDDED)}; "
-                         f"random-weight presets: {', '.join(PRESETS)})")
-    return Path(path)
-
-
-def check_scheduler_config(config: dict[str, Any], source: str | Path) -> None:
-    """Resolve a scheduler config of a class blitzdiff runs, so that a bad field fails at load time naming its file
-    (`source`); a class blitzdiff lacks (e.g. PNDMScheduler) loads, and sample() then needs sampler=."""
-    if config.get("_class_name", "DDPMScheduler") not in CLASS_DEFAULTS:
-        return
-    try:
-        resolve(None, config)
-    except ValueError as err:
-        raise ValueError(f"{source}: {err}") from err
-
-
-def info(path: str | Path | None = None) -> dict[str, Any]:
-    """What `blitzdiff info` prints: blitzdiff.models.describe of a checkpoint (or an embedded model by name), with
-    the same checks as load(): the model config, keys and shapes, and the scheduler config. A preset name describes
-    the architecture, built on the meta device (nothing allocated)."""
-    if isinstance(path, str) and path in PRESETS:
-        model, scheduler_config = build_preset(path, device="meta")
-        return {"path": path, "format": "random-weight preset (built on load, nothing stored)",
-                "class": model.diffusers_class, "parameters": sum(p.numel() for p in model.parameters()),
-                "dtypes": ["float32"], "config": summary_config(model.config),
-                "scheduler": scheduler_config["_class_name"]}
-    path = model_path(path)
-    info = describe(path)
-    if info.get("scheduler") is not None:
-        config_file = path / "scheduler" / "scheduler_config.json"
-        check_scheduler_config(read_config(config_file), config_file)
-    return info
 
 
 @dataclass(frozen=True)
@@ -359,7 +309,8 @@ class Pipeline:
         if on_non_finite == "retry" and self.dtype in (torch.float16, torch.bfloat16):
             attempts.append(None)  # built only if needed: a float32 copy of the network, run eagerly
         n = request.noise.shape[0]
-        evaluations = self.evaluations(request.steps, request.sampler, request.eta)
+        # the bar's total; no plan lookup when there is no bar
+        evaluations = self.evaluations(request.steps, request.sampler, request.eta) if progress else 0
         for model in attempts:
             runs = 1 if model is not self.model or self.runtime is None else self.runtime.chunks(n)
             bar = _progress_bar(progress, evaluations * runs)
@@ -398,65 +349,6 @@ class Pipeline:
     @property
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
-
-
-def load(
-    path: str | Path | None = None,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
-    scheduler_config: dict[str, Any] | str | Path | None = None,
-    vae: str | Path | None = None,
-    allow_pickle: bool = False,
-) -> Pipeline:
-    """A Pipeline from a checkpoint on disk, an embedded model by name (None: the default, dit-digits), or a
-    random-weight architecture for speed work by preset name ("sd15-unet", "dit-xl-2-256", "dit-xl-2-512":
-    blitzdiff.models.presets; no VAE, sample with output_type="raw").
-
-    path: a diffusers pipeline folder (model_index.json with unet/ or transformer/, scheduler/, optional vae/), a
-    bare model folder, or an original DiT checkpoint (see blitzdiff.models.load_model). scheduler_config replaces the
-    folder's (a bare model has none: DDPM's defaults, linear betas over 1000 steps, as DDPM and DiT were trained,
-    unless given). vae: a VAE folder for a bare latent model. dtype: the networks' dtype (default float32); the
-    sampler state stays float32. Pickled weights are refused unless allow_pickle=True.
-    """
-    if scheduler_config is not None:
-        given_config = read_config(scheduler_config)
-        check_scheduler_config(given_config, scheduler_config if isinstance(scheduler_config, (str, Path))
-                               else "scheduler_config")
-    if isinstance(path, str) and path in PRESETS:
-        model, preset_config = build_preset(path, device=device, dtype=dtype)
-        return Pipeline(model, preset_config if scheduler_config is None else given_config, None, name=path)
-    path = model_path(path)
-    options = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle}
-    folder_config: dict[str, Any] | None = {"_class_name": "DDPMScheduler"}
-    vae_path = None if vae is None else Path(vae)
-    guidance = None
-    if path.is_dir() and (path / "model_index.json").is_file():
-        files = read_pipeline(path)
-        model = load_model(files.denoiser, **options)
-        folder_config = files.scheduler_config
-        if folder_config is not None and scheduler_config is None:
-            check_scheduler_config(folder_config, path / "scheduler" / "scheduler_config.json")
-        vae_path = files.vae if vae_path is None else vae_path
-        guidance = recommended_guidance(files.model_index, path)
-    else:
-        model = load_model(path, **options)
-    if scheduler_config is not None:
-        folder_config = given_config
-    decoder = None if vae_path is None else load_model(vae_path, **options)
-    return Pipeline(model, folder_config, decoder, name=path.name, guidance_scale=guidance)
-
-
-def recommended_guidance(model_index: dict[str, Any], folder: Path) -> float | None:
-    """A pipeline folder's default guidance scale (model_index.json "_blitzdiff_guidance_scale"; diffusers ignores
-    keys starting with "_"), or None."""
-    value = model_index.get("_blitzdiff_guidance_scale")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{folder / 'model_index.json'}: _blitzdiff_guidance_scale must be a finite number, "
-                         f"got {value!r}")
-    return float(value)
 
 
 def _progress_bar(progress: bool, total: int):

@@ -16,7 +16,7 @@ import torch
 
 import blitzdiff
 from blitzdiff.engine.inputs import integer_values, seed_values
-from blitzdiff.engine.pipeline import info
+from blitzdiff.engine.loading import ASSETS, info
 
 from .test_runtime import tiny_model
 
@@ -125,7 +125,7 @@ def test_mistyped_model_names_suggest_the_embedded_ones():
 @pytest.fixture
 def folder(tmp_path):
     target = tmp_path / "dit"
-    shutil.copytree(blitzdiff.engine.pipeline.ASSETS / "dit-digits", target)
+    shutil.copytree(ASSETS / "dit-digits", target)
     return target
 
 
