@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="class label(s) for a class-conditional model (default: 0, 1, 2, ... cycling)")
     sample.add_argument("--output", default="samples.png", help="PNG file to write, in an existing folder (default "
                         "samples.png)")
-    sample.add_argument("--mode", choices=["eager", "compile", "step", "graph"], default=None,
-                        help="run through Pipeline.compile(mode): a first call builds (compile / CUDA graph "
-                        "capture), a second one is timed (default: the plain eager loop, one call)")
+    sample.add_argument("--mode", choices=["eager", "compile", "step", "graph", "onnxruntime", "tensorrt"],
+                        default=None, help="run through Pipeline.compile(mode): a first call builds (compile / CUDA "
+                        "graph capture; onnxruntime / tensorrt export first), a second one is timed (default: the "
+                        "plain eager loop, one call)")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     info = commands.add_parser("info", help="describe a checkpoint folder or file")
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "blitzdiff's runtime modes and of diffusers on the same checkpoint and sampler")
     _add_model_options(bench)
     bench.add_argument("--dtype", default="float32", help="the network's dtype: float32 (default), float16, bfloat16")
-    bench.add_argument("--modes", nargs="+", help="runtime modes: eager compile compile-loop step graph (default "
-                       "eager compile graph; step and graph need CUDA: skipped elsewhere unless named, then an error)")
+    bench.add_argument("--modes", nargs="+", help="runtime modes: eager compile compile-loop step graph onnxruntime "
+                       "tensorrt (default eager compile graph; step, graph and tensorrt need CUDA: skipped elsewhere "
+                       "unless named, then an error)")
     bench.add_argument("--batches", type=int, nargs="+", help="throughput batch sizes (default 1 4 16)")
     bench.add_argument("--steps", type=int, nargs="+", help="latency step counts (default 1 2 4 8 20 50)")
     bench.add_argument("--throughput-steps", type=int, help="step count of the throughput runs (default 20)")

@@ -184,7 +184,7 @@ def test_defaults_skip_cuda_only_modes_off_cuda_and_options_resolve():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--modes", "graph"], "graph capture CUDA graphs and need --device cuda"),
+    (["--modes", "graph"], "graph need --device cuda (CUDA graphs, TensorRT)"),
     (["--modes", "eager", "turbo"], "unknown mode(s) ['turbo']"),
     (["--batches", "4", "0"], "batch sizes must be ints >= 1, got [4, 0]"),
     (["--baseline", "none", "diffusers"], "unknown baseline(s) ['none']"),

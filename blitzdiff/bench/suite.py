@@ -30,9 +30,10 @@ from .threads import CpuThreads
 from .workload import sample_inputs
 
 # Pipeline.compile modes, measured in this order (eager first); "compile-loop" is mode "compile" with
-# compile_loop=True (the whole loop compiled with the network inlined: compile time grows with the step count).
-MODES = ("eager", "compile", "compile-loop", "step", "graph")
-CUDA_ONLY_MODES = ("step", "graph")  # CUDA graphs
+# compile_loop=True (the whole loop compiled with the network inlined: compile time grows with the step count);
+# "onnxruntime" / "tensorrt" run the exported network (their build call includes the export).
+MODES = ("eager", "compile", "compile-loop", "step", "graph", "onnxruntime", "tensorrt")
+CUDA_ONLY_MODES = ("step", "graph", "tensorrt")  # CUDA graphs, TensorRT engines
 BASELINES = ("diffusers", "diffusers-compile")
 DTYPES = ("float32", "float16", "bfloat16")
 # What an option left unset means; --quick is a CI-sized smoke run. Default modes that need CUDA are skipped, with
@@ -106,8 +107,8 @@ def planned_systems(config: BenchConfig, device: torch.device) -> tuple[list[str
     if device.type != "cuda":
         cuda_only = [m for m in modes if m in CUDA_ONLY_MODES]
         if cuda_only and given:
-            raise ValueError(f"mode(s) {', '.join(cuda_only)} capture CUDA graphs and need --device cuda; on "
-                             f"{device.type} use eager or compile")
+            raise ValueError(f"mode(s) {', '.join(cuda_only)} need --device cuda (CUDA graphs, TensorRT); on "
+                             f"{device.type} use eager, compile, compile-loop or onnxruntime")
         skipped = [{"name": f"blitzdiff-{m}", "status": "skipped", "reason": f"needs CUDA; the device is {device.type}"}
                    for m in cuda_only]
     baselines = config.baseline if config.baseline is not None else (QUICK if config.quick else DEFAULTS)["baseline"]

@@ -20,13 +20,14 @@ class NonFiniteOutput(RuntimeError):
 
 
 class NetworkCall:
-    """fn(x, t, **cond) for the loop: the model in its own dtype, the prediction channels only (learned sigma split
-    off, as diffusers pipelines do), returned in the loop's dtype. Progress and callback live here, outside the
-    sampler's loop. `finite` holds one bool [B'] per evaluation (B' = B, or 2B with guidance)."""
+    """fn(x, t, **cond) for the loop: the model (a torch module, or an external network: blitzdiff.engine.runtime's
+    EXTERNAL_MODES) in its own dtype, the prediction channels only (learned sigma split off, as diffusers pipelines
+    do), returned in the loop's dtype. Progress and callback live here, outside the sampler's loop. `finite` holds
+    one bool [B'] per evaluation (B' = B, or 2B with guidance)."""
 
-    def __init__(self, model: torch.nn.Module, channels: int, callback: Callback | None = None, progress: Any = None):
+    def __init__(self, model: Any, channels: int, callback: Callback | None = None, progress: Any = None):
         self.model, self.channels, self.callback, self.progress = model, channels, callback, progress
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = network_dtype(model)
         self.finite: list[torch.Tensor] = []
         self.timesteps: list[torch.Tensor] = []  # 0-d, one per evaluation
 
@@ -52,6 +53,12 @@ class NetworkCall:
         """(evaluation index, its timestep) of the first network output that is non-finite in one of the first
         `rows` samples of the (padded) batch of `batch`, or None; one host sync."""
         return first_non_finite(self.flags(), torch.stack(self.timesteps), batch, rows)
+
+
+def network_dtype(model: Any) -> torch.dtype:
+    """The dtype a network takes its sample in: its parameters' (a torch module), or its own `dtype` (an external
+    network: ONNX Runtime, TensorRT)."""
+    return model.dtype if not isinstance(model, torch.nn.Module) else next(model.parameters()).dtype
 
 
 def first_non_finite(flags: torch.Tensor, timesteps: torch.Tensor, batch: int, rows: int) -> tuple[int, float] | None:

@@ -23,7 +23,7 @@ from .functional import sample
 from .inputs import finite_number, integer_values
 from .network import Callback, NetworkCall, NonFiniteOutput
 from .noise import gaussian, resolve_noise_backend, seed_tensor
-from .runtime import DEFAULT_BUCKETS, Request, Runtime, check_options
+from .runtime import DEFAULT_BUCKETS, EXTERNAL_MODES, Request, Runtime, check_options
 from .sampler import Scope
 from .solvers import build_plan
 
@@ -79,6 +79,7 @@ class Pipeline:
         except ValueError:
             self.sampler_name = None
         self.runtime: Runtime | None = None  # set by compile(); None: the plain eager loop
+        self.weights_version = 0  # counts load_weights calls: an external runtime re-exports or refits on a change
 
     def compile(
         self,
@@ -89,25 +90,32 @@ class Pipeline:
         compile_loop: bool = False,
         kernels: str | None = None,
         channels_last: bool = False,
+        **options: Any,
     ) -> Pipeline:
         """Run later samples through a compiled runtime (blitzdiff.engine.runtime); returns the pipeline.
 
         mode: "graph" (the whole loop in one CUDA graph per bucket key), "step" (one CUDA graph per step; a callback
         runs between them), "compile" (torch.compile of the network; compile_loop=True compiles the whole loop with
         the network inlined, fullgraph: faster on small models, with compile time growing with the step count),
-        "eager" (buckets and static buffers only: the reference). Requests run padded in the smallest of `buckets`
-        >= n; at most max_graphs bucket keys are kept (least recently used dropped). Nothing is built here: each new
-        (bucket, shape, dtype, sampler, steps, eta, guided, conditioning) key pays its build on its first call.
+        "eager" (buckets and static buffers only: the reference), "onnxruntime" / "tensorrt" (the eager loop around
+        the network exported to ONNX and run by ONNX Runtime or a TensorRT engine: exported and loaded here; options
+        go to blitzdiff.export.ort_network.network / blitzdiff.export.trt.network, e.g. providers=...). Requests run
+        padded in the smallest of `buckets` >= n; at most max_graphs bucket keys are kept (least recently used
+        dropped). Otherwise nothing is built here: each new (bucket, shape, dtype, sampler, steps, eta, guided,
+        conditioning) key pays its build on its first call.
         kernels: set the network's kernel backend ("auto", "ref", "triton", "cuda", "cpu"); None keeps it.
         channels_last: store the network's 4-D weights channels-last, which steers convolutions to oneDNN on CPU
         and to NHWC kernels on GPU (on this project's CPU: about 10% faster compiled forwards of unet-digits).
         """
-        buckets = check_options(mode, buckets, max_graphs, compile_loop, self.device)
+        buckets = check_options(mode, buckets, max_graphs, compile_loop, self.device, options)
         if kernels is not None:
             set_backend(self.model, kernels)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.runtime = Runtime(mode, buckets, max_graphs, compile_loop)
+        runtime = Runtime(mode, buckets, max_graphs, compile_loop, options)
+        if mode in EXTERNAL_MODES:
+            runtime.prepare(self)
+        self.runtime = runtime
         return self
 
     def runtime_stats(self) -> dict[str, Any]:
@@ -117,7 +125,8 @@ class Pipeline:
 
     def load_weights(self, path: str | Path, *, allow_pickle: bool = False) -> None:
         """Replace the network's weights with a checkpoint of the same architecture, in place: compiled code and
-        captured graphs read the same memory, so they run the new weights without a rebuild."""
+        captured graphs read the same memory, so they run the new weights without a rebuild; an external runtime
+        (onnxruntime, tensorrt) re-exports or refits its network here."""
         new = load_model(path, device=self.device, dtype=self.dtype, allow_pickle=allow_pickle)
         if new.diffusers_class != self.model.diffusers_class or new.config != self.model.config:
             raise ValueError(f"{path}: its {new.diffusers_class} config differs from the loaded "
@@ -125,6 +134,9 @@ class Pipeline:
         with torch.no_grad():
             for name, tensor in new.state_dict().items():
                 self.model.state_dict()[name].copy_(tensor)
+        self.weights_version += 1
+        if self.runtime is not None and self.runtime.mode in EXTERNAL_MODES:
+            self.runtime.prepare(self)
 
     @property
     def device(self) -> torch.device:

@@ -10,13 +10,18 @@ per sample, so they never reach a real sample (tests/engine/test_runtime.py chec
 
 Modes: "eager" runs the Program's loop as is (the reference the others are compared with); "compile" runs it with
 the network torch.compile'd (and with compile_loop=True the whole loop, fullgraph); "graph" replays one CUDA graph
-of the whole loop; "step" one CUDA graph per plan stage, with the callback between them. Programs live in a bounded
+of the whole loop; "step" one CUDA graph per plan stage, with the callback between them; "onnxruntime" and
+"tensorrt" run the eager loop around an external network (ARCHITECTURE.md contract 7): the module EXTERNAL_MODES
+names exports the network and runs it (blitzdiff.export; imported by name when such a mode is chosen, so the engine
+never depends on it), while guidance, solvers, noise and the NaN guard stay the engine's. Programs live in a bounded
 LRU cache; replacing the weights' storage (or the model, its dtype or device, or the scheduler config) empties it,
-while in-place weight updates (Pipeline.load_weights) are seen by every Program as is.
+while in-place weight updates (Pipeline.load_weights) are seen by every Program as is (an external network is told
+to re-export or refit).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 import time
@@ -36,7 +41,10 @@ from .noise import resolve_noise_backend
 from .sampler import PlanRun
 from .solvers import build_plan
 
-MODES = ("eager", "compile", "step", "graph")
+# mode -> the module whose network(pipe, buckets, **options) builds the external network (the interface:
+# ExternalNetwork in that module's docs and the README's "Export" section).
+EXTERNAL_MODES = {"onnxruntime": "blitzdiff.export.ort_network", "tensorrt": "blitzdiff.export.trt"}
+MODES = ("eager", "compile", "step", "graph", *EXTERNAL_MODES)
 GRAPH_MODES = ("step", "graph")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -80,10 +88,13 @@ def choose_bucket(n: int, buckets: Sequence[int]) -> int:
 
 
 def check_options(mode: str, buckets: Sequence[int], max_graphs: int, compile_loop: bool,
-                  device: torch.device) -> tuple[int, ...]:
+                  device: torch.device, options: Mapping[str, Any]) -> tuple[int, ...]:
     """Validate Pipeline.compile's arguments; returns the buckets sorted and deduplicated."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    if options and mode not in EXTERNAL_MODES:
+        raise ValueError(f"option(s) {', '.join(sorted(options))} are for the external runtimes "
+                         f"({', '.join(EXTERNAL_MODES)}), not mode={mode!r}")
     if compile_loop and mode != "compile":
         raise ValueError(f"compile_loop=True needs mode='compile', got mode={mode!r}")
     if mode in GRAPH_MODES and device.type != "cuda":
@@ -254,42 +265,65 @@ class Runtime:
     not depend on what else runs.
     """
 
-    def __init__(self, mode: str, buckets: Sequence[int], max_graphs: int, compile_loop: bool):
+    def __init__(self, mode: str, buckets: Sequence[int], max_graphs: int, compile_loop: bool,
+                 options: Mapping[str, Any] | None = None):
         self.mode, self.buckets, self.max_graphs, self.compile_loop = mode, tuple(buckets), max_graphs, compile_loop
+        self.options = dict(options or {})  # external modes: keyword options of their network factory
         self.programs: OrderedDict[ProgramKey, Program] = OrderedDict()
         self.evictions = 0
         self.signature: tuple | None = None
-        self.network: torch.nn.Module | None = None
+        self.network: Any = None  # the model, its torch.compile wrapper, or an external network
+        self.network_key: tuple | None = None  # what self.network was built from: (model id, weights' storage)
+        self.weights_version = 0  # external modes: the Pipeline.weights_version the network runs
         self.pool: Any = None
         self.lock = threading.Lock()
         self.run_lock = threading.Lock() if mode != "eager" else None
 
-    def _check_model(self, model: torch.nn.Module, scheduler_config: Mapping) -> None:
-        """Empty the cache when the weights' storage, the model or the scheduler config changed since the build
-        (the caller holds `lock`)."""
-        signature = (id(model), json.dumps(scheduler_config, sort_keys=True, default=str),
-                     tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
+    def prepare(self, pipe: Any) -> None:
+        """Build the network now (an external mode exports and loads it here, so that its errors surface in
+        Pipeline.compile, not in a later sample call) and after Pipeline.load_weights."""
+        with self.lock:
+            self._check_model(pipe)
+
+    def _check_model(self, pipe: Any) -> None:
+        """Empty the cache when the weights' storage, the model or the scheduler config changed since the build;
+        rebuild the network when the model or its storage did; an external network is re-exported or refit after
+        Pipeline.load_weights (the caller holds `lock`)."""
+        model = pipe.model
+        network_key = (id(model), tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
+        signature = (network_key, json.dumps(pipe.scheduler_config, sort_keys=True, default=str))
         if signature != self.signature:
             self._clear()
             self.signature = signature
-            self.network = torch.compile(model, dynamic=False) if self.mode == "compile" else model
+        if self.network is None or network_key != self.network_key:
+            self.network, self.network_key = self._build_network(pipe), network_key
+            self.weights_version = pipe.weights_version
+        elif self.mode in EXTERNAL_MODES and pipe.weights_version != self.weights_version:
+            self.network.load_weights(pipe)
+            self.weights_version = pipe.weights_version
+
+    def _build_network(self, pipe: Any) -> Any:
+        if self.mode in EXTERNAL_MODES:
+            module = importlib.import_module(EXTERNAL_MODES[self.mode])
+            return module.network(pipe, self.buckets, **self.options)
+        return torch.compile(pipe.model, dynamic=False) if self.mode == "compile" else pipe.model
 
     def clear(self) -> None:
         """Drop every Program (their graphs, buffers and compiled code references); requests running in other
-        threads finish on the entries they hold."""
+        threads finish on the entries they hold. The network is rebuilt (or re-exported) on the next request."""
         with self.lock:
             self._clear()
+            self.network = self.network_key = None
 
     def _clear(self) -> None:
         self.programs.clear()
-        self.network = None
         self.signature = None
 
     def program(self, key: ProgramKey, config: SchedulerConfig, pipe: Any) -> Program:
         """The cached entry of `key`, or a new one (not yet built: Program.serve builds it under the entry's lock,
         not under the cache's)."""
         with self.lock:
-            self._check_model(pipe.model, pipe.scheduler_config)
+            self._check_model(pipe)
             if key in self.programs:
                 self.programs.move_to_end(key)
                 return self.programs[key]
@@ -334,12 +368,15 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         """Mode, buckets, and per cached Program: its key (described, and batch / sampler / steps / guided), build
         (compile / capture) seconds (None while its first request builds it), bytes (static buffers plus, for
-        graphs, the memory the capture reserved in the shared pool) and hits."""
+        graphs, the memory the capture reserved in the shared pool) and hits; external modes add "network" (its
+        describe(): provider, export folder, build seconds)."""
         with self.lock:
             programs = list(self.programs.values())
+            network = self.network.describe() if self.mode in EXTERNAL_MODES and self.network is not None else None
         entries = [{"key": p.key.describe(), "batch": p.key.batch, "sampler": p.key.sampler, "steps": p.key.steps,
                     "guided": p.key.guided, "build_s": p.build_s, "bytes": p.nbytes, "hits": p.hits}
                    for p in programs]  # least recently used first
-        return {"mode": self.mode, "buckets": list(self.buckets), "max_graphs": self.max_graphs,
-                "compile_loop": self.compile_loop, "entries": entries,
-                "bytes": sum(e["bytes"] for e in entries), "evictions": self.evictions}
+        stats = {"mode": self.mode, "buckets": list(self.buckets), "max_graphs": self.max_graphs,
+                 "compile_loop": self.compile_loop, "entries": entries,
+                 "bytes": sum(e["bytes"] for e in entries), "evictions": self.evictions}
+        return stats if network is None else {**stats, "network": network}

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 FORMAT = "blitzdiff-onnx/1"
 MANIFEST = "export.json"
 GRAPH = "model.onnx"
@@ -20,6 +22,17 @@ def file_digest(path: Path) -> dict[str, Any]:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def weights_digest(module: Any) -> str:
+    """sha256 over a module's state dict in sorted name order (name, dtype, shape and bytes of each tensor): whether
+    an export folder holds these weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        flat = tensor.detach().contiguous().cpu().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from ..engine.functional import parameterization, postprocessing
 from ..engine.network import NetworkCall
 from ..engine.sampler import run_plan
 from ..engine.solvers import build_plan
-from .manifest import GRAPH, write_manifest
+from .manifest import GRAPH, weights_digest, write_manifest
 
 WHATS = ("denoiser", "loop", "vae")
 OPSETS = range(18, 24)  # what torch.onnx's dynamo exporter emits
@@ -250,7 +250,8 @@ def _manifest(pipe: Any, what: str, specs: list[dict[str, Any]], output: str, re
         "outputs": [{"name": output, "dtype": str(reference.dtype).removeprefix("torch."),
                      "shape": ["batch", *reference.shape[1:]]}],
         "model": {"name": pipe.name, "class": network.diffusers_class, "config": dict(network.config),
-                  "dtype": str(next(network.parameters()).dtype).removeprefix("torch.")},
+                  "dtype": str(next(network.parameters()).dtype).removeprefix("torch."),
+                  "weights_sha256": weights_digest(network)},
         "scheduler_config": pipe.scheduler_config,
         "versions": {"blitzdiff": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      "python": platform.python_version()},

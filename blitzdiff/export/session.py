@@ -21,17 +21,20 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
 class OnnxGraph:
     """An export folder (blitzdiff.export.export_onnx) as an ONNX Runtime session.
 
-    providers: ONNX Runtime execution providers in order of preference (default: CPU). The manifest's files are
+    providers: ONNX Runtime execution providers in order of preference (default: CPU; a name or a (name, options)
+    pair); session_options: an onnxruntime.SessionOptions (threads, optimization level). The manifest's files are
     verified (size and sha256) and its inputs compared with the graph's before the session is used.
     """
 
-    def __init__(self, folder: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, folder: str | Path, *, providers: Sequence[Any] = ("CPUExecutionProvider",),
+                 session_options: Any = None):
         import onnxruntime
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         try:
-            self.session = onnxruntime.InferenceSession(str(self.folder / GRAPH), providers=list(providers))
+            self.session = onnxruntime.InferenceSession(str(self.folder / GRAPH), sess_options=session_options,
+                                                        providers=list(providers))
         except Exception as err:  # noqa: BLE001 - ORT raises its own exception types
             raise ValueError(f"{self.folder / GRAPH}: ONNX Runtime cannot load it: {err}") from err
         graph_inputs = [i.name for i in self.session.get_inputs()]
