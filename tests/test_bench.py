@@ -113,6 +113,22 @@ def test_bench_json_rows_fields_speedups_and_plots(tmp_path, capsys):
             assert image.format == "PNG" and min(image.size) > 100
 
 
+def test_onnxruntime_mode_is_measured_beside_eager(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    args = ["bench", "--model", "unet-digits", "--quick", "--modes", "eager", "onnxruntime", "--baseline", "none",
+            "--batches", "2", "--steps", "2", "--repeats", "1", "--json", str(report)]
+    assert main(args) == 0
+    results = json.loads(report.read_text())
+    ort = next(s for s in results["systems"] if s["name"] == "blitzdiff-onnxruntime")
+    assert ort["status"] == "ok" and ort["runtime_stats"]["mode"] == "onnxruntime"
+    network = ort["runtime_stats"]["network"]
+    assert network["providers"] == ["CPUExecutionProvider"]
+    assert network["threads"] == results["meta"]["threads"]["count"]  # ONNX Runtime on the run's own thread count
+    systems = ("blitzdiff-eager", "blitzdiff-onnxruntime")
+    assert {(r["system"], r["batch"]) for r in results["rows"]} == {(s, b) for s in systems for b in (1, 2)}
+    assert "export and load" in capsys.readouterr().out  # the export, done by compile(), is reported
+
+
 def tiny_learned_sigma_dit() -> Pipeline:
     """A random-weight DiT whose output holds the prediction and then the learned variance (out_channels 2)."""
     config = {**blitzdiff.load("dit-digits").model.config, "num_layers": 2, "out_channels": 2, "sample_size": 8}

@@ -108,6 +108,10 @@ def test_sample_through_a_runtime_mode_gives_the_same_grid(tmp_path, capsys):
     assert "mode eager, second call; the first, with the build, took" in capsys.readouterr().out
     assert main([*args, "--mode", "graph"]) == 2  # CUDA graphs on the CPU: one-line error
     assert "needs the pipeline on a CUDA device" in capsys.readouterr().err
+    exported = tmp_path / "onnxruntime.png"
+    assert main([*args, "--output", str(exported), "--mode", "onnxruntime"]) == 0  # the network on ONNX Runtime
+    difference = np.abs(png(exported).astype(int) - png(plain).astype(int))
+    assert difference.max() <= 1 and difference.mean() < 0.01  # float32 to 1e-5: a rare rounding step at most
 
 
 def test_sample_gives_a_text_conditional_unet_stand_in_prompts(tmp_path, capsys):

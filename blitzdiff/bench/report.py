@@ -98,9 +98,12 @@ def format_warnings(warnings: list[str]) -> str:
 
 
 def _build(system: dict[str, Any]) -> str:
-    entries = system.get("runtime_stats", {}).get("entries", [])
+    stats = system.get("runtime_stats", {})
+    entries = stats.get("entries", [])
     runtime = f" [{sum(e['build_s'] for e in entries):.2f} over {len(entries)} entries]" if entries else ""
-    return f"{system['name']} {system['build_s']:.2f}{runtime}"
+    network = stats.get("network")  # an external runtime: exported and loaded by compile(), before the first call
+    loaded = f" + {network['load_s']:.2f} export and load" if network else ""
+    return f"{system['name']} {system['build_s']:.2f}{runtime}{loaded}"
 
 
 def _memory_table(results: dict[str, Any]) -> str:
