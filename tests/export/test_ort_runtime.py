@@ -13,6 +13,7 @@ from blitzdiff.export.ort_network import OrtNetwork, network
 from blitzdiff.models.presets import build_random
 
 from ..engine.test_runtime import _save_checkpoint
+from ..engine.test_threads import check_mode
 from .test_onnx import DIT, SCHEDULER, network_inputs, pipeline, relative
 
 
@@ -111,6 +112,11 @@ def test_an_export_dir_is_kept_and_reused_only_for_the_same_weights(tmp_path):
     with pytest.raises(ValueError, match=r"was exported for batch 1..4; these buckets need 1..16"):
         pipeline("dit").compile("onnxruntime", buckets=(8,), export_dir=folder)
     assert other.runtime is None  # a failed compile leaves the pipeline as it was
+
+
+def test_threads():
+    # 8 threads x 50 mixed requests (guided and not, 5 samplers, padded and chunked), bitwise equal to solo results
+    check_mode("onnxruntime", buckets=(1, 2, 4))
 
 
 def test_bad_options():
