@@ -7,6 +7,7 @@ collected (diffusers does). On a GPU the variable is left as it is. Tests read t
 blitzdiff.kernels._backends.triton_interpreted().
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -21,3 +22,9 @@ def pytest_runtest_setup(item):
     # at run time, so collecting the suite never queries a device.
     if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False")
+    # `tensorrt` tests need the tensorrt extra (which cannot be installed on this project's machines) and a GPU.
+    if item.get_closest_marker("tensorrt") is not None:
+        missing = [name for name in ("tensorrt", "polygraphy") if importlib.util.find_spec(name) is None]
+        if missing or not torch.cuda.is_available():
+            reason = f"{', '.join(missing)} not installed" if missing else "torch.cuda.is_available() is False"
+            pytest.skip(f'needs TensorRT, polygraphy and a CUDA GPU ({reason}): pip install "blitzdiff[tensorrt]"')
