@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--steps", type=int, help="loop: the number of sampling steps (unrolled in the graph)")
     export.add_argument("--batch", type=int, nargs=2, metavar=("MIN", "MAX"), default=[1, 64],
                         help="the range of the dynamic batch dimension (default 1 64)")
+    export.add_argument("--dtype", default="float32", help="the network's dtype in the graph: float32 (default) or "
+                        "float16 (GroupNorm / LayerNorm, the attention softmax and the timestep embedding stay "
+                        "float32)")
+    export.add_argument("--height", type=int, nargs=2, metavar=("MIN", "MAX"), help="a UNet denoiser's dynamic "
+                        "image height range in pixels, as pipe.sample(height=...) counts them (default: fixed at the "
+                        "model's sample size)")
+    export.add_argument("--width", type=int, nargs=2, metavar=("MIN", "MAX"), help="the same for the width")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; 18..23)")
     export.add_argument("--external-data", action="store_true", help="weights in a separate file (default: when "
                         "they exceed 1 GiB)")
@@ -291,19 +298,25 @@ def run_export(args) -> None:
     import blitzdiff
     from blitzdiff.export import export_onnx, read_manifest
 
-    pipe = blitzdiff.load(args.model, device=args.device)
+    pipe = blitzdiff.load(args.model, device=args.device, dtype=args.dtype)
+    size = None
+    if args.height is not None or args.width is not None:  # image pixels -> the graph's latent pixels
+        height, width = args.height or (None, None), args.width or (None, None)
+        _, *low = pipe.latent_shape(height[0], width[0])
+        _, *high = pipe.latent_shape(height[1], width[1])
+        size = tuple(zip(low, high, strict=True))
     folder = export_onnx(pipe, args.out, what=args.what, sampler=args.sampler, steps=args.steps,
-                         guidance_scale=args.guidance, batch=tuple(args.batch), opset=args.opset,
-                         external_data=args.external_data or None, optimize=not args.no_optimize,
+                         guidance_scale=args.guidance, batch=tuple(args.batch), dtype=args.dtype, size=size,
+                         opset=args.opset, external_data=args.external_data or None, optimize=not args.no_optimize,
                          overwrite=args.overwrite)
     manifest = read_manifest(folder)
     inputs = ", ".join(f"{spec['name']} {spec['dtype']}{spec['shape']}" for spec in manifest["inputs"])
     loop = manifest.get("loop")
     what = (f"loop of {loop['sampler']}, {loop['steps']} steps, {loop['evaluations']} evaluations, "
             f"{'guided' if loop['guided'] else 'unguided'}" if loop else args.what)
-    size = sum(entry["bytes"] for entry in manifest["files"].values())
-    print(f"{pipe.name}: {what} -> {folder} ({size / 2**20:.1f} MiB, opset {manifest['opset']}, batch "
-          f"{manifest['batch'][0]}..{manifest['batch'][1]}); inputs: {inputs}")
+    files = sum(entry["bytes"] for entry in manifest["files"].values())
+    print(f"{pipe.name}: {what} -> {folder} ({files / 2**20:.1f} MiB, {manifest['precision']['dtype']}, opset "
+          f"{manifest['opset']}, batch {manifest['batch'][0]}..{manifest['batch'][1]}); inputs: {inputs}")
 
 
 COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench,

@@ -7,8 +7,9 @@ traced once, so every stage is unrolled (no Loop / If: what ONNX Runtime and Ten
 per-sample noise is the counter-based hash of blitzdiff.kernels.gaussian_noise as integer tensor ops. Names follow
 diffusers / Optimum: `sample`, `timestep`, `class_labels`, `encoder_hidden_states` -> `out_sample` for the
 network; `latent_sample` -> `sample` for the VAE decoder; `noise`, `seeds`, conditioning, `guidance_scale` ->
-`sample` for the loop. A folder is written under a temporary name and renamed when complete: a failed export leaves
-nothing behind.
+`sample` for the loop. The network runs in float32 or float16 (blitzdiff.export.precision: what a float16 graph
+still computes in float32); a UNet's height and width may be dynamic (blitzdiff.export.inputs). A folder is written
+under a temporary name and renamed when complete: a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from ..engine.functional import parameterization, postprocessing
 from ..engine.network import NetworkCall
 from ..engine.sampler import run_plan
 from ..engine.solvers import build_plan
+from .inputs import Size, check_size, dynamic_shapes, input_specs
 from .manifest import GRAPH, weights_digest, write_manifest
+from .precision import FLOAT32_OPS, dtype_name, export_dtype, float32_translations, in_dtype
 
 WHATS = ("denoiser", "loop", "vae")
 OPSETS = range(18, 24)  # what torch.onnx's dynamo exporter emits
 DEFAULT_OPSET = 18
 DEFAULT_BATCH = (1, 64)
-TOKENS = 77  # prompt length of the exported encoder_hidden_states (CLIP's)
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to external data (protobuf files stop at 2 GiB)
 
 
@@ -78,12 +80,13 @@ class DecoderGraph(nn.Module):
 
 class LoopGraph(nn.Module):
     """The whole sampling run of `pipe.sample(..., output_type="raw")` for one sampler and step count: the same
-    Denoiser and run_plan, inputs (noise [B, C, H, W] unit, seeds [B] int64, conditioning, guidance_scale [])."""
+    Denoiser and run_plan, inputs (noise [B, C, H, W] unit, seeds [B] int64, conditioning, guidance_scale []). The
+    state stays float32; NetworkCall runs `model` (pipe's network, or its copy in the export's dtype) in its dtype."""
 
-    def __init__(self, pipe: Any, sampler: str | None, steps: int, eta: float | None, guided: bool):
+    def __init__(self, pipe: Any, model: nn.Module, sampler: str | None, steps: int, eta: float | None, guided: bool):
         super().__init__()
         config = resolve(sampler, pipe.scheduler_config)
-        self.model, self.kind, self.guided = pipe.model, pipe.kind, guided
+        self.model, self.kind, self.guided = model, pipe.kind, guided
         self.plan = build_plan(config, steps, eta=eta)
         self.prediction, self.constants = parameterization(config)
         self.postprocess = postprocessing(config)
@@ -107,38 +110,6 @@ class LoopGraph(nn.Module):
         denoiser = Denoiser(call, self.plan, self.prediction, batch=noise.shape[0], device=noise.device, cond=cond,
                             uncond=uncond, guidance_scale=scale, **self.constants)
         return run_plan(self.plan, denoiser, noise * self.plan.init_scale, seeds, self.postprocess, "ref")
-
-
-def _spec(name: str, example: torch.Tensor, batched: bool = True) -> dict[str, Any]:
-    shape = ["batch", *example.shape[1:]] if batched else list(example.shape)
-    return {"name": name, "dtype": str(example.dtype).removeprefix("torch."), "shape": shape, "example": example}
-
-
-def _inputs(pipe: Any, what: str, batch: int, guided: bool) -> list[dict[str, Any]]:
-    """Name, dtype, shape (with the symbolic batch) and an example tensor of each graph input, in order."""
-    channels, h, w = pipe.latent_shape(None, None)
-    device, dtype, kind = pipe.device, pipe.dtype, pipe.kind
-    generator = torch.Generator().manual_seed(0)
-    if what == "vae":
-        return [_spec("latent_sample", torch.randn(batch, channels, h, w, generator=generator).to(device, dtype))]
-    specs = []
-    if what == "denoiser":
-        specs += [_spec("sample", torch.randn(batch, channels, h, w, generator=generator).to(device, dtype)),
-                  _spec("timestep", torch.linspace(900, 100, batch).to(device))]
-    else:
-        specs += [_spec("noise", torch.randn(batch, channels, h, w, generator=generator).to(device)),
-                  _spec("seeds", torch.arange(batch, dtype=torch.int64, device=device))]
-    if kind.class_conditional:
-        specs.append(_spec("class_labels", torch.arange(batch, dtype=torch.int64, device=device) % pipe.num_classes))
-    if kind.text_conditional:
-        width = pipe.model.config["cross_attention_dim"]
-        prompt = torch.randn(batch, TOKENS, width, generator=generator).to(device, dtype)
-        specs.append(_spec("encoder_hidden_states", prompt))
-        if what == "loop" and guided:
-            specs.append(_spec("negative_encoder_hidden_states", torch.zeros_like(prompt)))
-    if what == "loop" and guided:
-        specs.append(_spec("guidance_scale", torch.tensor(4.0, device=device), batched=False))
-    return specs
 
 
 def _check_options(pipe: Any, what: str, steps: int | None, batch: Sequence[int], opset: int) -> tuple[int, int]:
@@ -166,6 +137,8 @@ def export_onnx(
     guidance_scale: float | None = None,
     eta: float | None = None,
     batch: Sequence[int] = DEFAULT_BATCH,
+    dtype: torch.dtype | str | None = None,
+    size: Sequence[Sequence[int]] | None = None,
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     optimize: bool = True,
@@ -175,19 +148,25 @@ def export_onnx(
 
     what: "denoiser" (the network), "vae" (the VAE decoder) or "loop" (the whole `steps`-step run of `sampler`,
     guided when guidance_scale, default pipe.default_guidance_scale, is not 1: the scale itself is an input).
-    batch: (min, max) of the dynamic batch dimension. external_data: weights in a separate file (default: when
-    they exceed 1 GiB). optimize: run the ONNX optimizer (constant folding, fusions) over the traced graph: most
-    of the export time for a loop (converting a traced 4-step loop of unet-digits: 54 s against 16 s), and a
-    smaller graph that runs faster (2,580 against 8,530 nodes; 29 against 54 ms per run on ORT's CPU provider);
-    turn it off for quick iterations. The graph is checked by onnx.checker before the folder appears under its name.
+    batch: (min, max) of the dynamic batch dimension. dtype: the network's dtype in the graph, "float32" or "float16"
+    (None: the pipeline's; bfloat16 is refused, see blitzdiff.export.precision); a copy of the network is converted
+    when it differs, the pipeline is never changed. A float16 denoiser takes sample / encoder_hidden_states and returns
+    out_sample in float16 (timestep float32, class_labels int64); a float16 loop keeps its state float32 (noise in,
+    sample out; prompts in float16), as Pipeline runs a float16 network; a float16 VAE decoder is float16 in and out.
+    size: ((height_min, height_max), (width_min, width_max)) in latent pixels: the dynamic height and width of a UNet
+    denoiser, multiples of 2 ** its down-sampling stages (None: fixed at the sample size). external_data: weights in
+    a separate file (default: when they exceed 1 GiB). optimize: run the ONNX optimizer (constant folding, fusions)
+    over the traced graph: most of the export time for a loop (converting a traced 4-step loop of unet-digits: 54 s
+    against 16 s), and a smaller graph that runs faster (2,580 against 8,530 nodes; 29 against 54 ms per run on ORT's
+    CPU provider); turn it off for quick iterations. The graph is checked by onnx.checker before the folder appears
+    under its name.
     """
     import onnx
 
     out_dir = Path(out_dir)
     low, high = _check_options(pipe, what, steps, batch, opset)
-    if pipe.dtype != torch.float32:
-        raise ValueError(f"exporting a {str(pipe.dtype).removeprefix('torch.')} network is not supported yet; load "
-                         "the pipeline in float32")
+    dtype = export_dtype(dtype, pipe.vae if what == "vae" else pipe.model)
+    sized = check_size(pipe, what, size)
     if out_dir.exists() and not overwrite:
         raise ValueError(f"{out_dir} exists; choose a new folder or pass overwrite=True (--overwrite)")
     if not out_dir.parent.is_dir():
@@ -197,14 +176,12 @@ def export_onnx(
     if guided and pipe.kind.null_class is None and not pipe.kind.text_conditional:
         raise ValueError(f"guidance_scale={scale:g} needs a model trained with a null class or one taking prompt "
                          "embeddings; export this one with guidance_scale=1.0")
-    network = pipe.vae if what == "vae" else pipe.model
-    module = {"denoiser": lambda: DenoiserGraph(pipe.model), "vae": lambda: DecoderGraph(pipe.vae),
-              "loop": lambda: LoopGraph(pipe, sampler, steps, eta, guided)}[what]().eval()
+    network = in_dtype(pipe.vae if what == "vae" else pipe.model, dtype)
+    module = {"denoiser": lambda: DenoiserGraph(network), "vae": lambda: DecoderGraph(network),
+              "loop": lambda: LoopGraph(pipe, network, sampler, steps, eta, guided)}[what]().eval()
     example_batch = min(max(2, low), high)  # not 1 where the range allows: torch.export specializes size-1 dims
-    specs = _inputs(pipe, what, example_batch, guided)
-    dim = torch.export.Dim("batch", min=low, max=high) if low < high else None
-    dynamic = {spec["name"]: {0: dim} if spec["shape"][:1] == ["batch"] and dim is not None else None
-               for spec in specs}
+    specs = input_specs(pipe, what, example_batch, guided, dtype, sized)
+    dynamic = dynamic_shapes(specs, (low, high), sized)
     output = {"denoiser": "out_sample", "vae": "sample", "loop": "sample"}[what]
     weight_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
@@ -218,15 +195,16 @@ def export_onnx(
             try:
                 program = torch.onnx.export(module, (), kwargs=examples, dynamo=True, opset_version=opset,
                                             input_names=[spec["name"] for spec in specs], output_names=[output],
-                                            dynamic_shapes=dynamic, optimize=optimize, verbose=False)
+                                            dynamic_shapes=dynamic, optimize=optimize, verbose=False,
+                                            custom_translation_table=float32_translations(dtype))
             except Exception as err:  # noqa: BLE001 - torch.export / onnxscript raise many types
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ValueError(f"could not export the {what} of {pipe.name or network.diffusers_class} "
                                  f"({network.diffusers_class}) to ONNX: {first}") from err
         program.save(str(temporary / GRAPH), external_data=external)
         onnx.checker.check_model(str(temporary / GRAPH))
-        manifest = _manifest(pipe, what, specs, output, reference, opset, (low, high), module, sampler, steps, eta,
-                             guided)
+        manifest = _manifest(pipe, network, what, specs, output, reference, opset, (low, high), sized, module,
+                             sampler, steps, eta, guided)
         write_manifest(temporary, {**manifest, "optimized": optimize})
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -236,22 +214,27 @@ def export_onnx(
     return out_dir
 
 
-def _manifest(pipe: Any, what: str, specs: list[dict[str, Any]], output: str, reference: torch.Tensor, opset: int,
-              batch: tuple[int, int], module: nn.Module, sampler: str | None, steps: int | None, eta: float | None,
-              guided: bool) -> dict[str, Any]:
+def _manifest(pipe: Any, network: nn.Module, what: str, specs: list[dict[str, Any]], output: str,
+              reference: torch.Tensor, opset: int, batch: tuple[int, int], size: Size | None, module: nn.Module,
+              sampler: str | None, steps: int | None, eta: float | None, guided: bool) -> dict[str, Any]:
+    """What the graph takes and returns and how it was made; "model" describes the network as exported (its dtype,
+    and weights_sha256 over its weights in that dtype: manifest.weights_digest)."""
     import onnx
 
     from .. import __version__
 
-    network = pipe.vae if what == "vae" else pipe.model
+    dtype = next(network.parameters()).dtype
+    out_shape = ["batch", *reference.shape[1:]]
+    if size is not None:  # the denoiser's out_sample has its sample's height and width
+        out_shape[2:] = ["height", "width"]
     manifest: dict[str, Any] = {
         "what": what, "opset": opset, "batch": list(batch),
+        **({"size": size.manifest()} if size is not None else {}),
         "inputs": [{k: spec[k] for k in ("name", "dtype", "shape")} for spec in specs],
-        "outputs": [{"name": output, "dtype": str(reference.dtype).removeprefix("torch."),
-                     "shape": ["batch", *reference.shape[1:]]}],
+        "outputs": [{"name": output, "dtype": dtype_name(reference.dtype), "shape": out_shape}],
+        "precision": {"dtype": dtype_name(dtype), "float32_ops": list(FLOAT32_OPS)},
         "model": {"name": pipe.name, "class": network.diffusers_class, "config": dict(network.config),
-                  "dtype": str(next(network.parameters()).dtype).removeprefix("torch."),
-                  "weights_sha256": weights_digest(network)},
+                  "dtype": dtype_name(dtype), "weights_sha256": weights_digest(network)},
         "scheduler_config": pipe.scheduler_config,
         "versions": {"blitzdiff": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      "python": platform.python_version()},

@@ -1,7 +1,10 @@
 """An exported graph run by ONNX Runtime, checked against its manifest: `OnnxGraph(folder)(**inputs)`.
 
 Inputs are checked before the run, each problem a ValueError naming the input and what the export allows: missing or
-unexpected names, a batch outside the exported range or differing between inputs, shapes and dtypes.
+unexpected names, a batch (or a dynamic height / width) outside the exported range, off its multiple or differing
+between inputs, shapes, and dtypes: a float input is cast only where that is exact (float16 or bfloat16 into a
+float32 input, integers such as diffusers' timesteps into a float one; Python numbers take the input's dtype); a
+cast that would round (float32 into float16, float64 into float32) is refused, naming the dtype the export takes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from .manifest import GRAPH, read_manifest
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bfloat16": None}
+EXACT_FLOATS = {"float32": ("float32", "float16", "bfloat16"), "float16": ("float16",)}  # input dtype -> exact sources
 
 
 class OnnxGraph:
@@ -42,6 +46,15 @@ class OnnxGraph:
         if graph_inputs != listed:
             raise ValueError(f"{self.folder}: the graph's inputs {graph_inputs} differ from the manifest's {listed}")
         self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
+        size = self.manifest.get("size")
+        self.ranges = {"batch": (*self.manifest["batch"], 1)}  # symbol -> (min, max, multiple)
+        if size is not None:
+            self.ranges.update(height=(*size["height"], size["multiple"]), width=(*size["width"], size["multiple"]))
+        for spec in self.manifest["inputs"]:
+            unknown = [dim for dim in spec["shape"] if isinstance(dim, str) and dim not in self.ranges]
+            if unknown:
+                raise ValueError(f"{self.folder}: input {spec['name']!r} has dims {unknown} that the manifest gives "
+                                 "no range for")
         self.output = self.manifest["outputs"][0]["name"]
 
     @property
@@ -58,28 +71,49 @@ class OnnxGraph:
                              + (f"; missing {missing}" if missing else "")
                              + (f"; unexpected {unexpected}" if unexpected else ""))
         feeds = {name: self._array(name, value) for name, value in inputs.items()}
-        batches = {name: feeds[name].shape[0] for name, spec in self.inputs.items() if spec["shape"][:1] == ["batch"]}
-        low, high = self.batch_range
-        if len(set(batches.values())) > 1:
-            raise ValueError(f"the inputs disagree on the batch size: {batches}")
-        batch = next(iter(batches.values()), low)
-        if not low <= batch <= high:
-            raise ValueError(f"batch {batch} is outside the exported range {low}..{high}; export with --batch "
-                             f"covering it")
+        found: dict[str, dict[str, int]] = {}  # symbol -> {input: its size}
+        for name, spec in self.inputs.items():
+            for axis, dim in enumerate(spec["shape"]):
+                if isinstance(dim, str):
+                    found.setdefault(dim, {})[name] = feeds[name].shape[axis]
+        for symbol, sizes in found.items():
+            if len(set(sizes.values())) > 1:
+                raise ValueError(f"the inputs disagree on the {symbol} size: {sizes}")
+            value, (low, high, multiple) = next(iter(sizes.values())), self.ranges[symbol]
+            if not low <= value <= high:
+                option = "--batch" if symbol == "batch" else "a size range (size=, --height / --width)"
+                raise ValueError(f"{symbol} {value} is outside the exported range {low}..{high}; export with "
+                                 f"{option} covering it")
+            if value % multiple:
+                raise ValueError(f"{symbol} {value} is not a multiple of {multiple} (the network's down-sampling); "
+                                 f"the export takes multiples of {multiple} in {low}..{high}")
         (out,) = self.session.run([self.output], feeds)
         return torch.from_numpy(out)
 
     def _array(self, name: str, value: Any) -> np.ndarray:
         spec = self.inputs[name]
-        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        dtype = NUMPY_DTYPES.get(spec["dtype"])
+        wanted = spec["dtype"]
+        dtype = NUMPY_DTYPES.get(wanted)
         if dtype is None:
-            raise ValueError(f"input {name!r} is {spec['dtype']}, which this runner cannot feed")
+            raise ValueError(f"input {name!r} is {wanted}, which this runner cannot feed")
+        if isinstance(value, torch.Tensor):
+            source = str(value.dtype).removeprefix("torch.")
+            tensor = value.detach().cpu()
+            array = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()  # numpy has no bfloat16
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            array, source = np.asarray(value, dtype=dtype), wanted  # a Python number takes the input's dtype
+        else:
+            array = np.asarray(value)
+            source = array.dtype.name
         expected = spec["shape"]
         fixed_ok = len(array.shape) == len(expected) and all(
-            want == "batch" or want == got for want, got in zip(expected, array.shape, strict=True))
+            isinstance(want, str) or want == got for want, got in zip(expected, array.shape, strict=True))
         if not fixed_ok:
             raise ValueError(f"input {name!r} has shape {list(array.shape)}; the export takes {expected}")
-        if np.issubdtype(dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"input {name!r} must hold integers ({spec['dtype']}), got {array.dtype}")
+        integer = np.issubdtype(array.dtype, np.integer)
+        if np.issubdtype(dtype, np.integer) and not integer:
+            raise ValueError(f"input {name!r} must hold integers ({wanted}), got {source}")
+        if not np.issubdtype(dtype, np.integer) and not integer and source not in EXACT_FLOATS[wanted]:
+            raise ValueError(f"input {name!r} is {source}; the export takes {wanted} (a cast would round): convert "
+                             f"it first, e.g. x.to(torch.{wanted})")
         return np.ascontiguousarray(array.astype(dtype, copy=False))
