@@ -33,13 +33,15 @@ NETWORK_INPUTS = ("sample", "timestep", "class_labels", "encoder_hidden_states")
 
 
 def network(pipe: Any, buckets: Sequence[int], *, providers: Sequence[Any] | None = None,
-            export_dir: str | Path | None = None, threads: int | None = None, cuda_graph: bool = False) -> OrtNetwork:
+            export_dir: str | Path | None = None, threads: int | None = None, cuda_graph: bool = False,
+            size: Sequence[Sequence[int]] | None = None) -> OrtNetwork:
     """The factory EXTERNAL_MODES names. providers: ONNX Runtime execution providers in order (names or (name,
     options) pairs; default CPUExecutionProvider on CPU, CUDAExecutionProvider on CUDA). export_dir: a folder to
-    export into and keep (reused as is when it holds this network's export: same class, config, dtype and weights
-    digest, covering the batches); default a temporary folder removed with the network. threads: ONNX Runtime's
-    intra-op threads (default torch.get_num_threads(), so both run on the same cores). cuda_graph: capture a CUDA graph
-    per batch size (CUDA provider only)."""
+    export into and keep (reused as is when it holds this network's export: same class, config, dtype, weights
+    digest and size range, covering the batches); default a temporary folder removed with the network. threads: ONNX
+    Runtime's intra-op threads (default torch.get_num_threads(), so both run on the same cores). cuda_graph: capture a
+    CUDA graph per input shape (CUDA provider only). size: a UNet's dynamic height / width range in latent pixels
+    (export_onnx's size), so that pipe.sample(height=..., width=...) runs other sizes; default the sample size only."""
     import onnxruntime
 
     device = pipe.device
@@ -60,15 +62,16 @@ def network(pipe: Any, buckets: Sequence[int], *, providers: Sequence[Any] | Non
         providers[0] = ("CUDAExecutionProvider", {**options, "enable_cuda_graph": "1"})
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads must be an int >= 1, got {threads!r}")
-    return OrtNetwork(pipe, (1, 2 * max(buckets)), providers, export_dir, threads, cuda_graph)
+    return OrtNetwork(pipe, (1, 2 * max(buckets)), providers, export_dir, threads, cuda_graph, size)
 
 
 class OrtNetwork:
     """The exported denoiser of a pipeline run by ONNX Runtime, with the torch network's calling convention."""
 
     def __init__(self, pipe: Any, batch: tuple[int, int], providers: list[Any], export_dir: str | Path | None,
-                 threads: int | None, cuda_graph: bool):
+                 threads: int | None, cuda_graph: bool, size: Sequence[Sequence[int]] | None):
         self.batch, self.providers, self.threads, self.cuda_graph = batch, providers, threads, cuda_graph
+        self.size = None if size is None else [list(r) for r in size]
         self.device = pipe.device
         self.keep = export_dir is not None
         if export_dir is None:
@@ -87,7 +90,7 @@ class OrtNetwork:
             self._check_reusable(pipe, digest)
             self.export_s = None
         else:
-            export_onnx(pipe, self.folder, what="denoiser", batch=self.batch, overwrite=True)
+            export_onnx(pipe, self.folder, what="denoiser", batch=self.batch, size=self.size, overwrite=True)
             self.export_s = time.perf_counter() - start
         self._open()
         self.load_s = time.perf_counter() - start
@@ -99,7 +102,9 @@ class OrtNetwork:
         expected = {"what": ("denoiser", manifest["what"]), "model class": (pipe.model.diffusers_class, model["class"]),
                     "model config": (config, model["config"]),
                     "dtype": (str(pipe.dtype).removeprefix("torch."), model["dtype"]),
-                    "weights (sha256)": (digest, model.get("weights_sha256"))}
+                    "weights (sha256)": (digest, model.get("weights_sha256")),
+                    "size range": (self.size, [size[k] for k in ("height", "width")] if (size := manifest.get("size"))
+                                   else None)}
         for what, (want, found) in expected.items():
             if want != found:
                 raise ValueError(f"export_dir {self.folder} holds another export: its {what} differs from the "
@@ -122,7 +127,7 @@ class OrtNetwork:
         self.input_dtypes = {name: getattr(torch, spec["dtype"]) for name, spec in specs.items()}
         output = self.graph.manifest["outputs"][0]
         self.output_dtype = getattr(torch, output["dtype"])
-        self.output_shape = output["shape"][1:]
+        self.output_shape = output["shape"]  # ["batch", C_out, H or "height", W or "width"]
         self.bindings: dict[tuple, _Binding] = {}
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
@@ -132,14 +137,10 @@ class OrtNetwork:
         given = {"sample": sample, "timestep": timestep, "class_labels": class_labels,
                  "encoder_hidden_states": encoder_hidden_states}
         inputs = {name: value for name, value in given.items() if value is not None}
-        if set(inputs) != set(self.input_dtypes):
-            raise ValueError(f"the exported network takes {', '.join(self.input_dtypes)}; got {', '.join(inputs)}")
-        n = sample.shape[0]
-        if not self.batch[0] <= n <= self.batch[1]:
-            raise ValueError(f"batch {n} is outside the exported range {self.batch[0]}..{self.batch[1]}")
         key = tuple((name, tuple(value.shape)) for name, value in inputs.items())
         binding = self.bindings.get(key)
         if binding is None:
+            self.graph.check(dict(key))  # names, fixed dims, batch / height / width ranges: once per shape
             binding = self.bindings[key] = _Binding(self, inputs, len(self.bindings))
         return binding.run(inputs)
 
@@ -147,7 +148,7 @@ class OrtNetwork:
         return {"runtime": "onnxruntime", "providers": self.session.get_providers(), "export_dir": str(self.folder),
                 "kept": self.keep, "batch": list(self.batch), "dtype": str(self.dtype).removeprefix("torch."),
                 "threads": self.threads or torch.get_num_threads(), "cuda_graph": self.cuda_graph,
-                "export_s": self.export_s, "load_s": self.load_s, "shapes_bound": len(self.bindings)}
+                "size": self.size, "export_s": self.export_s, "load_s": self.load_s, "shapes_bound": len(self.bindings)}
 
 
 class _Binding:
@@ -161,8 +162,9 @@ class _Binding:
         with torch.inference_mode(False):  # plain tensors: written in and out of pipe.sample's inference mode
             self.buffers = {name: torch.empty(value.shape, dtype=net.input_dtypes[name], device=device)
                             for name, value in inputs.items()}
-            self.output = torch.empty((inputs["sample"].shape[0], *net.output_shape), dtype=net.output_dtype,
-                                      device=device)
+            symbols = dict(zip(("batch", "channels", "height", "width"), inputs["sample"].shape, strict=True))
+            shape = [symbols[dim] if isinstance(dim, str) else dim for dim in net.output_shape]
+            self.output = torch.empty(shape, dtype=net.output_dtype, device=device)
         self.binding = self.session.io_binding()
         for name, buffer in self.buffers.items():
             self.binding.bind_input(name, *_memory(buffer))

@@ -9,7 +9,7 @@ cast that would round (float32 into float16, float64 into float32) is refused, n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +64,30 @@ class OnnxGraph:
 
     def __call__(self, **inputs: torch.Tensor | np.ndarray | float) -> torch.Tensor:
         """Run the graph; returns its output as a CPU tensor."""
-        missing = [name for name in self.inputs if name not in inputs]
-        unexpected = [name for name in inputs if name not in self.inputs]
+        self.check({name: tuple(np.shape(value)) if not isinstance(value, torch.Tensor) else tuple(value.shape)
+                    for name, value in inputs.items()})
+        feeds = {name: self._array(name, value) for name, value in inputs.items()}
+        (out,) = self.session.run([self.output], feeds)
+        return torch.from_numpy(out)
+
+    def check(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """ValueError unless `shapes` (input name -> shape) are what the export takes: every input and no other, the
+        fixed dims, and each symbolic dim (batch, height, width) equal across inputs, in its range, on its multiple."""
+        missing = [name for name in self.inputs if name not in shapes]
+        unexpected = [name for name in shapes if name not in self.inputs]
         if missing or unexpected:
-            raise ValueError(f"inputs {sorted(inputs)} do not match the export's {list(self.inputs)}"
+            raise ValueError(f"inputs {sorted(shapes)} do not match the export's {list(self.inputs)}"
                              + (f"; missing {missing}" if missing else "")
                              + (f"; unexpected {unexpected}" if unexpected else ""))
-        feeds = {name: self._array(name, value) for name, value in inputs.items()}
         found: dict[str, dict[str, int]] = {}  # symbol -> {input: its size}
         for name, spec in self.inputs.items():
-            for axis, dim in enumerate(spec["shape"]):
+            expected, shape = spec["shape"], list(shapes[name])
+            if len(shape) != len(expected) or any(want != got for want, got in zip(expected, shape, strict=True)
+                                                  if not isinstance(want, str)):
+                raise ValueError(f"input {name!r} has shape {shape}; the export takes {expected}")
+            for axis, dim in enumerate(expected):
                 if isinstance(dim, str):
-                    found.setdefault(dim, {})[name] = feeds[name].shape[axis]
+                    found.setdefault(dim, {})[name] = shape[axis]
         for symbol, sizes in found.items():
             if len(set(sizes.values())) > 1:
                 raise ValueError(f"the inputs disagree on the {symbol} size: {sizes}")
@@ -87,8 +99,6 @@ class OnnxGraph:
             if value % multiple:
                 raise ValueError(f"{symbol} {value} is not a multiple of {multiple} (the network's down-sampling); "
                                  f"the export takes multiples of {multiple} in {low}..{high}")
-        (out,) = self.session.run([self.output], feeds)
-        return torch.from_numpy(out)
 
     def _array(self, name: str, value: Any) -> np.ndarray:
         spec = self.inputs[name]
@@ -105,11 +115,6 @@ class OnnxGraph:
         else:
             array = np.asarray(value)
             source = array.dtype.name
-        expected = spec["shape"]
-        fixed_ok = len(array.shape) == len(expected) and all(
-            isinstance(want, str) or want == got for want, got in zip(expected, array.shape, strict=True))
-        if not fixed_ok:
-            raise ValueError(f"input {name!r} has shape {list(array.shape)}; the export takes {expected}")
         integer = np.issubdtype(array.dtype, np.integer)
         if np.issubdtype(dtype, np.integer) and not integer:
             raise ValueError(f"input {name!r} must hold integers ({wanted}), got {source}")

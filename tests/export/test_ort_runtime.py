@@ -51,6 +51,20 @@ def test_unet_and_text_conditional_models(tmp_path):
     assert relative(raw(ort_sd, 2, "dpmpp_2m", **prompts), raw(sd, 2, "dpmpp_2m", **prompts)) < 1e-4
 
 
+def test_other_image_sizes_with_a_size_range():
+    unet = pipeline("unet")  # 2 resolution levels: sizes are multiples of 2 latent pixels
+    ort_unet = pipeline("unet").compile("onnxruntime", buckets=(2,), size=((4, 12), (4, 12)))
+    for height, width in ((12, 6), (8, 8), (4, 10)):
+        expected = raw(unet, 2, "dpmpp_2m", height=height, width=width)
+        assert relative(raw(ort_unet, 2, "dpmpp_2m", height=height, width=width), expected) < 1e-4
+    with pytest.raises(ValueError, match=r"height 14 is outside the exported range 4..12; export with a size range"):
+        raw(ort_unet, 2, "dpmpp_2m", height=14, width=8)
+    fixed = pipeline("unet").compile("onnxruntime", buckets=(2,))
+    with pytest.raises(ValueError, match=r"input 'sample' has shape \[2, 3, 6, 8\]; the export takes \['batch', 3, 8, "
+                                         r"8\]"):
+        raw(fixed, 2, "ddim", height=6)
+
+
 def test_the_network_equals_the_torch_forward_at_any_batch(dit_pair):
     torch_pipe, ort_pipe = dit_pair
     net = ort_pipe.runtime.network
@@ -66,9 +80,12 @@ def test_the_network_equals_the_torch_forward_at_any_batch(dit_pair):
     assert relative(one, expected[2:3]) < 1e-5
     with pytest.raises(ValueError, match=r"batch 9 is outside the exported range 1..8"):
         net(**{k: torch.cat([v, v[:4]]) for k, v in inputs.items()})
-    with pytest.raises(ValueError, match=r"the exported network takes sample, timestep, class_labels; got sample, "
-                                         r"timestep"):
+    with pytest.raises(ValueError, match=r"do not match the export's \['sample', 'timestep', 'class_labels'\]; "
+                                         r"missing \['class_labels'\]"):
         net(inputs["sample"], inputs["timestep"])
+    with pytest.raises(ValueError, match=r"input 'sample' has shape \[5, 2, 4, 4\]; the export takes \['batch', 2, 8, "
+                                         r"8\]"):
+        net(**{**inputs, "sample": inputs["sample"][:, :, :4, :4]})
 
 
 def test_stats_callbacks_and_the_nan_guard(tmp_path):
