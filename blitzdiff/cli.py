@@ -118,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-optimize", action="store_true", help="skip the ONNX optimizer: a loop exports about 3x "
                         "faster, into a larger graph that runs slower")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument("--engine", choices=["tensorrt"], help="also build a TensorRT engine from the export into "
+                        "OUT/tensorrt (needs the tensorrt extra and an NVIDIA GPU; denoiser and vae exports)")
+    export.add_argument("--precision", default="fp32", help="engine precision: fp32 (default, TF32 off), tf32, fp16 "
+                        "or bf16")
+    export.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="engine batch sizes, one "
+                        "optimization profile each; a denoiser also gets 2 x each (guided calls), all inside --batch "
+                        "(default 1 2 4 8 16 32)")
+    export.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated (default: inside the "
+                        "engine folder)")
 
     prof = commands.add_parser("profile", help="profile one sampling run: a torch.profiler trace (Chrome / Perfetto "
                                "JSON), network / solver / host time per step, and the ops of each step")
@@ -298,6 +307,14 @@ def run_export(args) -> None:
     import blitzdiff
     from blitzdiff.export import export_onnx, read_manifest
 
+    if args.engine is not None:  # fail before a long export: the engine's options, then the package
+        from blitzdiff.export.trt_engine import PRECISIONS, WHATS, require_tensorrt
+
+        if args.what not in WHATS:
+            raise ValueError(f"--engine tensorrt builds engines of {' and '.join(WHATS)} exports, not --what {args.what}")
+        if args.precision not in PRECISIONS:
+            raise ValueError(f"unknown --precision {args.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        require_tensorrt()
     pipe = blitzdiff.load(args.model, device=args.device, dtype=args.dtype)
     size = None
     if args.height is not None or args.width is not None:  # image pixels -> the graph's latent pixels
@@ -317,6 +334,16 @@ def run_export(args) -> None:
     files = sum(entry["bytes"] for entry in manifest["files"].values())
     print(f"{pipe.name}: {what} -> {folder} ({files / 2**20:.1f} MiB, {manifest['precision']['dtype']}, opset "
           f"{manifest['opset']}, batch {manifest['batch'][0]}..{manifest['batch'][1]}); inputs: {inputs}")
+    if args.engine is not None:
+        from blitzdiff.export.trt_engine import build_engine, read_record
+
+        guided = 2 if args.what == "denoiser" else 1  # pipe.compile("tensorrt") runs [uncond; cond] in one call
+        batches = sorted({b * k for b in args.buckets for k in range(1, guided + 1)})
+        engine = build_engine(folder, folder / "tensorrt", buckets=batches, precision=args.precision,
+                              timing_cache=args.timing_cache, overwrite=args.overwrite)
+        record = read_record(engine)
+        print(f"TensorRT {record['tensorrt']} engine, {args.precision}, profiles {record['profiles']}, built in "
+              f"{record['build_seconds']:.1f} s on {record['gpu']} -> {engine}")
 
 
 COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench,
@@ -327,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
         print(f"blitzdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

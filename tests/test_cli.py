@@ -250,3 +250,17 @@ def test_export_writes_a_graph_that_runs_like_the_model(tmp_path, capsys):
     assert main(["export", "--model", "unet-digits", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"blitzdiff export: error: {out} exists; choose a new folder or pass overwrite=True (--overwrite)"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--what", "loop", "--steps", "2"], "--engine tensorrt builds engines of denoiser and vae exports, not --what loop"),
+    (["--precision", "int8"], "unknown --precision 'int8'; allowed: fp32, tf32, fp16, bf16"),
+    ([], 'TensorRT engines need the tensorrt package, which is not installed: pip install "blitzdiff[tensorrt]"'),
+])
+def test_export_engine_errors_come_before_the_export(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on this project's machines: not installable
+    out = tmp_path / "unet"
+    assert main(["export", "--model", "unet-digits", "--out", str(out), "--engine", "tensorrt", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"blitzdiff export: error: {message}")
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # refused before anything was exported
