@@ -311,7 +311,8 @@ def run_export(args) -> None:
         from blitzdiff.export.trt_engine import PRECISIONS, WHATS, require_tensorrt
 
         if args.what not in WHATS:
-            raise ValueError(f"--engine tensorrt builds engines of {' and '.join(WHATS)} exports, not --what {args.what}")
+            raise ValueError(f"--engine tensorrt builds engines of {' and '.join(WHATS)} exports, not --what "
+                             f"{args.what}")
         if args.precision not in PRECISIONS:
             raise ValueError(f"unknown --precision {args.precision!r}; allowed: {', '.join(PRECISIONS)}")
         require_tensorrt()

@@ -253,7 +253,8 @@ def test_export_writes_a_graph_that_runs_like_the_model(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--what", "loop", "--steps", "2"], "--engine tensorrt builds engines of denoiser and vae exports, not --what loop"),
+    (["--what", "loop", "--steps", "2"],
+     "--engine tensorrt builds engines of denoiser and vae exports, not --what loop"),
     (["--precision", "int8"], "unknown --precision 'int8'; allowed: fp32, tf32, fp16, bf16"),
     ([], 'TensorRT engines need the tensorrt package, which is not installed: pip install "blitzdiff[tensorrt]"'),
 ])
