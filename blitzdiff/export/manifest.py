@@ -3,8 +3,11 @@ and the bytes it was written as, so that a runtime can refuse a graph that does 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,22 @@ import torch
 FORMAT = "blitzdiff-onnx/1"
 MANIFEST = "export.json"
 GRAPH = "model.onnx"
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A fresh temporary sibling `.NAME.partial` to write into, renamed to out_dir (replacing it) when the block
+    completes and removed when it raises: a failed export or build leaves nothing behind."""
+    temporary = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        temporary.rename(out_dir)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def file_digest(path: Path) -> dict[str, Any]:

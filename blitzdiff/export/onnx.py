@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..engine.network import NetworkCall
 from ..engine.sampler import run_plan
 from ..engine.solvers import build_plan
 from .inputs import Size, check_size, dynamic_shapes, input_specs
-from .manifest import GRAPH, weights_digest, write_manifest
+from .manifest import GRAPH, staged_folder, weights_digest, write_manifest
 from .precision import FLOAT32_OPS, dtype_name, export_dtype, float32_translations, in_dtype
 
 WHATS = ("denoiser", "loop", "vae")
@@ -185,10 +184,7 @@ def export_onnx(
     output = {"denoiser": "out_sample", "vae": "sample", "loop": "sample"}[what]
     weight_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
-    temporary = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
+    with staged_folder(out_dir) as temporary:
         with torch.no_grad(), reference_kernels(network):
             examples = {spec["name"]: spec["example"] for spec in specs}  # by name: the forward's parameters
             reference = module(**examples)  # also fills lazily computed tables (DiT's positions) before tracing
@@ -206,11 +202,6 @@ def export_onnx(
         manifest = _manifest(pipe, network, what, specs, output, reference, opset, (low, high), sized, module,
                              sampler, steps, eta, guided)
         write_manifest(temporary, {**manifest, "optimized": optimize})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temporary.rename(out_dir)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     return out_dir
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .manifest import GRAPH, file_digest, read_manifest
+from .manifest import GRAPH, file_digest, read_manifest, staged_folder
 
 FORMAT = "blitzdiff-trt/1"
 PLAN, RECORD, CACHE = "engine.plan", "engine.json", "timing.cache"
@@ -86,10 +85,7 @@ def build_engine(export_dir: str | Path, out_dir: str | Path, *, buckets: Sequen
             raise ValueError(f"folder {folder} does not exist")
     trt = require_tensorrt()
     cache_in = Path(timing_cache) if timing_cache is not None else out_dir / CACHE
-    temporary = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
+    with staged_folder(out_dir) as temporary:
         start = time.perf_counter()
         plan, cache, io = _build(trt, export_dir, manifest, batches, precision, workspace_gib, cache_in)
         seconds = time.perf_counter() - start
@@ -99,11 +95,6 @@ def build_engine(export_dir: str | Path, out_dir: str | Path, *, buckets: Sequen
             "format": FORMAT, "export": export_entry(manifest), "profiles": list(batches), "precision": precision,
             "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "build_seconds": round(seconds, 3),
             "io": io})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temporary.rename(out_dir)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     return out_dir
 
 
