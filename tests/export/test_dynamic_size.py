@@ -14,22 +14,13 @@ from blitzdiff.export import OnnxGraph, export_onnx, read_manifest
 from blitzdiff.export.manifest import weights_digest
 from blitzdiff.models.presets import build_random
 
-from .test_onnx import SCHEDULER, UNET, pipeline, relative
+from .test_onnx import SCHEDULER, UNET, network_inputs, pipeline, relative
 
 # Three levels, two down-sampling stages: sizes are multiples of 4.
 UNET3 = {**UNET, "block_out_channels": (8, 16, 16), "down_block_types": ("DownBlock2D", "AttnDownBlock2D",
          "DownBlock2D"), "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")}
 SIZES = {"unet": ((8, 24), (8, 32)), "sd": ((4, 16), (6, 12))}
 RUN_AT = {"unet": [(8, 32), (20, 12)], "sd": [(4, 12), (16, 6), (10, 8)]}  # (height, width)
-
-
-def inputs_at(pipe: blitzdiff.Pipeline, batch: int, height: int, width: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(height * 100 + width)
-    inputs = {"sample": torch.randn(batch, pipe.model.config["in_channels"], height, width, generator=generator),
-              "timestep": torch.linspace(999, 1, batch)}
-    if pipe.kind.text_conditional:
-        inputs["encoder_hidden_states"] = torch.randn(batch, 77, 8, generator=generator)
-    return inputs
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,7 @@ def test_one_graph_runs_like_torch_at_every_size(sized, name):
     pipe, folder = sized[name]
     graph = OnnxGraph(folder)
     for height, width in RUN_AT[name]:
-        inputs = inputs_at(pipe, 3, height, width)
+        inputs = network_inputs(pipe, 3, height, width)
         with torch.no_grad():
             expected = pipe.model(**inputs)
         out = graph(**inputs)
@@ -76,7 +67,7 @@ def test_sizes_outside_the_range_or_off_the_multiple_are_refused(sized):
              ((8, 30), r"width 30 is not a multiple of 4")]
     for (height, width), message in cases:
         with pytest.raises(ValueError, match=message):
-            graph(**inputs_at(pipe, 2, height, width))
+            graph(**network_inputs(pipe, 2, height, width))
 
 
 def test_bad_size_options(tmp_path):

@@ -50,9 +50,12 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def network_inputs(pipe: blitzdiff.Pipeline, batch: int) -> dict[str, torch.Tensor]:
+def network_inputs(pipe: blitzdiff.Pipeline, batch: int, height: int | None = None,
+                   width: int | None = None) -> dict[str, torch.Tensor]:
+    """The network's inputs at `batch` (and a latent height / width other than the sample size)."""
     generator = torch.Generator().manual_seed(batch)
-    inputs = {"sample": torch.randn(batch, *pipe.latent_shape(None, None), generator=generator),
+    channels, h, w = pipe.latent_shape(None, None)
+    inputs = {"sample": torch.randn(batch, channels, height or h, width or w, generator=generator),
               "timestep": torch.linspace(999, 1, batch)}
     if pipe.kind.class_conditional:
         inputs["class_labels"] = torch.arange(batch) % (pipe.num_classes + 1)  # the null class included
