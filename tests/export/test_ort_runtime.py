@@ -51,6 +51,16 @@ def test_unet_and_text_conditional_models(tmp_path):
     assert relative(raw(ort_sd, 2, "dpmpp_2m", **prompts), raw(sd, 2, "dpmpp_2m", **prompts)) < 1e-4
 
 
+def test_a_float16_pipeline_runs_a_float16_export():
+    # The error against the float32 pipeline stays within 2x that of the same pipeline run by torch in float16.
+    reference = raw(pipeline("dit"), 3, "dpmpp_2m", guidance_scale=2.0)
+    half = blitzdiff.Pipeline(pipeline("dit").model.half(), SCHEDULER)
+    torch_error = relative(raw(half, 3, "dpmpp_2m", guidance_scale=2.0), reference)
+    ort = blitzdiff.Pipeline(pipeline("dit").model.half(), SCHEDULER).compile("onnxruntime", buckets=(4,))
+    assert ort.runtime_stats()["network"]["dtype"] == "float16"
+    assert relative(raw(ort, 3, "dpmpp_2m", guidance_scale=2.0), reference) <= max(2 * torch_error, 1e-3)
+
+
 def test_other_image_sizes_with_a_size_range():
     unet = pipeline("unet")  # 2 resolution levels: sizes are multiples of 2 latent pixels
     ort_unet = pipeline("unet").compile("onnxruntime", buckets=(2,), size=((4, 12), (4, 12)))
