@@ -26,10 +26,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, many: bool = False) -> None:
     embedded = ", ".join(f"{name} (default)" if name == DEFAULT_MODEL else name for name in EMBEDDED)
-    parser.add_argument("--model", default=None, help=f"a checkpoint folder or file, an embedded model: {embedded}, "
-                        f"or a random-weight preset: {', '.join(PRESETS)}")
+    parser.add_argument("--model", default=[None] if many else None, nargs="+" if many else None,
+                        help=f"a checkpoint folder or file, an embedded model: {embedded}, or a random-weight preset: "
+                        f"{', '.join(PRESETS)}" + ("; several for one table" if many else ""))
     parser.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default: the folder's "
                         "scheduler)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -65,11 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="sample quality of an embedded digits model (Frechet distance in the "
                                    "feature space of a digits classifier; class accuracy)")
-    _add_model_options(evaluate)
+    _add_model_options(evaluate, many=True)
     evaluate.add_argument("--steps", type=int, nargs="+", default=[20], help="sampling steps, one evaluation per "
-                          "count (default 20)")
+                          "count and model (default 20)")
     evaluate.add_argument("-n", type=int, default=300, help="samples per evaluation")
     evaluate.add_argument("--json", help="also write the figures to this JSON file")
+    evaluate.add_argument("--plot", help="also write a PNG of FD against network evaluations (NFE), a line per model")
+    evaluate.add_argument("--sheet", help="also write a PNG of samples: a row per model and step count")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = commands.add_parser("bench", help="throughput, latency, per-step split, build time and peak memory of "
@@ -227,33 +230,39 @@ def run_info(args) -> None:
 
 
 def run_eval(args) -> None:
-    import torch
     from tqdm.auto import tqdm
 
     import blitzdiff
-    from blitzdiff import quality
+    from blitzdiff import eval_report
 
-    if args.json:
-        check_writable("--json", args.json)
-    pipe = blitzdiff.load(args.model, device=args.device)
-    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
-    sampler = args.sampler or pipe.sampler_name
-    total = sum(pipe.evaluations(steps, args.sampler) for steps in args.steps)
+    for option, path, suffix in (("--json", args.json, None), ("--plot", args.plot, ".png"),
+                                 ("--sheet", args.sheet, ".png")):
+        if path:
+            check_writable(option, path, suffix)
+    pipes = [blitzdiff.load(model, device=args.device) for model in args.model]
+    guidance = {pipe.name: pipe.default_guidance_scale if args.guidance is None else args.guidance for pipe in pipes}
+    total = sum(pipe.evaluations(steps, args.sampler) for pipe in pipes for steps in args.steps)
     bar = tqdm(total=total, desc="eval", unit="eval", leave=True, disable=args.no_progress)
-    rows = []
+    rows, images = [], []
     with bar:
-        for steps in args.steps:
-            labels = _labels(pipe, args.n, None)
-            images = pipe.sample(args.n, steps=steps, sampler=args.sampler, seeds=0, class_labels=labels,
-                                 guidance_scale=guidance, output_type="tensor", progress=False,
-                                 callback=lambda i, t, x: bar.update(1))
-            scores = quality.evaluate(images.cpu() * 2 - 1, None if labels is None else torch.tensor(labels))
-            rows.append({"model": pipe.name, "sampler": sampler, "steps": steps, "guidance": guidance, **scores})
-            shown = ", ".join(f"{k} {scores[k]:.3f}" for k in ("fd", "accuracy") if k in scores)
-            bar.write(f"{pipe.name} {sampler} {steps} steps, guidance {guidance:g}: {shown}")
+        for pipe in pipes:
+            for steps in args.steps:
+                row, samples = eval_report.evaluate(pipe, steps, args.n, args.sampler, guidance[pipe.name],
+                                                    _labels(pipe, args.n, None), lambda: bar.update(1))
+                rows.append(row)
+                images.append(samples)
+                shown = ", ".join(f"{k} {row[k]:.3f}" for k in ("fd", "accuracy") if k in row)
+                bar.write(f"{pipe.name} {row['sampler']} {steps} steps (NFE {row['nfe']}), guidance "
+                          f"{row['guidance']:g}: {shown}")
+    if len(rows) > 1:
+        print(eval_report.format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if args.plot:
+        eval_report.plot_fd_against_nfe(rows, args.plot)
+    if args.sheet:
+        eval_report.sample_sheet(rows, images, args.sheet)
 
 
 def run_bench(args) -> None:

@@ -175,7 +175,10 @@ def test_eval_scores_the_pipelines_samples_with_the_recommended_guidance(tmp_pat
         expected = _expected_scores("dit-digits", 20, row["steps"], "heun", guidance)
         assert row["fd"] == pytest.approx(expected["fd"], rel=1e-9)
         assert row["accuracy"] == expected["accuracy"] and row["class_counts"] == expected["class_counts"]
-        assert f"dit-digits heun {row['steps']} steps, guidance {guidance:g}: fd {row['fd']:.3f}" in printed
+        nfe = {2: 3, 3: 5}[row["steps"]] * 2  # Heun's 2 * steps - 1 evaluations, each with the doubled guided batch
+        assert row["nfe"] == nfe
+        assert (f"dit-digits heun {row['steps']} steps (NFE {nfe}), guidance {guidance:g}: fd {row['fd']:.3f}"
+                in printed)
     # the progress bar counts network evaluations (Heun's 2 and 3 steps are 3 + 5) and stays visible at the end
     assert "eval: 100%" in err.split("\r")[-1] and "8/8" in err.split("\r")[-1]
 
@@ -191,6 +194,31 @@ def test_eval_with_guidance_and_an_unconditional_model(tmp_path, capsys):
     (row,) = json.loads(report.read_text())
     assert code == 0 and err == "" and row["guidance"] == 1.0 and "accuracy" not in row
     assert row["fd"] == pytest.approx(_expected_scores("unet-digits", 20, 3, "ddim", 1.0)["fd"], rel=1e-9)
+
+
+def test_eval_of_several_models_writes_a_table_a_plot_and_a_sheet(tmp_path, capsys):
+    plot, sheet, report = tmp_path / "fd.png", tmp_path / "sheet.png", tmp_path / "eval.json"
+    code, printed, _ = run(["eval", "--model", "dit-digits", "unet-digits", "--sampler", "ddim", "--steps", "1", "2",
+                            "-n", "20", "--no-progress", "--plot", str(plot), "--sheet", str(sheet), "--json",
+                            str(report)], capsys)
+    assert code == 0
+    rows = json.loads(report.read_text())
+    guidance = recommended_guidance("dit-digits")
+    assert [(r["model"], r["steps"], r["nfe"]) for r in rows] == [
+        ("dit-digits", 1, 2), ("dit-digits", 2, 4), ("unet-digits", 1, 1), ("unet-digits", 2, 2)]  # DiT guided: x2
+    assert rows[3]["fd"] == pytest.approx(_expected_scores("unet-digits", 20, 2, "ddim", 1.0)["fd"], rel=1e-9)
+    assert rows[1]["fd"] == pytest.approx(_expected_scores("dit-digits", 20, 2, "ddim", guidance)["fd"], rel=1e-9)
+    table = printed[printed.index("model "):].splitlines()
+    assert len(table) == 2 + 4 and table[2].split()[:4] == ["dit-digits", "ddim", "1", "2"]
+    for png in (plot, sheet):
+        with Image.open(png) as image:
+            image.verify()
+            assert image.format == "PNG"
+    with Image.open(sheet) as image:
+        assert image.size[1] == 4 * (48 + 2) + 2  # a row per model and step count
+        assert np.asarray(image)[2:50, -48:].std() > 10  # the last tile of the first row holds a sample, not blank
+    code, _, err = run(["eval", "--plot", str(tmp_path / "fd.jpg")], capsys)
+    assert code == 2 and "--plot" in err and "ending in .png" in err
 
 
 def test_help_lists_samplers_models_and_options(capsys):
