@@ -209,6 +209,9 @@ def run_sample(args) -> None:
         pipe.compile(args.mode)
         build_s = timed_ms(sample, pipe.device) / 1e3
         note = f"mode {args.mode}, second call; the first, with the build, took {build_s:.2f} s"
+        network = pipe.runtime_stats().get("network")  # an external runtime: exported and loaded by compile()
+        if network is not None:
+            note += f", after {network['load_s']:.2f} s of export and load"
     elapsed = timed_ms(sample, pipe.device) / 1e3
     raw = result["raw"]
     images = blitzdiff.engine.pipeline.to_pil(pipe.decode(raw).permute(0, 2, 3, 1).cpu().numpy())

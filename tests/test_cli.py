@@ -110,6 +110,7 @@ def test_sample_through_a_runtime_mode_gives_the_same_grid(tmp_path, capsys):
     assert "needs the pipeline on a CUDA device" in capsys.readouterr().err
     exported = tmp_path / "onnxruntime.png"
     assert main([*args, "--output", str(exported), "--mode", "onnxruntime"]) == 0  # the network on ONNX Runtime
+    assert "s of export and load" in capsys.readouterr().out
     difference = np.abs(png(exported).astype(int) - png(plain).astype(int))
     assert difference.max() <= 1 and difference.mean() < 0.01  # float32 to 1e-5: a rare rounding step at most
 

@@ -15,7 +15,9 @@ under a temporary name and renamed when complete: a failed export leaves nothing
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -52,6 +54,23 @@ def reference_kernels(model: nn.Module) -> Iterator[None]:
     finally:
         for module, backend in saved:
             module.backend = backend
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """torch.onnx's notices that say nothing about the user's export, silenced while it runs: the torchvision ops it
+    skips registering (logged), pytree's LeafSpec deprecation and the batch axis shared by several inputs
+    (warnings)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class DenoiserGraph(nn.Module):
@@ -185,7 +204,7 @@ def export_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
     with staged_folder(out_dir) as temporary:
-        with torch.no_grad(), reference_kernels(network):
+        with torch.no_grad(), reference_kernels(network), quiet_exporter():
             examples = {spec["name"]: spec["example"] for spec in specs}  # by name: the forward's parameters
             reference = module(**examples)  # also fills lazily computed tables (DiT's positions) before tracing
             try:
