@@ -29,7 +29,6 @@ from .onnx import export_onnx
 from .session import NUMPY_DTYPES, OnnxGraph
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")  # they read CUDA memory
-NETWORK_INPUTS = ("sample", "timestep", "class_labels", "encoder_hidden_states")
 
 
 def network(pipe: Any, buckets: Sequence[int], *, providers: Sequence[Any] | None = None,
