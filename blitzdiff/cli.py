@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1 2 4 8 16 32)")
     export.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated (default: inside the "
                         "engine folder)")
+
+    distill = commands.add_parser("distill", help="train a few-step student from a teacher (progressive "
+                                  "distillation) into a pipeline folder")
+    methods = distill.add_subparsers(dest="method", required=True)
+    progressive = methods.add_parser("progressive", help="Salimans & Ho 2022: halve the step count each round, "
+                                     "down to --steps-to DDIM steps (v-prediction student)")
+    progressive.add_argument("--teacher", default=None, help="a pipeline folder or an embedded model (default "
+                             f"{DEFAULT_MODEL})")
+    progressive.add_argument("--out", required=True, help="the student's pipeline folder (checkpoints go there too)")
+    progressive.add_argument("--steps-from", type=int, default=None, help="the teacher's step count, steps-to x 2**k "
+                             "(default: what a distilled teacher records, else 64)")
+    progressive.add_argument("--steps-to", type=int, default=1, help="the student's step count (default 1)")
+    progressive.add_argument("--iters", type=int, required=True, help="AdamW iterations per round")
+    progressive.add_argument("--batch", type=int, default=64, help="images per iteration (default 64)")
+    progressive.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    progressive.add_argument("--guidance", type=float, default=None, help="the teacher's guidance scale, learned by "
+                             "the student (default: unguided)")
+    progressive.add_argument("--data", default=None, help="training images: .npz / .npy / a folder of PNGs (default: "
+                             "the digits train split)")
+    progressive.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
+    progressive.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    progressive.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
+    progressive.add_argument("--eval", type=int, default=300, metavar="N", help="after training, score student and "
+                             "teacher with N samples each (16x16 digits models on the digits data only: the judge is a "
+                             "digits classifier; 0: skip)")
+    progressive.add_argument("--json", help="also write the run (settings, training seconds, the table) to this JSON "
+                             "file")
+    progressive.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     prof = commands.add_parser("profile", help="profile one sampling run: a torch.profiler trace (Chrome / Perfetto "
                                "JSON), network / solver / host time per step, and the ops of each step")
@@ -359,8 +388,49 @@ def run_export(args) -> None:
               f"{record['build_seconds']:.1f} s on {record['gpu']} -> {engine}")
 
 
+def run_distill(args) -> None:
+    import torch
+
+    import blitzdiff
+    from blitzdiff import distill, eval_report
+
+    if args.json:
+        check_writable("--json", args.json)
+    teacher = blitzdiff.load(args.teacher)
+    start = time.perf_counter()
+    folder = distill.progressive(teacher, args.out, steps_from=args.steps_from, steps_to=args.steps_to,
+                                 iters_per_round=args.iters, batch=args.batch, lr=args.lr, guidance=args.guidance,
+                                 data=args.data, seed=args.seed, resume=args.resume,
+                                 checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    print(f"student ({args.steps_to} steps, ddim) -> {folder} (trained in {seconds:.0f} s)")
+    rows = []
+    if args.eval > 0 and args.data is None and teacher.latent_shape(None, None) == (1, 16, 16):
+        rows = _distill_table(teacher, folder, args)
+        print(eval_report.format_table(rows))
+    if args.json:
+        record = {"command": "blitzdiff " + " ".join(sys.argv[1:]), "teacher": teacher.name, "out": str(folder),
+                  "train_seconds": seconds, "torch_threads": torch.get_num_threads(), "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def _distill_table(teacher, folder, args) -> list[dict]:
+    """The student at its step count against the teacher at the same and at its own step count, same seeds."""
+    import blitzdiff
+    from blitzdiff import eval_report
+    from blitzdiff.distill.progressive_distillation import DEFAULT_STEPS_FROM, DISTILLED_STEPS_FIELD
+
+    student = blitzdiff.load(folder)
+    steps_from = args.steps_from or int(teacher.scheduler_config.get(DISTILLED_STEPS_FIELD, DEFAULT_STEPS_FROM))
+    guidance = 1.0 if args.guidance is None else args.guidance
+    runs = [(student, args.steps_to, 1.0)] + [(teacher, steps, guidance) for steps in (args.steps_to, steps_from)]
+    return [eval_report.evaluate(pipe, steps, args.eval, "ddim", scale, _labels(pipe, args.eval, None),
+                                 lambda: None)[0] for pipe, steps, scale in runs]
+
+
 COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench,
-            "export": run_export}
+            "export": run_export, "distill": run_distill}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

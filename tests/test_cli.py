@@ -294,3 +294,20 @@ def test_export_engine_errors_come_before_the_export(tmp_path, capsys, monkeypat
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"blitzdiff export: error: {message}")
     assert not out.exists() and list(tmp_path.iterdir()) == []  # refused before anything was exported
+
+
+def test_distill_progressive_writes_a_student_and_scores_it(tmp_path, capsys):
+    out = tmp_path / "pd"
+    code, printed, _ = run(["distill", "progressive", "--out", str(out), "--steps-from", "4", "--steps-to", "2",
+                            "--iters", "3", "--batch", "4", "--guidance", "1.25", "--eval", "20", "--no-progress"],
+                           capsys)
+    assert code == 0 and f"student (2 steps, ddim) -> {out} (trained in" in printed
+    student = blitzdiff.load(out)
+    assert student.scheduler_config["prediction_type"] == "v_prediction" and student.default_guidance_scale == 1.0
+    table = printed[printed.index("model "):].splitlines()[2:]
+    assert [line.split()[:4] for line in table] == [["pd", "ddim", "2", "2"], ["dit-digits", "ddim", "2", "4"],
+                                                    ["dit-digits", "ddim", "4", "8"]]
+    code, _, err = run(["distill", "progressive", "--out", str(tmp_path / "bad"), "--steps-from", "64",
+                        "--steps-to", "3", "--iters", "1"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "blitzdiff distill: error:" in err
+    assert not (tmp_path / "bad").exists()
