@@ -1,7 +1,7 @@
 """The one training loop of blitzdiff.distill: AdamW on a student against a pluggable target, seeded and resumable.
 
-A target is a callable `(student, batch) -> loss` (blitzdiff.distill.progressive.ProgressiveTarget is one); it draws
-its own noise from `batch.generator`. The loop draws the data order from a second generator, so a run is a function
+A target is a callable `(student, batch) -> loss` (progressive_distillation.ProgressiveTarget is one); it draws its
+own noise from `batch.generator`. The loop draws the data order from a second generator, so a run is a function
 of its seed. Every `checkpoint_every` iterations and at the end of each round the loop writes one checkpoint
 (student, optimizer, both generators, torch's global RNG, round, iteration, the round's teacher weights), atomically
 (a temporary file, then os.replace): an interrupted run keeps the last complete checkpoint, and `resume` continues
