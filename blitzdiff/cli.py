@@ -159,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     progressive.add_argument("--json", help="also write the run (settings, training seconds, the table) to this JSON "
                              "file")
     progressive.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cd = methods.add_parser("consistency", help="Song et al. 2023 / latent consistency models: a student the lcm "
+                            "sampler runs at 1-8 steps")
+    cd.add_argument("--teacher", default=None, help=f"a pipeline folder or an embedded model (default {DEFAULT_MODEL})")
+    cd.add_argument("--out", required=True, help="the student's pipeline folder (checkpoints go there too)")
+    cd.add_argument("--iters", type=int, required=True, help="AdamW iterations")
+    cd.add_argument("--batch", type=int, default=64, help="images per iteration (default 64)")
+    cd.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    cd.add_argument("--guidance", type=float, default=None, help="the teacher's guidance scale, learned by the "
+                    "student (default: unguided)")
+    cd.add_argument("--ema-decay", type=float, default=0.95, help="the target network's EMA rate (default 0.95)")
+    cd.add_argument("--loss", choices=["huber", "l2"], default="huber", help="pseudo-Huber (default) or squared error")
+    cd.add_argument("--data", default=None, help="training images: .npz / .npy / a folder of PNGs (default: the "
+                    "digits train split)")
+    cd.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
+    cd.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    cd.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
+    cd.add_argument("--eval", type=int, default=300, metavar="N", help="after training, score the student at 1, 2 "
+                    "and 4 lcm steps and the teacher with N samples each (16x16 digits models on the digits data "
+                    "only; 0: skip)")
+    cd.add_argument("--json", help="also write the run (settings, training seconds, the table) to this JSON file")
+    cd.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     prof = commands.add_parser("profile", help="profile one sampling run: a torch.profiler trace (Chrome / Perfetto "
                                "JSON), network / solver / host time per step, and the ops of each step")
@@ -398,12 +419,18 @@ def run_distill(args) -> None:
         check_writable("--json", args.json)
     teacher = blitzdiff.load(args.teacher)
     start = time.perf_counter()
-    folder = distill.progressive(teacher, args.out, steps_from=args.steps_from, steps_to=args.steps_to,
-                                 iters_per_round=args.iters, batch=args.batch, lr=args.lr, guidance=args.guidance,
-                                 data=args.data, seed=args.seed, resume=args.resume,
-                                 checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    common = {"batch": args.batch, "lr": args.lr, "guidance": args.guidance, "data": args.data, "seed": args.seed,
+              "resume": args.resume, "checkpoint_every": args.checkpoint_every, "progress": not args.no_progress}
+    if args.method == "progressive":
+        folder = distill.progressive(teacher, args.out, steps_from=args.steps_from, steps_to=args.steps_to,
+                                     iters_per_round=args.iters, **common)
+        sampled = f"{args.steps_to} steps, ddim"
+    else:
+        folder = distill.consistency(teacher, args.out, iters=args.iters, ema_decay=args.ema_decay, loss=args.loss,
+                                     **common)
+        sampled = "lcm, 1-8 steps"
     seconds = time.perf_counter() - start
-    print(f"student ({args.steps_to} steps, ddim) -> {folder} (trained in {seconds:.0f} s)")
+    print(f"student ({sampled}) -> {folder} (trained in {seconds:.0f} s)")
     rows = []
     if args.eval > 0 and args.data is None and teacher.latent_shape(None, None) == (1, 16, 16):
         rows = _distill_table(teacher, folder, args)
@@ -416,17 +443,23 @@ def run_distill(args) -> None:
 
 
 def _distill_table(teacher, folder, args) -> list[dict]:
-    """The student at its step count against the teacher at the same and at its own step count, same seeds."""
+    """The student against the teacher, same seeds and labels: progressive at its step count against the teacher at
+    that and at its own; consistency at 1, 2 and 4 lcm steps against the teacher's ddim at 4 and 50."""
     import blitzdiff
     from blitzdiff import eval_report
     from blitzdiff.distill.progressive_distillation import DEFAULT_STEPS_FROM, DISTILLED_STEPS_FIELD
 
     student = blitzdiff.load(folder)
-    steps_from = args.steps_from or int(teacher.scheduler_config.get(DISTILLED_STEPS_FIELD, DEFAULT_STEPS_FROM))
     guidance = 1.0 if args.guidance is None else args.guidance
-    runs = [(student, args.steps_to, 1.0)] + [(teacher, steps, guidance) for steps in (args.steps_to, steps_from)]
-    return [eval_report.evaluate(pipe, steps, args.eval, "ddim", scale, _labels(pipe, args.eval, None),
-                                 lambda: None)[0] for pipe, steps, scale in runs]
+    if args.method == "progressive":
+        steps_from = args.steps_from or int(teacher.scheduler_config.get(DISTILLED_STEPS_FIELD, DEFAULT_STEPS_FROM))
+        runs = [(student, "ddim", args.steps_to, 1.0)] + [(teacher, "ddim", steps, guidance)
+                                                           for steps in (args.steps_to, steps_from)]
+    else:  # the student at 1, 2, 4 lcm steps; the teacher at 4 and 50 ddim steps
+        runs = [(student, "lcm", steps, 1.0) for steps in (1, 2, 4)] + [(teacher, "ddim", steps, guidance)
+                                                                          for steps in (4, 50)]
+    return [eval_report.evaluate(pipe, steps, args.eval, sampler, scale, _labels(pipe, args.eval, None),
+                                 lambda: None)[0] for pipe, sampler, steps, scale in runs]
 
 
 COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench,

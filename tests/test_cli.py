@@ -311,3 +311,15 @@ def test_distill_progressive_writes_a_student_and_scores_it(tmp_path, capsys):
                         "--steps-to", "3", "--iters", "1"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "blitzdiff distill: error:" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_distill_consistency_writes_an_lcm_student_and_scores_it(tmp_path, capsys):
+    out = tmp_path / "cd"
+    code, printed, _ = run(["distill", "consistency", "--out", str(out), "--iters", "2", "--batch", "4",
+                            "--guidance", "1.25", "--eval", "20", "--no-progress"], capsys)
+    assert code == 0 and f"student (lcm, 1-8 steps) -> {out} (trained in" in printed
+    assert blitzdiff.load(out).sampler_name == "lcm"
+    table = printed[printed.index("model "):].splitlines()[2:]
+    assert [line.split()[:4] for line in table] == [["cd", "lcm", "1", "1"], ["cd", "lcm", "2", "2"],
+                                                    ["cd", "lcm", "4", "4"], ["dit-digits", "ddim", "4", "8"],
+                                                    ["dit-digits", "ddim", "50", "100"]]

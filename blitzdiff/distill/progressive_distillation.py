@@ -30,6 +30,7 @@ from ..engine.denoiser import Denoiser, preconditioning
 from ..engine.functional import parameterization, postprocessing
 from ..engine.network import NetworkCall
 from ..engine.pipeline import Pipeline
+from ..engine.plan import Plan
 from ..engine.sampler import run_plan
 from ..engine.solvers import build_plan
 from .trainer import Batch
@@ -102,8 +103,6 @@ class ProgressiveTarget:
         self.plan = build_plan(resolve(None, student_scheduler_config(teacher.scheduler_config, steps)), steps)
         teacher_config = ddim_config(teacher.scheduler_config)
         self.teacher_plan = build_plan(teacher_config, steps * teacher_steps)
-        self.teacher_kind, self.teacher_constants = parameterization(teacher_config)
-        self.postprocess = postprocessing(teacher_config)
         stages = self.plan.stages
         for i, stage in enumerate(stages):  # the grids nest ("trailing"), and the student's step is linear in x0
             assert self.teacher_plan.stages[teacher_steps * i].timestep == stage.timestep, (i, stage)
@@ -125,25 +124,14 @@ class ProgressiveTarget:
         """(z_t [B, ...], student step i [B] int64) for clean images x0 [B, ...]: i uniform, eps ~ N(0, I)."""
         step = torch.randint(0, len(self.plan.stages), (x0.shape[0],), generator=generator)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        return _rows(self.alpha, step, x0) * x0 + _rows(self.sigma, step, x0) * eps, step
+        return rows_of(self.alpha, step, x0) * x0 + rows_of(self.sigma, step, x0) * eps, step
 
     @torch.no_grad()
     def teacher_x0(self, z: torch.Tensor, step: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Algorithm 2's x0~ [B, ...]: the x0 whose one student DDIM step from z lands where the teacher's steps do."""
-        pipe, k = self.teacher, self.teacher_steps
-        cond, uncond = pipe.conditioning(z.shape[0], labels, None, None, self.guidance)
-        landed = torch.empty_like(z)
-        for i in step.unique().tolist():  # one teacher call per distinct student step in the batch
-            rows = (step == i).nonzero()[:, 0].to(z.device)
-            plan = replace(self.teacher_plan, stages=self.teacher_plan.stages[k * i: k * (i + 1)])  # t (-> t') -> t''
-            denoiser = Denoiser(NetworkCall(pipe.model, pipe.kind.prediction_channels), plan, self.teacher_kind,
-                                batch=len(rows), device=z.device, cond={n: c[rows] for n, c in cond.items()},
-                                uncond=None if uncond is None else {n: c[rows] for n, c in uncond.items()},
-                                guidance_scale=self.guidance, **self.teacher_constants)
-            seeds = torch.zeros(len(rows), dtype=torch.int64, device=z.device)  # DDIM (eta 0) draws no noise
-            landed[rows] = run_plan(plan, denoiser, z[rows], seeds, self.postprocess)
+        landed = teacher_landing(self.teacher, self.teacher_plan, self.teacher_steps, z, step, labels, self.guidance)
         z64 = z.double()  # float64: at high noise the numerator and denominator both nearly cancel
-        target = (landed.double() - _rows(self.next_x, step, z64) * z64) / _rows(self.next_x0, step, z64)
+        target = (landed.double() - rows_of(self.next_x, step, z64) * z64) / rows_of(self.next_x0, step, z64)
         return target.to(z.dtype)
 
     def student_x0(self, student: nn.Module, z: torch.Tensor, step: torch.Tensor,
@@ -151,7 +139,7 @@ class ProgressiveTarget:
         """The student's x0_hat = alpha z - sigma v [B, ...] (v-prediction, as the Denoiser computes it in sampling)."""
         cond = {} if labels is None else {"class_labels": labels}
         v = student(z, self.timestep[step].to(z.device), **cond)[:, : z.shape[1]]
-        return _rows(self.c_skip, step, z) * z + _rows(self.c_out, step, z) * v
+        return rows_of(self.c_skip, step, z) * z + rows_of(self.c_out, step, z) * v
 
     def __call__(self, student: nn.Module, batch: Batch) -> torch.Tensor:
         z, step = self.noisy(batch.images, batch.generator)
@@ -159,6 +147,28 @@ class ProgressiveTarget:
         return (self.weight[step].to(z) * error.square().flatten(1).mean(1)).mean()
 
 
-def _rows(values: torch.Tensor, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def teacher_landing(pipe: Pipeline, plan: Plan, k: int, z: torch.Tensor, step: torch.Tensor,
+                    labels: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """Where the teacher's DDIM lands [B, ...] from z, row b taking stages k * step[b] .. k * (step[b] + 1) - 1 of
+    its plan (a `ddim_config` plan), guided by `guidance`: the engine's Denoiser and sampler loop, one call per
+    distinct step in the batch."""
+    config = ddim_config(pipe.scheduler_config)
+    kind, constants = parameterization(config)
+    cond, uncond = pipe.conditioning(z.shape[0], labels, None, None, guidance)
+    landed = torch.empty_like(z)
+    for i in step.unique().tolist():
+        rows = (step == i).nonzero()[:, 0].to(z.device)
+        part = replace(plan, stages=plan.stages[k * i: k * (i + 1)])  # t (-> t') -> t''
+        denoiser = Denoiser(NetworkCall(pipe.model, pipe.kind.prediction_channels), part, kind, batch=len(rows),
+                            device=z.device, cond={n: c[rows] for n, c in cond.items()},
+                            uncond=None if uncond is None else {n: c[rows] for n, c in uncond.items()},
+                            guidance_scale=guidance, **constants)
+        seeds = torch.zeros(len(rows), dtype=torch.int64, device=z.device)  # DDIM (eta 0) draws no noise
+        landed[rows] = run_plan(part, denoiser, z[rows], seeds, postprocessing(config))
+    return landed
+
+
+def rows_of(values: torch.Tensor, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[step] [B, 1, 1, ...] in the dtype and on the device of `like`, to broadcast against it."""
     return values[step].reshape(-1, *([1] * (like.dim() - 1))).to(like)

@@ -17,6 +17,8 @@ from torch import nn
 from ..engine.inputs import finite_number
 from ..engine.loading import load, model_path
 from ..engine.pipeline import Pipeline
+from .consistency_distillation import ConsistencyTarget
+from .consistency_distillation import student_scheduler_config as consistency_scheduler_config
 from .data import load_images
 from .progressive_distillation import (
     DEFAULT_STEPS_FROM,
@@ -62,21 +64,8 @@ def progressive(
     if steps_from is None:
         steps_from = int(pipe.scheduler_config.get(DISTILLED_STEPS_FIELD, DEFAULT_STEPS_FROM))
     schedule = rounds(pipe, steps_from, steps_to)
-    for name, value in (("iters_per_round", iters_per_round), ("batch", batch), ("checkpoint_every", checkpoint_every),
-                        ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-            raise ValueError(f"{name} must be an int >= {0 if name == 'seed' else 1}, got {value!r}")
-    lr = finite_number("lr", lr)
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    guidance = 1.0 if guidance is None else finite_number("guidance", guidance)
-    channels, height, width = pipe.latent_shape(None, None)
-    pipe.conditioning(1, 0 if pipe.kind.class_conditional else None, None, None, guidance)  # guidance possible?
-    images, labels = load_images(data, channels=channels, size=(height, width),
-                                 class_conditional=pipe.kind.class_conditional)
-    if labels is not None and (labels.min() < 0 or labels.max() >= pipe.num_classes):
-        raise ValueError(f"{data}: labels must lie in 0..{pipe.num_classes - 1} (the teacher's classes), got "
-                         f"{int(labels.min())}..{int(labels.max())}")
+    images, labels, guidance = _checked_run(pipe, iters_per_round, batch, checkpoint_every, seed, lr, guidance, data,
+                                            iters_name="iters_per_round")
     out = Path(out_dir)
     if not resume and (out / CHECKPOINT_NAME).exists():
         raise ValueError(f"{out / CHECKPOINT_NAME} exists: pass resume=True to continue that run, or another out_dir")
@@ -106,14 +95,83 @@ def progressive(
                     optimizer_state=state.optimizer if resumed else None, teacher=teacher_state,
                     desc=f"round {r + 1}/{len(schedule)}: " + (f"{2 * steps} -> {steps} steps" if teacher_steps == 2
                                                                else f"to v-prediction at {steps} steps"))
-    return save_student(out, student, pipe, teacher, steps_to, guidance)
+    return save_student(out, student, pipe, teacher, student_scheduler_config(pipe.scheduler_config, steps_to),
+                        {"method": "progressive", "teacher": pipe.name, "steps": steps_to, "guidance": guidance})
 
 
-def save_student(folder: Path, student: nn.Module, pipe: Pipeline, source: Pipeline | str | Path, steps: int,
-                 guidance: float) -> Path:
+def consistency(
+    teacher: Pipeline | str | Path,
+    out_dir: str | Path,
+    *,
+    iters: int,
+    batch: int,
+    lr: float,
+    guidance: float | None = None,
+    ema_decay: float = 0.95,
+    loss: str = "huber",
+    data: str | Path | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    checkpoint_every: int = 500,
+    progress: bool = True,
+) -> Path:
+    """Consistency distillation (Song et al. 2023; Luo et al. 2023) of `teacher` (a Pipeline, a pipeline folder or an
+    embedded model's name) into a student the `lcm` sampler runs at 1-8 steps; returns `out_dir`, a pipeline folder.
+
+    iters AdamW iterations of batch images at learning rate lr; guidance: the teacher's classifier-free guidance,
+    baked into the student (None: unguided); ema_decay: the target network's EMA rate; loss: "huber" (pseudo-Huber,
+    c = 0.001) or "l2". data, seed, resume, checkpoint_every: as progressive()."""
+    pipe = teacher if isinstance(teacher, Pipeline) else load(teacher)
+    check_teacher(pipe)
+    if pipe.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError("consistency distillation takes an epsilon-prediction teacher (the LCM student keeps its "
+                         f"parameterization), not prediction_type={pipe.scheduler_config.get('prediction_type')!r}")
+    images, labels, guidance = _checked_run(pipe, iters, batch, checkpoint_every, seed, lr, guidance, data)
+    out = Path(out_dir)
+    if not resume and (out / CHECKPOINT_NAME).exists():
+        raise ValueError(f"{out / CHECKPOINT_NAME} exists: pass resume=True to continue that run, or another out_dir")
+    settings = {"method": "consistency", "teacher": pipe.name, "iters": iters, "batch": batch, "lr": lr,
+                "guidance": guidance, "ema_decay": ema_decay, "loss": loss, "data": str(data), "seed": seed}
+    trainer = Trainer(images, labels, batch=batch, lr=lr, seed=seed, folder=out, checkpoint_every=checkpoint_every,
+                      settings=settings, progress=progress)
+    state = trainer.restore() if resume else None
+    student = copy.deepcopy(pipe.model).float().requires_grad_(True).eval()
+    target = ConsistencyTarget(pipe, student, guidance, ema_decay=ema_decay, loss=loss)
+    if state is not None:
+        student.load_state_dict(state.student)
+    trainer.run(student, target, round_index=0, iters=iters, start=0 if state is None else state.iteration,
+                optimizer_state=None if state is None else state.optimizer,
+                target_state=None if state is None else state.target, desc="consistency distillation")
+    return save_student(out, student, pipe, teacher, consistency_scheduler_config(pipe.scheduler_config),
+                        {"method": "consistency", "teacher": pipe.name, "guidance": guidance})
+
+
+def _checked_run(pipe: Pipeline, iters: Any, batch: Any, checkpoint_every: Any, seed: Any, lr: Any, guidance: Any,
+                 data: str | Path | None, iters_name: str = "iters") -> tuple[Any, Any, float]:
+    """(images, labels, guidance) after checking a run's numbers, guidance against the teacher and the data."""
+    for name, value in ((iters_name, iters), ("batch", batch), ("checkpoint_every", checkpoint_every),
+                        ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'seed' else 1}, got {value!r}")
+    lr = finite_number("lr", lr)
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    guidance = 1.0 if guidance is None else finite_number("guidance", guidance)
+    channels, height, width = pipe.latent_shape(None, None)
+    pipe.conditioning(1, 0 if pipe.kind.class_conditional else None, None, None, guidance)  # guidance possible?
+    images, labels = load_images(data, channels=channels, size=(height, width),
+                                 class_conditional=pipe.kind.class_conditional)
+    if labels is not None and (labels.min() < 0 or labels.max() >= pipe.num_classes):
+        raise ValueError(f"{data}: labels must lie in 0..{pipe.num_classes - 1} (the teacher's classes), got "
+                         f"{int(labels.min())}..{int(labels.max())}")
+    return images, labels, guidance
+
+
+def save_student(folder: Path, student: nn.Module, pipe: Pipeline, source: Pipeline | str | Path,
+                 scheduler: dict[str, Any], record: dict[str, Any]) -> Path:
     """The diffusers layout of the embedded models: model_index.json (the teacher's, when it came from a folder),
-    <component>/{config.json, weights (float32 safetensors)}, scheduler/scheduler_config.json (DDIM, v-prediction,
-    trailing, the distilled step count)."""
+    <component>/{config.json, weights (float32 safetensors)}, scheduler/scheduler_config.json (`scheduler`: the
+    student's sampler), `record` under "_blitzdiff_distillation"."""
     model_class = student.diffusers_class
     if model_class not in COMPONENTS:
         raise ValueError(f"cannot save a {model_class} student; supported: {', '.join(COMPONENTS)}")
@@ -123,9 +181,8 @@ def save_student(folder: Path, student: nn.Module, pipe: Pipeline, source: Pipel
         teacher_index = model_path(source) / "model_index.json"
         if teacher_index.is_file():
             index = {k: v for k, v in json.loads(teacher_index.read_text()).items() if k not in ("unet", "transformer")}
-    index |= {component: ["diffusers", model_class], "scheduler": ["diffusers", "DDIMScheduler"],
-              "_blitzdiff_distillation": {"method": "progressive", "teacher": pipe.name, "steps": steps,
-                                          "guidance": guidance}}
+    index |= {component: ["diffusers", model_class], "scheduler": ["diffusers", scheduler["_class_name"]],
+              "_blitzdiff_distillation": record}
     if pipe.kind.class_conditional:
         index["_blitzdiff_guidance_scale"] = 1.0  # the teacher's guidance is in the weights: sample unguided
     (folder / component).mkdir(parents=True, exist_ok=True)
@@ -133,7 +190,6 @@ def save_student(folder: Path, student: nn.Module, pipe: Pipeline, source: Pipel
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = {"_class_name": model_class, **student.config}
     (folder / component / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    scheduler = student_scheduler_config(pipe.scheduler_config, steps)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
     tensors = {k: v.detach().float().cpu().clone() for k, v in student.state_dict().items()}  # no shared storage
     save_file(tensors, str(folder / component / WEIGHTS_NAME), metadata={"format": "pt"})

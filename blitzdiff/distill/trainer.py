@@ -44,6 +44,7 @@ class Checkpoint:
     student: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     teacher: dict[str, torch.Tensor] | None  # the round's teacher weights when it is an earlier student, else None
+    target: dict[str, torch.Tensor] | None  # the target's own state (consistency: its EMA network), else None
 
 
 class Trainer:
@@ -76,17 +77,22 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.noise.set_state(state["rng"]["noise"])
         self.order.set_state(state["rng"]["order"])
-        return Checkpoint(state["round"], state["iteration"], state["student"], state["optimizer"], state["teacher"])
+        return Checkpoint(state["round"], state["iteration"], state["student"], state["optimizer"], state["teacher"],
+                          state["target"])
 
     def run(self, student: nn.Module, target: Target, *, round_index: int, iters: int, start: int = 0,
             optimizer_state: dict[str, Any] | None = None, teacher: Mapping[str, torch.Tensor] | None = None,
-            desc: str = "distill") -> list[float]:
+            target_state: Mapping[str, torch.Tensor] | None = None, desc: str = "distill") -> list[float]:
         """Train `student` in place for iterations start .. iters - 1 of round `round_index`; returns their losses.
-        teacher: the round's teacher weights to store in checkpoints (None: the original teacher, reloaded)."""
+        teacher: the round's teacher weights to store in checkpoints (None: the original teacher, reloaded). A target
+        with after_step(student) has it called after every optimizer step; one with state_dict() / load_state_dict()
+        (consistency's EMA network) has its state checkpointed, and restored from target_state."""
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
+        if target_state is not None:
+            target.load_state_dict(target_state)
         device = params[0].device
         bar = _bar(self.progress, iters, start, desc)
         losses = []
@@ -98,26 +104,29 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if hasattr(target, "after_step"):
+                    target.after_step(student)
                 losses.append(loss.item())
                 if bar is not None:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
                     bar.update(1)
                 done = iteration + 1
                 if done % self.checkpoint_every == 0 or done == iters:
-                    self.save(round_index, done, student, optimizer, teacher)
+                    self.save(round_index, done, student, optimizer, teacher, target)
         finally:
             if bar is not None:
                 bar.close()
         return losses
 
     def save(self, round_index: int, iteration: int, student: nn.Module, optimizer: torch.optim.Optimizer,
-             teacher: Mapping[str, torch.Tensor] | None) -> None:
+             teacher: Mapping[str, torch.Tensor] | None, target: Any = None) -> None:
         """Write the checkpoint atomically: a complete temporary file, then os.replace over the previous one."""
         state = {
             "settings": self.settings, "round": round_index, "iteration": iteration,
             "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "teacher": None if teacher is None else dict(teacher),
+            "target": target.state_dict() if hasattr(target, "state_dict") else None,
             "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state(), "order": self.order.get_state()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
