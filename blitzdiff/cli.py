@@ -40,6 +40,28 @@ def _add_model_options(parser: argparse.ArgumentParser, many: bool = False) -> N
                         "else 1.0)")
 
 
+def _add_distill_options(parser: argparse.ArgumentParser, iters: str, scored: str) -> None:
+    """The options every `blitzdiff distill` method takes."""
+    parser.add_argument("--teacher", default=None, help=f"a pipeline folder or an embedded model (default "
+                        f"{DEFAULT_MODEL})")
+    parser.add_argument("--out", required=True, help="the student's pipeline folder (checkpoints go there too)")
+    parser.add_argument("--iters", type=int, required=True, help=iters)
+    parser.add_argument("--batch", type=int, default=64, help="images per iteration (default 64)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    parser.add_argument("--guidance", type=float, default=None, help="the teacher's guidance scale, learned by the "
+                        "student (default: unguided)")
+    parser.add_argument("--data", default=None, help="training images: .npz / .npy / a folder of PNGs (default: the "
+                        "digits train split)")
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
+    parser.add_argument("--eval", type=int, default=300, metavar="N", help=f"after training, score {scored} with N "
+                        "samples each (16x16 digits models on the digits data only: the judge is a digits "
+                        "classifier; 0: skip)")
+    parser.add_argument("--json", help="also write the run (settings, training seconds, the table) to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blitzdiff", description="Fast, sync-free sampling of diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,49 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     methods = distill.add_subparsers(dest="method", required=True)
     progressive = methods.add_parser("progressive", help="Salimans & Ho 2022: halve the step count each round, "
                                      "down to --steps-to DDIM steps (v-prediction student)")
-    progressive.add_argument("--teacher", default=None, help="a pipeline folder or an embedded model (default "
-                             f"{DEFAULT_MODEL})")
-    progressive.add_argument("--out", required=True, help="the student's pipeline folder (checkpoints go there too)")
+    _add_distill_options(progressive, "AdamW iterations per round", "student and teacher")
     progressive.add_argument("--steps-from", type=int, default=None, help="the teacher's step count, steps-to x 2**k "
                              "(default: what a distilled teacher records, else 64)")
     progressive.add_argument("--steps-to", type=int, default=1, help="the student's step count (default 1)")
-    progressive.add_argument("--iters", type=int, required=True, help="AdamW iterations per round")
-    progressive.add_argument("--batch", type=int, default=64, help="images per iteration (default 64)")
-    progressive.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    progressive.add_argument("--guidance", type=float, default=None, help="the teacher's guidance scale, learned by "
-                             "the student (default: unguided)")
-    progressive.add_argument("--data", default=None, help="training images: .npz / .npy / a folder of PNGs (default: "
-                             "the digits train split)")
-    progressive.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
-    progressive.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    progressive.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
-    progressive.add_argument("--eval", type=int, default=300, metavar="N", help="after training, score student and "
-                             "teacher with N samples each (16x16 digits models on the digits data only: the judge is a "
-                             "digits classifier; 0: skip)")
-    progressive.add_argument("--json", help="also write the run (settings, training seconds, the table) to this JSON "
-                             "file")
-    progressive.add_argument("--no-progress", action="store_true", help="no progress bar")
     cd = methods.add_parser("consistency", help="Song et al. 2023 / latent consistency models: a student the lcm "
                             "sampler runs at 1-8 steps")
-    cd.add_argument("--teacher", default=None, help=f"a pipeline folder or an embedded model (default {DEFAULT_MODEL})")
-    cd.add_argument("--out", required=True, help="the student's pipeline folder (checkpoints go there too)")
-    cd.add_argument("--iters", type=int, required=True, help="AdamW iterations")
-    cd.add_argument("--batch", type=int, default=64, help="images per iteration (default 64)")
-    cd.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    cd.add_argument("--guidance", type=float, default=None, help="the teacher's guidance scale, learned by the "
-                    "student (default: unguided)")
+    _add_distill_options(cd, "AdamW iterations", "the student at 1, 2 and 4 lcm steps and the teacher")
     cd.add_argument("--ema-decay", type=float, default=0.95, help="the target network's EMA rate (default 0.95)")
     cd.add_argument("--loss", choices=["huber", "l2"], default="huber", help="pseudo-Huber (default) or squared error")
-    cd.add_argument("--data", default=None, help="training images: .npz / .npy / a folder of PNGs (default: the "
-                    "digits train split)")
-    cd.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
-    cd.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    cd.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
-    cd.add_argument("--eval", type=int, default=300, metavar="N", help="after training, score the student at 1, 2 "
-                    "and 4 lcm steps and the teacher with N samples each (16x16 digits models on the digits data "
-                    "only; 0: skip)")
-    cd.add_argument("--json", help="also write the run (settings, training seconds, the table) to this JSON file")
-    cd.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     prof = commands.add_parser("profile", help="profile one sampling run: a torch.profiler trace (Chrome / Perfetto "
                                "JSON), network / solver / host time per step, and the ops of each step")
