@@ -28,7 +28,7 @@ from .progressive_distillation import (
     rounds,
     student_scheduler_config,
 )
-from .trainer import CHECKPOINT_NAME, Trainer
+from .trainer import Trainer
 
 COMPONENTS = {"DiTTransformer2DModel": "transformer", "UNet2DModel": "unet"}  # diffusers' folder per network class
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -67,13 +67,11 @@ def progressive(
     images, labels, guidance = _checked_run(pipe, iters_per_round, batch, checkpoint_every, seed, lr, guidance, data,
                                             iters_name="iters_per_round")
     out = Path(out_dir)
-    if not resume and (out / CHECKPOINT_NAME).exists():
-        raise ValueError(f"{out / CHECKPOINT_NAME} exists: pass resume=True to continue that run, or another out_dir")
     settings = {"teacher": pipe.name, "rounds": schedule, "iters_per_round": iters_per_round, "batch": batch,
                 "lr": lr, "guidance": guidance, "data": str(data), "seed": seed}
     trainer = Trainer(images, labels, batch=batch, lr=lr, seed=seed, folder=out, checkpoint_every=checkpoint_every,
                       settings=settings, progress=progress)
-    state = trainer.restore() if resume else None
+    state = trainer.restore(resume)
     first = 0 if state is None else state.round
     student = copy.deepcopy(pipe.model).float().requires_grad_(True).eval()  # eval: no dropout, a deterministic target
     if state is not None:
@@ -128,13 +126,11 @@ def consistency(
                          f"parameterization), not prediction_type={pipe.scheduler_config.get('prediction_type')!r}")
     images, labels, guidance = _checked_run(pipe, iters, batch, checkpoint_every, seed, lr, guidance, data)
     out = Path(out_dir)
-    if not resume and (out / CHECKPOINT_NAME).exists():
-        raise ValueError(f"{out / CHECKPOINT_NAME} exists: pass resume=True to continue that run, or another out_dir")
     settings = {"method": "consistency", "teacher": pipe.name, "iters": iters, "batch": batch, "lr": lr,
                 "guidance": guidance, "ema_decay": ema_decay, "loss": loss, "data": str(data), "seed": seed}
     trainer = Trainer(images, labels, batch=batch, lr=lr, seed=seed, folder=out, checkpoint_every=checkpoint_every,
                       settings=settings, progress=progress)
-    state = trainer.restore() if resume else None
+    state = trainer.restore(resume)
     student = copy.deepcopy(pipe.model).float().requires_grad_(True).eval()
     target = ConsistencyTarget(pipe, student, guidance, ema_decay=ema_decay, loss=loss)
     if state is not None:

@@ -62,8 +62,13 @@ class Trainer:
         self.noise = torch.Generator().manual_seed(seed)  # the target's noise and timesteps
         self.order = torch.Generator().manual_seed(seed + 1)  # which images each batch holds
 
-    def restore(self) -> Checkpoint | None:
-        """The last checkpoint (None when there is none), with the generators and torch's RNG set back to it."""
+    def restore(self, resume: bool) -> Checkpoint | None:
+        """resume: the last checkpoint (None when there is none), with the generators and torch's RNG set back to it.
+        Not resume: None, or a ValueError when a checkpoint is there (a new run must not overwrite an old one)."""
+        if not resume:
+            if self.path.exists():
+                raise ValueError(f"{self.path} exists: pass resume=True to continue that run, or another out_dir")
+            return None
         if not self.path.is_file():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)

@@ -84,9 +84,8 @@ class OrtNetwork:
         """Export the pipeline's network (or, reuse, take the export already in the folder when it matches) and
         open it; called again after Pipeline.load_weights."""
         start = time.perf_counter()
-        digest = weights_digest(pipe.model)
-        if reuse and self.folder.exists():
-            self._check_reusable(pipe, digest)
+        if reuse and self.folder.exists():  # the digest only here: export_onnx records its own
+            self._check_reusable(pipe, weights_digest(pipe.model))
             self.export_s = None
         else:
             export_onnx(pipe, self.folder, what="denoiser", batch=self.batch, size=self.size, overwrite=True)
