@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill_options(cd, "AdamW iterations", "the student at 1, 2 and 4 lcm steps and the teacher")
     cd.add_argument("--ema-decay", type=float, default=0.95, help="the target network's EMA rate (default 0.95)")
     cd.add_argument("--loss", choices=["huber", "l2"], default="huber", help="pseudo-Huber (default) or squared error")
+    cd.add_argument("--original-steps", type=int, default=50, help="points of the skipped schedule, dividing the "
+                    "training timesteps (LCM's original_inference_steps; default 50)")
 
     prof = commands.add_parser("profile", help="profile one sampling run: a torch.profiler trace (Chrome / Perfetto "
                                "JSON), network / solver / host time per step, and the ops of each step")
@@ -415,7 +417,7 @@ def run_distill(args) -> None:
         sampled = f"{args.steps_to} steps, ddim"
     else:
         folder = distill.consistency(teacher, args.out, iters=args.iters, ema_decay=args.ema_decay, loss=args.loss,
-                                     **common)
+                                     original_steps=args.original_steps, **common)
         sampled = "lcm, 1-8 steps"
     seconds = time.perf_counter() - start
     print(f"student ({sampled}) -> {folder} (trained in {seconds:.0f} s)")

@@ -2,13 +2,16 @@
 consistency models (Luo et al. 2023, "Latent Consistency Models", Algorithm 1).
 
 The student is a consistency function on LCMScheduler's skipped schedule (timesteps k - 1, 2k - 1, ..., T - 1 with
-k = T // 50, and 0): f(z, t) = c_skip(t) z + c_out(t) x0(z, t), x0 from the student's epsilon prediction, with the
-boundary-condition scalings of the engine's `lcm` plan (c_skip(0) = 1, c_out(0) = 0: f(z, 0) = z). Per example, for
+k = T // N, N the original steps (LCM's 50), and 0): f(z, t) = c_skip(t) z + c_out(t) x0(z, t), x0 from the
+student's prediction in the teacher's parameterization (epsilon, v or x0; a v-prediction student is well conditioned
+at one step, where an epsilon one divides by alpha_T ~ 0.006), with the boundary-condition scalings of the engine's
+`lcm` plan (c_skip(0) = 1, c_out(0) = 0: f(z, 0) = z). Per example, for
 a schedule point t_{n+1} and the next lower t_n: z = alpha x0 + sigma eps at t_{n+1}; the teacher's DDIM step
-t_{n+1} -> t_n (a stage of the engine's 50-step `ddim` plan over the same grid, guided by `guidance`) gives z_hat;
+t_{n+1} -> t_n (a stage of the engine's N-step `ddim` plan over the same grid, guided by `guidance`) gives z_hat;
 the loss is d(f_theta(z, t_{n+1}), f_ema(z_hat, t_n)), d = squared error or pseudo-Huber
 sqrt(|a - b|^2 + c^2) - c (Song & Dhariwal 2023), the target network an exponential moving average of the student.
-The student is saved with an LCMScheduler config over the teacher's betas, so `lcm` samples it at 1-8 steps.
+The student is saved with an LCMScheduler config over the teacher's betas and prediction type, so `lcm` samples it
+at 1-8 steps.
 """
 
 from __future__ import annotations
@@ -27,49 +30,57 @@ from ..engine.solvers.consistency import lcm_timesteps
 from .progressive_distillation import ddim_config, rows_of, teacher_landing
 from .trainer import Batch
 
-ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps: the skipped schedule the student is distilled on
+ORIGINAL_STEPS = 50  # LCMScheduler's default original_inference_steps: the skipped schedule of the distillation
 LOSSES = ("l2", "huber")
 
 
-def lcm_config(teacher_config: dict[str, Any]) -> SchedulerConfig:
+def lcm_config(teacher_config: dict[str, Any], original_steps: int = ORIGINAL_STEPS) -> SchedulerConfig:
     """The student's LCMScheduler over the teacher's training betas and prediction type (its own class's defaults
-    filled in first: LCMScheduler's differ), without clipping."""
+    filled in first: LCMScheduler's differ), on `original_steps` skipped timesteps, without clipping."""
     fields = resolve(None, teacher_config).fields
     betas = {k: fields[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                                     "trained_betas", "prediction_type") if k in fields}
-    return resolve("lcm", {"_class_name": "LCMScheduler", **betas}, original_inference_steps=ORIGINAL_STEPS,
+    return resolve("lcm", {"_class_name": "LCMScheduler", **betas}, original_inference_steps=original_steps,
                    clip_sample=False, thresholding=False)
 
 
-def student_scheduler_config(teacher_config: dict[str, Any]) -> dict[str, Any]:
-    return {"_class_name": "LCMScheduler", **lcm_config(teacher_config).fields}
+def student_scheduler_config(teacher_config: dict[str, Any], original_steps: int = ORIGINAL_STEPS) -> dict[str, Any]:
+    return {"_class_name": "LCMScheduler", **lcm_config(teacher_config, original_steps).fields}
 
 
 class ConsistencyTarget:
-    """The trainer's `(student, batch) -> loss` for consistency distillation of `teacher` (guided by `guidance`),
-    with its EMA target network (updated by after_step, saved in checkpoints through state_dict)."""
+    """The trainer's `(student, batch) -> loss` for consistency distillation of `teacher` (guided by `guidance`) on
+    `original_steps` skipped timesteps, with its EMA target network (updated by after_step, saved in checkpoints
+    through state_dict)."""
 
     def __init__(self, teacher: Pipeline, student: nn.Module, guidance: float = 1.0, *, ema_decay: float = 0.95,
-                 loss: str = "huber", huber_c: float = 1e-3):
+                 loss: str = "huber", huber_c: float = 1e-3, original_steps: int = ORIGINAL_STEPS):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
+        if isinstance(original_steps, bool) or not isinstance(original_steps, int) or original_steps < 1:
+            raise ValueError(f"original_steps must be an int >= 1, got {original_steps!r}")
         self.teacher, self.guidance, self.loss, self.huber_c, self.decay = teacher, guidance, loss, huber_c, ema_decay
         self.ema = copy.deepcopy(student).requires_grad_(False).eval()
-        config = lcm_config(teacher.scheduler_config)
-        grid = [int(t) for t in lcm_timesteps(config, ORIGINAL_STEPS)] + [0]  # t_{N} > ... > t_1 > 0, descending
-        self.teacher_plan = build_plan(ddim_config(teacher.scheduler_config), ORIGINAL_STEPS)
-        assert [round(s.timestep) for s in self.teacher_plan.stages] == grid[:-1], "the grids must coincide"
-        # f(z, t) = a z + b eps_theta(z, t), from the engine's one-stage lcm plan at t (c_skip, c_out) and the
-        # epsilon parameterization (x0 = z / alpha - sigma / alpha eps)
+        self.steps = original_steps
+        config = lcm_config(teacher.scheduler_config, original_steps)
+        grid = [int(t) for t in lcm_timesteps(config, original_steps)] + [0]  # t_{N} > ... > t_1 > 0, descending
+        self.teacher_plan = build_plan(ddim_config(teacher.scheduler_config), original_steps)
+        if [round(s.timestep) for s in self.teacher_plan.stages] != grid[:-1]:
+            total = config.fields["num_train_timesteps"]
+            raise ValueError(f"original_steps={original_steps}: the teacher's DDIM timesteps and LCM's skipped ones "
+                             f"differ; original_steps must divide num_train_timesteps={total}")
+        # f(z, t) = a z + b net(z, t), from the engine's one-stage lcm plan at t (c_skip, c_out) and the prediction's
+        # parameterization (epsilon: x0 = z / alpha - sigma / alpha eps; v: x0 = alpha z - sigma v)
+        prediction = config.fields["prediction_type"]
         a, b, alpha, sigma = [], [], [], []
         for t in grid:
             (stage,) = build_plan(config, None, timesteps=[t]).stages
-            eps = preconditioning("epsilon", stage)
+            x0 = preconditioning(prediction, stage)
             c_skip, c_out = stage.update.x, stage.update.denoised[0]
-            a.append(c_skip + c_out * eps.c_skip)
-            b.append(c_out * eps.c_out)
+            a.append(c_skip + c_out * x0.c_skip)
+            b.append(c_out * x0.c_out)
             alpha.append(stage.alpha)
             sigma.append(stage.sigma)
         self.grid = torch.tensor(grid)
@@ -85,7 +96,7 @@ class ConsistencyTarget:
 
     def __call__(self, student: nn.Module, batch: Batch) -> torch.Tensor:
         x0, generator = batch.images, batch.generator
-        upper = torch.randint(0, ORIGINAL_STEPS, (x0.shape[0],), generator=generator)  # t_{n+1}; t_n = upper + 1
+        upper = torch.randint(0, self.steps, (x0.shape[0],), generator=generator)  # t_{n+1}; t_n = upper + 1
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         z = rows_of(self.alpha, upper, x0) * x0 + rows_of(self.sigma, upper, x0) * eps
         with torch.no_grad():

@@ -17,7 +17,7 @@ from torch import nn
 from ..engine.inputs import finite_number
 from ..engine.loading import load, model_path
 from ..engine.pipeline import Pipeline
-from .consistency_distillation import ConsistencyTarget
+from .consistency_distillation import ORIGINAL_STEPS, ConsistencyTarget
 from .consistency_distillation import student_scheduler_config as consistency_scheduler_config
 from .data import load_images
 from .progressive_distillation import (
@@ -107,6 +107,7 @@ def consistency(
     guidance: float | None = None,
     ema_decay: float = 0.95,
     loss: str = "huber",
+    original_steps: int = ORIGINAL_STEPS,
     data: str | Path | None = None,
     seed: int = 0,
     resume: bool = False,
@@ -115,31 +116,33 @@ def consistency(
 ) -> Path:
     """Consistency distillation (Song et al. 2023; Luo et al. 2023) of `teacher` (a Pipeline, a pipeline folder or an
     embedded model's name) into a student the `lcm` sampler runs at 1-8 steps; returns `out_dir`, a pipeline folder.
+    The student keeps the teacher's parameterization: for one-step sampling distill a v-prediction teacher (e.g. the
+    conversion round of progressive(), steps_from == steps_to == original_steps).
 
     iters AdamW iterations of batch images at learning rate lr; guidance: the teacher's classifier-free guidance,
     baked into the student (None: unguided); ema_decay: the target network's EMA rate; loss: "huber" (pseudo-Huber,
-    c = 0.001) or "l2". data, seed, resume, checkpoint_every: as progressive()."""
+    c = 0.001) or "l2"; original_steps: the skipped schedule's length N (LCM's 50; it must divide the training
+    timesteps). data, seed, resume, checkpoint_every: as progressive()."""
     pipe = teacher if isinstance(teacher, Pipeline) else load(teacher)
     check_teacher(pipe)
-    if pipe.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError("consistency distillation takes an epsilon-prediction teacher (the LCM student keeps its "
-                         f"parameterization), not prediction_type={pipe.scheduler_config.get('prediction_type')!r}")
     images, labels, guidance = _checked_run(pipe, iters, batch, checkpoint_every, seed, lr, guidance, data)
     out = Path(out_dir)
     settings = {"method": "consistency", "teacher": pipe.name, "iters": iters, "batch": batch, "lr": lr,
-                "guidance": guidance, "ema_decay": ema_decay, "loss": loss, "data": str(data), "seed": seed}
+                "guidance": guidance, "ema_decay": ema_decay, "loss": loss, "original_steps": original_steps,
+                "data": str(data), "seed": seed}
     trainer = Trainer(images, labels, batch=batch, lr=lr, seed=seed, folder=out, checkpoint_every=checkpoint_every,
                       settings=settings, progress=progress)
     state = trainer.restore(resume)
     student = copy.deepcopy(pipe.model).float().requires_grad_(True).eval()
-    target = ConsistencyTarget(pipe, student, guidance, ema_decay=ema_decay, loss=loss)
+    target = ConsistencyTarget(pipe, student, guidance, ema_decay=ema_decay, loss=loss, original_steps=original_steps)
     if state is not None:
         student.load_state_dict(state.student)
     trainer.run(student, target, round_index=0, iters=iters, start=0 if state is None else state.iteration,
                 optimizer_state=None if state is None else state.optimizer,
                 target_state=None if state is None else state.target, desc="consistency distillation")
-    return save_student(out, student, pipe, teacher, consistency_scheduler_config(pipe.scheduler_config),
-                        {"method": "consistency", "teacher": pipe.name, "guidance": guidance})
+    scheduler = consistency_scheduler_config(pipe.scheduler_config, original_steps)
+    record = {"method": "consistency", "teacher": pipe.name, "guidance": guidance, "original_steps": original_steps}
+    return save_student(out, student, pipe, teacher, scheduler, record)
 
 
 def _checked_run(pipe: Pipeline, iters: Any, batch: Any, checkpoint_every: Any, seed: Any, lr: Any, guidance: Any,

@@ -19,10 +19,13 @@ from blitzdiff.distill.trainer import CHECKPOINT_NAME
 from .test_progressive import SCHEDULER, ddim_steps, digits, teacher
 
 
-def test_the_consistency_function_is_the_lcm_samplers_and_holds_the_boundary():
-    pipe = teacher()
-    target = ConsistencyTarget(pipe, pipe.model)
-    student = blitzdiff.Pipeline(pipe.model, student_scheduler_config(pipe.scheduler_config))
+@pytest.mark.parametrize("prediction, original_steps", [("epsilon", 50), ("v_prediction", 20), ("sample", 50)])
+def test_the_consistency_function_is_the_lcm_samplers_and_holds_the_boundary(prediction, original_steps):
+    pipe = teacher(prediction)
+    target = ConsistencyTarget(pipe, pipe.model, original_steps=original_steps)
+    config = student_scheduler_config(pipe.scheduler_config, original_steps)
+    assert config["prediction_type"] == prediction and config["original_inference_steps"] == original_steps
+    student = blitzdiff.Pipeline(pipe.model, config)
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 2, 3])
     expected = student.sample(3, steps=1, sampler="lcm", noise=noise, class_labels=labels, guidance_scale=1.0,
@@ -30,6 +33,7 @@ def test_the_consistency_function_is_the_lcm_samplers_and_holds_the_boundary():
     with torch.no_grad():
         first = target.consistency(pipe.model, noise, torch.zeros(3, dtype=torch.int64), labels)
         assert int(target.grid[0]) == 999 and (first - expected).abs().max() < 1e-5 * expected.abs().max()
+        assert len(target.grid) == original_steps + 1 and int(target.grid[-2]) == 1000 // original_steps - 1
         last = torch.full((3,), len(target.grid) - 1)
         assert int(target.grid[-1]) == 0
         assert torch.allclose(target.consistency(pipe.model, noise, last, labels), noise, atol=1e-6)  # f(z, 0) = z
@@ -83,8 +87,11 @@ def test_saved_student_samples_with_lcm_and_bad_input(tmp_path):
     for steps in (1, 2, 4):
         out = student.sample(2, steps=steps, seeds=0, class_labels=[1, 2], output_type="raw", progress=False)
         assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
-    with pytest.raises(ValueError, match="epsilon-prediction teacher"):
-        consistency(teacher("v_prediction"), tmp_path / "v", iters=2, batch=4, lr=1e-3, progress=False)
+    with pytest.raises(ValueError, match="original_steps=30: the teacher's DDIM timesteps and LCM's skipped ones "
+                       "differ; original_steps must divide num_train_timesteps=1000"):
+        consistency(teacher(), tmp_path / "v", iters=2, batch=4, lr=1e-3, original_steps=30, progress=False)
+    with pytest.raises(ValueError, match="original_steps must be an int >= 1, got 0"):
+        consistency(teacher(), tmp_path / "v", iters=2, batch=4, lr=1e-3, original_steps=0, progress=False)
     with pytest.raises(ValueError, match="unknown loss 'l1'; allowed: l2, huber"):
         consistency(teacher(), tmp_path / "l1", iters=2, batch=4, lr=1e-3, loss="l1", progress=False)
     with pytest.raises(ValueError, match="iters must be an int >= 1"):
@@ -92,19 +99,20 @@ def test_saved_student_samples_with_lcm_and_bad_input(tmp_path):
     assert not (tmp_path / "v").exists() and not (tmp_path / "zero").exists()
 
 
-def test_the_loss_pairs_each_point_with_the_teachers_ddim_step_to_the_next():
-    # The loss assembled independently: the same draws, the teacher's step by the engine's 50-step DDIM (stage j goes
+@pytest.mark.parametrize("original_steps", [50, 20])
+def test_the_loss_pairs_each_point_with_the_teachers_ddim_step_to_the_next(original_steps):
+    # The loss assembled independently: the same draws, the teacher's step by the engine's N-step DDIM (stage j goes
     # from grid point j to j + 1), the EMA's f at the lower point, pseudo-Huber.
     pipe = teacher()
     student = copy.deepcopy(pipe.model)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    target = ConsistencyTarget(pipe, pipe.model, guidance=2.0)  # the EMA starts as the teacher's weights
+    target = ConsistencyTarget(pipe, pipe.model, guidance=2.0, original_steps=original_steps)  # EMA = the teacher
     images, labels = digits(6)
     got = target(student, Batch(images, labels, torch.Generator().manual_seed(5)))
     generator = torch.Generator().manual_seed(5)
-    upper = torch.randint(0, 50, (6,), generator=generator)
+    upper = torch.randint(0, original_steps, (6,), generator=generator)
     eps = torch.randn(images.shape, generator=generator)
     alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     t = target.grid[upper]
@@ -112,7 +120,7 @@ def test_the_loss_pairs_each_point_with_the_teachers_ddim_step_to_the_next():
     z = z.float()
     config = {**SCHEDULER, "timestep_spacing": "trailing"}
     with torch.no_grad():
-        landed = torch.cat([ddim_steps(pipe.model, config, 50, [int(j)], z[i:i + 1], labels[i:i + 1], 2.0)
+        landed = torch.cat([ddim_steps(pipe.model, config, original_steps, [int(j)], z[i:i + 1], labels[i:i + 1], 2.0)
                             for i, j in enumerate(upper)])
         wanted = target.consistency(pipe.model, landed, upper + 1, labels)
         mine = target.consistency(student, z, upper, labels)
