@@ -31,7 +31,9 @@ def _add_model_options(parser: argparse.ArgumentParser, many: bool = False) -> N
     embedded = ", ".join(f"{name} (default)" if name == DEFAULT_MODEL else name for name in EMBEDDED)
     parser.add_argument("--model", default=[None] if many else None, nargs="+" if many else None,
                         help=f"a checkpoint folder or file, an embedded model: {embedded}, or a random-weight preset: "
-                        f"{', '.join(PRESETS)}" + ("; several for one table" if many else ""))
+                        f"{', '.join(PRESETS)}" + ("; several for one table, each MODEL[:SAMPLER][@STEPS,...] to give "
+                                                    "it its own sampler and step counts (e.g. dit-digits:ddim@4,50)"
+                                                    if many else ""))
     parser.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default: the folder's "
                         "scheduler)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -282,16 +284,18 @@ def run_eval(args) -> None:
                                  ("--sheet", args.sheet, ".png")):
         if path:
             check_writable(option, path, suffix)
-    pipes = [blitzdiff.load(model, device=args.device) for model in args.model]
-    guidance = {pipe.name: pipe.default_guidance_scale if args.guidance is None else args.guidance for pipe in pipes}
-    total = sum(pipe.evaluations(steps, args.sampler) for pipe in pipes for steps in args.steps)
+    specs = [eval_report.model_spec(text, _names_a_model) for text in args.model]
+    runs = [(blitzdiff.load(spec.model, device=args.device), spec.sampler or args.sampler, spec.steps or args.steps)
+            for spec in specs]
+    total = sum(pipe.evaluations(steps, sampler) for pipe, sampler, counts in runs for steps in counts)
     bar = tqdm(total=total, desc="eval", unit="eval", leave=True, disable=args.no_progress)
     rows, images = [], []
     with bar:
-        for pipe in pipes:
-            for steps in args.steps:
-                row, samples = eval_report.evaluate(pipe, steps, args.n, args.sampler, guidance[pipe.name],
-                                                    _labels(pipe, args.n, None), lambda: bar.update(1))
+        for pipe, sampler, counts in runs:
+            guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
+            for steps in counts:
+                row, samples = eval_report.evaluate(pipe, steps, args.n, sampler, guidance, _labels(pipe, args.n, None),
+                                                    lambda: bar.update(1))
                 rows.append(row)
                 images.append(samples)
                 shown = ", ".join(f"{k} {row[k]:.3f}" for k in ("fd", "accuracy") if k in row)
@@ -306,6 +310,10 @@ def run_eval(args) -> None:
         eval_report.plot_fd_against_nfe(rows, args.plot)
     if args.sheet:
         eval_report.sample_sheet(rows, images, args.sheet)
+
+
+def _names_a_model(text: str) -> bool:
+    return text in EMBEDDED or text in PRESETS or os.path.exists(text)
 
 
 def run_bench(args) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,36 @@ import torch
 from . import quality
 
 SHEET_COLUMNS = 10  # samples shown per row of the sheet: one per digit class for the class-conditional models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One `--model` of `blitzdiff eval`: a model with its own sampler and step counts (None: the command's)."""
+
+    model: str | None
+    sampler: str | None = None
+    steps: tuple[int, ...] | None = None
+
+
+def model_spec(text: str | None, is_model: Callable[[str], bool]) -> ModelSpec:
+    """MODEL[:SAMPLER][@STEPS[,STEPS...]], e.g. "dit-digits:ddim@4,50", into a ModelSpec; `text` is taken whole when
+    is_model(text) (an existing path or an embedded name), so paths holding ':' or '@' still work."""
+    if text is None or is_model(text):
+        return ModelSpec(text)
+    model, at, steps_text = text.partition("@")
+    model, colon, sampler = model.partition(":")
+    steps = None
+    if at:
+        try:
+            steps = tuple(int(part) for part in steps_text.split(","))
+        except ValueError:
+            steps = ()
+        if not steps or min(steps) < 1:
+            raise ValueError(f"--model {text}: the steps after '@' must be integers >= 1 separated by commas (e.g. "
+                             f"{model}@4,50), got {steps_text!r}")
+    if colon and not sampler:
+        raise ValueError(f"--model {text}: name a sampler after ':' (e.g. {model}:ddim) or leave out the ':'")
+    return ModelSpec(model, sampler or None, steps)
 
 
 def network_evaluations(pipe: Any, steps: int, sampler: str | None, guidance: float) -> int:

@@ -222,6 +222,16 @@ def test_eval_of_several_models_writes_a_table_a_plot_and_a_sheet(tmp_path, caps
     assert code == 2 and "--plot" in err and "ending in .png" in err
 
 
+def test_eval_gives_a_model_its_own_sampler_and_steps(tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    code, _, _ = run(["eval", "--model", "dit-digits:ddim@1,3", "unet-digits@2", "--sampler", "heun", "--steps", "4",
+                      "-n", "20", "--no-progress", "--json", str(report)], capsys)
+    rows = json.loads(report.read_text())
+    assert code == 0 and [(r["model"], r["sampler"], r["steps"]) for r in rows] == [
+        ("dit-digits", "ddim", 1), ("dit-digits", "ddim", 3), ("unet-digits", "heun", 2)]
+    assert rows[2]["fd"] == pytest.approx(_expected_scores("unet-digits", 20, 2, "heun", 1.0)["fd"], rel=1e-9)
+
+
 def test_help_lists_samplers_models_and_options(capsys):
     code, printed, _ = run(["sample", "--help"], capsys)
     text = "".join(printed.split())  # argparse wraps lines, also at hyphens
@@ -237,6 +247,9 @@ def test_help_lists_samplers_models_and_options(capsys):
     (["sample", "--model", "/nonexistent/model", "--output", "o.txt"], "give a file name ending in .png"),
     (["sample", "--output", "."], "give a file name ending in .png"),
     (["eval", "--json", "/nonexistent/r.json"], "folder /nonexistent does not exist"),
+    (["eval", "--model", "dit-digits@4,x"], "--model dit-digits@4,x: the steps after '@' must be integers >= 1"),
+    (["eval", "--model", "dit-digits@0"], "the steps after '@' must be integers >= 1 separated by commas"),
+    (["eval", "--model", "dit-digits:@2"], "name a sampler after ':' (e.g. dit-digits:ddim) or leave out the ':'"),
     (["sample", "--device", "foo", "--output", "o.png"], "foo"),
     *([(["sample", "--device", "cuda", "--output", "o.png"], "cuda")] if not torch.cuda.is_available() else []),
     (["sample", "--steps", "x"], "blitzdiff sample: error: argument --steps: invalid int value: 'x'"),
