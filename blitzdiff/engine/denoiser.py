@@ -60,7 +60,7 @@ class Denoiser:
     fn: the raw network, fn(x_in [B', ...], t [B'], **cond) -> output shaped like x_in.
     cond / uncond: keyword tensors with a leading batch dim B, concatenated as [uncond, cond] when guided into
     `self.cond` (the tensors every call passes, [copies * B, ...]). guidance_scale == 1 means one network call per
-    stage and uncond is not used; a 0-d tensor scale is read at each call.
+    stage and uncond is not used; a tensor scale, 0-d or [B] (one per sample), is read at each call.
     """
 
     def __init__(
@@ -78,8 +78,7 @@ class Denoiser:
     ):
         self.fn = fn
         self.scalars = [preconditioning(prediction_type, s, **parameterization) for s in plan.stages]
-        # A tensor scale (a device scalar a CUDA graph reads, blitzdiff.engine.runtime) always means guided.
-        self.guided = isinstance(guidance_scale, torch.Tensor) or guidance_scale != 1.0
+        self.guided = is_guided(guidance_scale)
         self.guidance_scale = guidance_scale
         copies = 2 if self.guided else 1
         timestep_dtype = torch.int64 if plan.integer_timesteps else torch.float32
@@ -103,13 +102,22 @@ class Denoiser:
             both = self.fn(torch.cat([x_in, x_in]), self.timesteps[k], **self.cond)  # [uncond; cond]
             # slices, not chunk(2): chunk's size rule would pin a symbolic batch when the loop is exported
             out_uncond, out_cond = both[: x.shape[0]], both[x.shape[0]:]
-            out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
+            scale = self.guidance_scale
+            if isinstance(scale, torch.Tensor) and scale.dim() == 1:  # [B]: one scale per sample
+                scale = scale.view(-1, *([1] * (x.dim() - 1)))
+            out = out_uncond + scale * (out_cond - out_uncond)
         else:
             out = self.fn(x_in, self.timesteps[k], **self.cond)
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}; it must "
                              "return a prediction shaped like its input (split off learned-variance channels)")
         return torch.add(x * c.c_skip, out, alpha=c.c_out) if c.c_skip != 0.0 else out * c.c_out
+
+
+def is_guided(guidance_scale: float | torch.Tensor) -> bool:
+    """Whether a scale runs classifier-free guidance: a tensor always does (a device scalar a CUDA graph reads, or one
+    scale per sample), a number unless it is 1."""
+    return isinstance(guidance_scale, torch.Tensor) or guidance_scale != 1.0
 
 
 def clip(limit: float) -> Callable[[torch.Tensor], torch.Tensor]:

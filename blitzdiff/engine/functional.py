@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .config import SchedulerConfig, resolve
-from .denoiser import Denoiser, clip, dynamic_threshold
-from .inputs import finite_number
+from .denoiser import Denoiser, clip, dynamic_threshold, is_guided
+from .inputs import finite_number, guidance_values
 from .noise import resolve_noise_backend, seed_tensor
 from .sampler import Postprocess, Scope, run_plan
 from .solvers import build_plan
@@ -54,7 +54,7 @@ def sample(
     sampler: str | None = None,
     scheduler_config: Mapping[str, Any] | str | Path | None = None,
     prediction_type: str | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Sequence[float] | torch.Tensor = 1.0,
     cond: Mapping[str, torch.Tensor] | None = None,
     uncond: Mapping[str, torch.Tensor] | None = None,
     eta: float | None = None,
@@ -69,7 +69,8 @@ def sample(
     timestep, as a [B] tensor, or [2B] with guidance: uncond first) and returns the raw network output.
     sampler: a name from `blitzdiff.SAMPLERS`; scheduler_config: a diffusers scheduler config (dict, json file or
     folder), whose class selects the sampler unless `sampler` is given. prediction_type overrides the config's.
-    guidance_scale != 1 runs classifier-free guidance with `uncond`. eta: DDIM's noise weight. timesteps: explicit
+    guidance_scale != 1 runs classifier-free guidance with `uncond`; one scale per sample (a sequence or a [B] float
+    tensor) guides each row by its own. eta: DDIM's noise weight. timesteps: explicit
     training timesteps for samplers that take them (lcm, consistency). seeds: per-sample seeds of the sampler's own
     noise (an int s means s, s+1, ...; default 0, 1, ...): sample i depends only on its own seed.
     noise_backend: how that noise is drawn: "auto" (default: the compiled kernel for noise's device where one is
@@ -77,7 +78,6 @@ def sample(
     All give the same integer hash; their float32 log / cos may differ by an ulp, so pin one to compare runs.
     scope(stage, "network" | "solver"): a context manager around each part of each stage (profiling ranges).
     """
-    guidance_scale = finite_number("guidance_scale", guidance_scale)
     if eta is not None:
         eta = finite_number("eta", eta, minimum=0.0)
     overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
@@ -89,12 +89,14 @@ def sample(
     batch, device = noise.shape[0], noise.device
     backend = resolve_noise_backend(noise_backend, device, noise.dtype)
     _check_conditioning("cond", cond, batch, device)
-    if guidance_scale != 1.0:
+    guidance_scale = _guidance(guidance_scale, batch, device)
+    if is_guided(guidance_scale):
+        shown = f"={guidance_scale}" if isinstance(guidance_scale, float) else " (one per sample)"
         if not cond:
-            raise ValueError(f"guidance_scale={guidance_scale} needs conditioning: pass cond and uncond (same "
-                             "keys), or guidance_scale=1.0 for unguided sampling")
+            raise ValueError(f"guidance_scale{shown} needs conditioning: pass cond and uncond (same keys), or "
+                             "guidance_scale=1.0 for unguided sampling")
         if set(uncond or {}) != set(cond or {}):
-            raise ValueError(f"guidance_scale={guidance_scale} needs uncond with the same keys as cond "
+            raise ValueError(f"guidance_scale{shown} needs uncond with the same keys as cond "
                              f"({sorted(cond or {})}), got {sorted(uncond or {})}")
         _check_conditioning("uncond", uncond, batch, device)
     plan = build_plan(config, steps, eta=eta, timesteps=timesteps)
@@ -103,3 +105,15 @@ def sample(
                         guidance_scale=guidance_scale, **constants)
     x = noise * plan.init_scale
     return run_plan(plan, denoiser, x, seed_tensor(seeds, batch, device), postprocessing(config), backend, scope)
+
+
+def _guidance(scale: Any, batch: int, device: torch.device) -> float | torch.Tensor:
+    """A number, or a float32 [batch] tensor on `device` when the samples' scales differ."""
+    if isinstance(scale, torch.Tensor) and scale.is_floating_point() and scale.dim() == 1:
+        if scale.shape[0] != batch:
+            raise ValueError(f"guidance_scale has {scale.shape[0]} values for a batch of {batch}")
+        if not torch.isfinite(scale).all():
+            raise ValueError("guidance_scale contains NaN or Inf")
+        return scale.to(device, torch.float32)
+    scales = guidance_values(scale, batch)
+    return scales if isinstance(scales, float) else torch.tensor(scales, dtype=torch.float32, device=device)

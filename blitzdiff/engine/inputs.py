@@ -21,6 +21,19 @@ def finite_number(name: str, value: Any, *, minimum: float | None = None) -> flo
     return float(value)
 
 
+def guidance_values(value: Any, batch: int) -> float | list[float]:
+    """guidance_scale for `batch` samples: a finite number, or one per sample (returned as one float when they are
+    all equal, so that a uniform list runs exactly as its number)."""
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return finite_number("guidance_scale", value)
+    if isinstance(value, torch.Tensor) or hasattr(value, "dtype"):
+        value = torch.as_tensor(value).reshape(-1).tolist()
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != batch:
+        raise ValueError(f"guidance_scale must be a finite number or {batch} of them (one per sample), got {value!r}")
+    scales = [finite_number(f"guidance_scale[{i}]", v) for i, v in enumerate(value)]
+    return scales[0] if len(set(scales)) == 1 else scales
+
+
 def integer_values(name: str, value: Any) -> list[int]:
     """An int, or a sequence / integer tensor / integer array of ints, as a list; floats (even integral ones) and
     bools are refused rather than truncated."""

@@ -20,7 +20,7 @@ from ..kernels.gaussian_noise import MAX_STREAM
 from ..models import load_model, set_backend
 from .config import resolve
 from .functional import sample
-from .inputs import finite_number, integer_values
+from .inputs import finite_number, guidance_values, integer_values
 from .network import Callback, NetworkCall, NonFiniteOutput
 from .noise import gaussian, resolve_noise_backend, seed_tensor
 from .runtime import DEFAULT_BUCKETS, EXTERNAL_MODES, Request, Runtime, check_options
@@ -176,10 +176,12 @@ class Pipeline:
         class_labels: int | Sequence[int] | torch.Tensor | None,
         encoder_hidden_states: torch.Tensor | None,
         negative_encoder_hidden_states: torch.Tensor | None,
-        guidance_scale: float,
+        guidance_scale: float | Sequence[float],
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """(cond, uncond) keyword tensors for fn, checked against the model."""
+        """(cond, uncond) keyword tensors for fn, checked against the model; guided unless guidance_scale is 1 (one
+        scale per sample: guided)."""
         kind, device = self.kind, self.device
+        guided = not isinstance(guidance_scale, float | int) or guidance_scale != 1.0
         cond: dict[str, torch.Tensor] = {}
         uncond: dict[str, torch.Tensor] | None = None
         if kind.class_conditional:
@@ -192,7 +194,7 @@ class Pipeline:
                 raise ValueError(f"class_labels must be an int or {n} ints in 0..{self.num_classes - 1}, got "
                                  f"{labels.tolist()}")
             cond["class_labels"] = labels.to(device)
-            if guidance_scale != 1.0:
+            if guided:
                 if kind.null_class is None:
                     raise ValueError("this model was not trained with a null class (class_dropout_prob = 0): "
                                      "guidance_scale must be 1.0")
@@ -204,7 +206,7 @@ class Pipeline:
                 raise ValueError("this UNet2DConditionModel needs encoder_hidden_states (prompt embeddings "
                                  f"[n, tokens, {self.model.config['cross_attention_dim']}])")
             cond["encoder_hidden_states"] = self._embeddings("encoder_hidden_states", encoder_hidden_states, n)
-            if guidance_scale != 1.0:
+            if guided:
                 if negative_encoder_hidden_states is None:
                     raise ValueError(f"guidance_scale={guidance_scale} needs negative_encoder_hidden_states (e.g. the "
                                      "embedding of the empty prompt), or guidance_scale=1.0")
@@ -212,7 +214,7 @@ class Pipeline:
                 uncond = {"encoder_hidden_states": negative}
         elif encoder_hidden_states is not None or negative_encoder_hidden_states is not None:
             raise ValueError("encoder_hidden_states given, but this model takes no prompt embeddings")
-        if guidance_scale != 1.0 and uncond is None:
+        if guided and uncond is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; this one is unconditional")
         return cond, uncond
 
@@ -255,7 +257,7 @@ class Pipeline:
         class_labels: int | Sequence[int] | torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         negative_encoder_hidden_states: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
         eta: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -269,7 +271,8 @@ class Pipeline:
         still apply where that sampler has them). seeds: an int s (sample i gets s + i) or n ints; they key both the
         initial noise and the sampler's own noise, so sample i does not depend on the batch. noise: unit-variance
         initial noise [n, C, h, w] instead (float32). guidance_scale: None means default_guidance_scale (the folder's
-        recommendation, else 4.0 with a null class as diffusers' DiTPipeline, else 1.0). output_type: "pil" (list of
+        recommendation, else 4.0 with a null class as diffusers' DiTPipeline, else 1.0); n numbers guide each sample
+        by its own scale (one batch, as a server batching requests runs it). output_type: "pil" (list of
         images), "numpy" (float32 [n, H, W, C] in [0, 1]), "tensor" (float32 [n, C, H, W] in [0, 1]) or "raw" (the
         loop's final sample, before decoding). callback(i, t, x_in) runs before network evaluation i (after
         compile(mode="step"): callback(stage, t, state after the stage) between the stages' graphs; refused in
@@ -286,8 +289,7 @@ class Pipeline:
             raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
-        guidance_scale = finite_number("guidance_scale", self.default_guidance_scale if guidance_scale is None
-                                       else guidance_scale)
+        guidance_scale = guidance_values(self.default_guidance_scale if guidance_scale is None else guidance_scale, n)
         if eta is not None:
             eta = finite_number("eta", eta, minimum=0.0)
         device = self.device
@@ -301,7 +303,8 @@ class Pipeline:
         noise = noise.to(device)
         cond, uncond = self.conditioning(n, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
                                          guidance_scale)
-        request = Request(noise, seed_values, cond, uncond, guidance_scale, steps, sampler, eta)
+        scale = guidance_scale if isinstance(guidance_scale, float) else torch.tensor(guidance_scale, device=device)
+        request = Request(noise, seed_values, cond, uncond, scale, steps, sampler, eta)
         if scope is not None and self.runtime is not None:
             raise ValueError("scope (profiling ranges) runs in the plain eager loop: call it on a pipeline without "
                              "compile()")

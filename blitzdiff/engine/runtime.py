@@ -34,7 +34,7 @@ import torch
 
 from . import graphs
 from .config import SchedulerConfig, resolve
-from .denoiser import Denoiser
+from .denoiser import Denoiser, is_guided
 from .functional import parameterization, postprocessing
 from .network import Callback, NetworkCall, first_non_finite
 from .noise import resolve_noise_backend
@@ -52,13 +52,14 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 @dataclass(frozen=True)
 class Request:
     """One sampling call, validated by the Pipeline. noise: float32 [n, C, h, w]; seeds: int64 [n]; cond / uncond:
-    the network's keyword tensors [n, ...] (uncond only when guided)."""
+    the network's keyword tensors [n, ...] (uncond only when guided); guidance_scale: a number, or float32 [n], one
+    per sample."""
 
     noise: torch.Tensor
     seeds: torch.Tensor
     cond: Mapping[str, torch.Tensor]
     uncond: Mapping[str, torch.Tensor] | None
-    guidance_scale: float
+    guidance_scale: float | torch.Tensor
     steps: int
     sampler: str | None
     eta: float | None
@@ -119,8 +120,8 @@ class Program:
         self.seeds = torch.zeros(batch, dtype=torch.int64, device=device)
         cond = {name: torch.zeros((batch, *shape), dtype=dtype, device=device) for name, shape, dtype in key.cond}
         uncond = {name: torch.zeros_like(t) for name, t in cond.items()} if key.guided else None
-        # The guidance scale is a device scalar, so a new one is a copy, not a new graph.
-        self.guidance = torch.ones((), dtype=torch.float32, device=device)
+        # The guidance scales are a device tensor [B] (one per row), so new ones are a copy, not a new graph.
+        self.guidance = torch.ones(batch, dtype=torch.float32, device=device)
         self.call = NetworkCall(network, channels)
         kind, constants = parameterization(config)
         self.denoiser = Denoiser(self.call, self.plan, kind, batch=batch, device=device, cond=cond, uncond=uncond,
@@ -209,7 +210,10 @@ class Program:
                 rows = buffer[c * self.key.batch:(c + 1) * self.key.batch]
                 rows[:n].copy_(source[name][start:stop])
                 rows[n:].copy_(source[name][start:start + 1].expand_as(rows[n:]))
-        if self.key.guided:
+        if self.key.guided and isinstance(request.guidance_scale, torch.Tensor):
+            self.guidance[:n].copy_(request.guidance_scale[start:stop])
+            self.guidance[n:].fill_(1.0)
+        elif self.key.guided:
             self.guidance.fill_(request.guidance_scale)
 
     def serve(self, request: Request, start: int, stop: int, callback: Callback | None,
@@ -345,7 +349,7 @@ class Runtime:
             raise ValueError("a callback needs the loop to stop between steps: use mode='step' (CUDA), 'eager' or "
                              "'compile' without compile_loop")
         config = resolve(request.sampler, pipe.scheduler_config)
-        guided = request.guidance_scale != 1.0
+        guided = is_guided(request.guidance_scale)
         n = request.noise.shape[0]
         scheduler = json.dumps({"class": config.class_name, **config.fields}, sort_keys=True, default=str)
         cond = tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(request.cond.items()))

@@ -38,7 +38,8 @@ class CountingModel(torch.nn.Module):
 BAD_SAMPLE = {
     "guidance-nan": ({"guidance_scale": math.nan}, r"guidance_scale must be a finite number, got nan"),
     "guidance-inf": ({"guidance_scale": math.inf}, r"guidance_scale must be a finite number, got inf"),
-    "guidance-str": ({"guidance_scale": "4"}, r"guidance_scale must be a finite number, got '4'"),
+    "guidance-str": ({"guidance_scale": "4"},
+                     r"guidance_scale must be a finite number or \d+ of them \(one per sample\), got '4'"),
     "eta-nan": ({"eta": math.nan, "sampler": "ddim"}, r"eta must be a finite number, got nan"),
     "eta-negative": ({"eta": -0.5, "sampler": "ddim"}, r"eta must be >= 0, got -0.5"),
     "eta-too-large": ({"eta": 5.0, "sampler": "ddim"}, r"eta=5 is too large for DDIM at timestep \d+ .* at most"),
