@@ -9,7 +9,7 @@ wrapper, outside the sampling loop (which stays sync-free).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,7 +308,20 @@ class Pipeline:
         if scope is not None and self.runtime is not None:
             raise ValueError("scope (profiling ranges) runs in the plain eager loop: call it on a pipeline without "
                              "compile()")
-        raw = self._sample_checked(request, callback, progress, on_non_finite, scope)
+        return self.output(self._sample_checked(request, callback, progress, on_non_finite, scope), output_type)
+
+    def batcher(self, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
+                bucket: int | None = None, on_batch: Callable[[Any], None] | None = None) -> Any:
+        """A blitzdiff.serving.Batcher over this pipeline: concurrent submit(n, **sample_kwargs) requests coalesced
+        into runs of at most max_batch rows in one fixed bucket, each request's rows bitwise independent of its
+        batch-mates (an uncompiled pipeline is compiled "eager" with buckets=(bucket,))."""
+        from ..serving.batcher import Batcher
+
+        return Batcher(self, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, bucket=bucket,
+                       on_batch=on_batch)
+
+    def output(self, raw: torch.Tensor, output_type: str):
+        """The loop's final samples [n, ...] as sample() returns them for `output_type` (decoded unless "raw")."""
         if output_type == "raw":
             return raw
         images = self.decode(raw)
