@@ -123,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "
                        "at 2 steps, 3 repeats, modes eager graph, baseline diffusers (options given still apply)")
 
+    serve = commands.add_parser("serve", help="serve the model over HTTP with dynamic batching (POST /v1/sample, "
+                                "/healthz, /readyz, /metrics; needs the serve extra)")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--mode", choices=["eager", "compile", "step", "graph", "onnxruntime", "tensorrt"], default=None,
+                       help="the pipeline's runtime (default: graph on CUDA, else eager)")
+    serve.add_argument("--max-batch", type=int, default=16, help="rows per batch, also the fixed bucket (default 16)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for batch-mates "
+                       "(default 5)")
+    serve.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 (default 256)")
+    serve.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (504; default 60)")
+
     export = commands.add_parser("export", help="export the network, its VAE decoder or the whole fixed-step "
                                  "sampling loop to ONNX (model.onnx + export.json)")
     _add_model_options(export)
@@ -363,6 +376,16 @@ def run_profile(args) -> None:
             json.dump({**run, **result.to_dict()}, f, indent=2)
 
 
+def run_serve(args) -> None:
+    import blitzdiff
+    from blitzdiff.serving.server import serve
+
+    if args.guidance is not None or args.sampler is not None:
+        raise ValueError("serve takes --guidance and --sampler per request (JSON fields guidance_scale, sampler)")
+    serve(blitzdiff.load(args.model, device=args.device), host=args.host, port=args.port, mode=args.mode,
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout)
+
+
 def run_export(args) -> None:
     import blitzdiff
     from blitzdiff.export import export_onnx, read_manifest
@@ -461,7 +484,7 @@ def _distill_table(teacher, folder, args) -> list[dict]:
 
 
 COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench,
-            "export": run_export, "distill": run_distill}
+            "export": run_export, "distill": run_distill, "serve": run_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
