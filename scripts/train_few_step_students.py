@@ -1,10 +1,11 @@
 """Train the shipped few-step students of the embedded DiT (blitzdiff/assets/dit-digits), on CPU, with
 blitzdiff.distill, and install them under blitzdiff/assets/ (float16 weights, like the teachers).
 
-- dit-digits-pd: progressive distillation (Salimans & Ho 2022) of the teacher's 32-step DDIM, guided at the
-  teacher's scale, down to one step: a conversion round to v-prediction at 32 steps, then 32 -> 16 -> 8 -> 4 -> 2 ->
-  1, the last rounds longer (each later round has fewer steps to learn, but its errors compound). The 4- and 2-step
-  students of the chain are kept in the work folder too (`pd-4`, `pd-2`), for the record.
+- dit-digits-pd4, dit-digits-pd2, dit-digits-pd: progressive distillation (Salimans & Ho 2022) of the teacher's
+  32-step DDIM, guided at the teacher's scale: a conversion round to v-prediction at 32 steps, then 32 -> 16 -> 8 ->
+  4 (dit-digits-pd4), -> 2 (dit-digits-pd2), -> 1 (dit-digits-pd), the last rounds longer (each later round has fewer
+  steps to learn, but its errors compound). Each is a student for its own step count: a progressive student samples
+  worse at more steps than it was distilled for (its last round trained only its own timesteps).
 - dit-digits-cd: consistency distillation (Song et al. 2023, LCM's discrete time) on a 20-point skipped schedule.
   Its teacher is the guided DiT converted to v-prediction at 20 steps (progressive distillation's conversion round:
   an epsilon consistency function divides by alpha_T ~ 0.006 at one step); the student keeps v-prediction.
@@ -37,8 +38,9 @@ TEACHER = "dit-digits"
 GUIDANCE = 1.25  # the teacher's recommended scale (its model_index.json), baked into both students
 COMMON = {"batch": 32, "lr": 2e-4, "seed": 0, "resume": True}
 
-# (folder, steps_from, steps_to, iterations per round): one progressive chain, a folder per kept student
-PD_STAGES = (("pd-4", 32, 4, 700), ("pd-2", 4, 2, 1200), ("pd-1", 2, 1, 2000))
+# (folder, steps_from, steps_to, iterations per round, installed name): one progressive chain, a student per stage
+PD_STAGES = (("pd-4", 32, 4, 700, "dit-digits-pd4"), ("pd-2", 4, 2, 1200, "dit-digits-pd2"),
+             ("pd-1", 2, 1, 2000, "dit-digits-pd"))
 CD_STEPS = 20  # the consistency schedule's length (LCM's original_inference_steps)
 CD_CONVERSION_ITERS = 500
 CD_ITERS = 5000
@@ -46,13 +48,13 @@ CD_ITERS = 5000
 
 def train_pd(work: Path) -> dict[str, float]:
     seconds, teacher = {}, TEACHER
-    for folder, steps_from, steps_to, iters in PD_STAGES:
+    for folder, steps_from, steps_to, iters, name in PD_STAGES:
         start = time.perf_counter()
         distill.progressive(teacher, work / folder, steps_from=steps_from, steps_to=steps_to, iters_per_round=iters,
                             guidance=GUIDANCE if teacher == TEACHER else None, **COMMON)
         seconds[folder] = time.perf_counter() - start
         teacher = work / folder
-    install(teacher, "dit-digits-pd")
+        install(teacher, name)
     return seconds
 
 
@@ -87,9 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    record = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for method in args.only:
         seconds = (train_pd if method == "pd" else train_cd)(work)
+        record = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # read now: another run may write too
         record[f"dit-digits-{method}"] = {
             "train_seconds": seconds, "total_seconds": sum(seconds.values()), "threads": args.threads,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",

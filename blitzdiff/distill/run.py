@@ -170,7 +170,8 @@ def save_student(folder: Path, student: nn.Module, pipe: Pipeline, source: Pipel
                  scheduler: dict[str, Any], record: dict[str, Any]) -> Path:
     """The diffusers layout of the embedded models: model_index.json (the teacher's, when it came from a folder),
     <component>/{config.json, weights (float32 safetensors)}, scheduler/scheduler_config.json (`scheduler`: the
-    student's sampler), `record` under "_blitzdiff_distillation"."""
+    student's sampler), `record` under "_blitzdiff_distillation" (with a distilled teacher's own record under
+    "teacher_distillation")."""
     model_class = student.diffusers_class
     if model_class not in COMPONENTS:
         raise ValueError(f"cannot save a {model_class} student; supported: {', '.join(COMPONENTS)}")
@@ -180,6 +181,8 @@ def save_student(folder: Path, student: nn.Module, pipe: Pipeline, source: Pipel
         teacher_index = model_path(source) / "model_index.json"
         if teacher_index.is_file():
             index = {k: v for k, v in json.loads(teacher_index.read_text()).items() if k not in ("unet", "transformer")}
+    if "_blitzdiff_distillation" in index:  # the teacher is itself a student: keep the lineage
+        record = {**record, "teacher_distillation": index["_blitzdiff_distillation"]}
     index |= {component: ["diffusers", model_class], "scheduler": ["diffusers", scheduler["_class_name"]],
               "_blitzdiff_distillation": record}
     if pipe.kind.class_conditional:

@@ -16,12 +16,13 @@ from .inputs import finite_number
 from .pipeline import Pipeline
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED = ("dit-digits", "unet-digits")  # folders under blitzdiff/assets, trained by scripts/train_default_models.py
+EMBEDDED = ("dit-digits", "unet-digits",  # folders under blitzdiff/assets, trained by scripts/train_default_models.py
+            "dit-digits-pd", "dit-digits-pd2", "dit-digits-pd4", "dit-digits-cd")  # scripts/train_few_step_students.py
 DEFAULT_MODEL = "dit-digits"
 
 
 def model_path(path: str | Path | None) -> Path:
-    """A checkpoint path, or the name of an embedded model ("dit-digits", "unet-digits"; None means the default).
+    """A checkpoint path, or the name of an embedded model (EMBEDDED: "dit-digits", ...; None means the default).
     A path that does not exist is a ValueError listing the names, with the closest one when it looks mistyped."""
     if path is None:
         path = DEFAULT_MODEL

@@ -47,6 +47,7 @@ EXTERNAL_MODES = {"onnxruntime": "blitzdiff.export.ort_network", "tensorrt": "bl
 MODES = ("eager", "compile", "step", "graph", *EXTERNAL_MODES)
 GRAPH_MODES = ("step", "graph")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LOOP_LIMIT = 4096  # compiled whole loops (compile_loop=True) one process may build: Dynamo's recompile limit for them
 
 
 @dataclass(frozen=True)
@@ -174,9 +175,16 @@ class Program:
             self.states, self.result = [state for state, _ in results], results[-1][1]
             self.nbytes += captured
         elif self.mode == "compile":
-            self.body()  # compiles, so that build_s holds the compile time
+            self._call_body()  # compiles, so that build_s holds the compile time
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _call_body(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """self.body() with Dynamo's recompile limit raised: Dynamo caches compiled code per code object, so every
+        Program's compiled loop is one more entry of Program._loop (two: the DiT's position-embedding cache fills
+        on the first call), and past torch's limit (8) the next one would fail under fullgraph=True."""
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, LOOP_LIMIT)):
+            return self.body()
 
     def _stage_parts(self) -> list:
         """One callable per stage for step mode; each returns (state after the stage, the final result or None).
@@ -235,7 +243,7 @@ class Program:
         self.hits += 1
         if self.mode == "graph" or self.compile_loop:  # no host code runs inside: the bar counts the run at its end
             if self.compile_loop:
-                result = self.body()
+                result = self._call_body()
             else:
                 self.graphs[0].replay()
                 result = self.result

@@ -110,40 +110,18 @@ def create_app(pipe: Any, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_
             state["ready"] = False
             await asyncio.to_thread(state["batcher"].close, True)
 
-    def error(status: int, kind: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
-        metrics.errors.labels(kind).inc()
-        return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
-
     async def sample(request: Request) -> Response:
         start = time.perf_counter()
         try:
             body = await request.json()
         except ValueError:
-            return error(400, "bad_request", "the body must be a JSON object")
-        if not isinstance(body, dict):
-            return error(400, "bad_request", f"the body must be a JSON object, got {type(body).__name__}")
-        batcher: Batcher = state["batcher"]
-        try:
-            kwargs = request_arguments(pipe, body, max_batch)
-            output = kwargs.pop("format")
-            future = batcher.submit(kwargs.pop("n"), **kwargs)
-        except BadRequest as bad:
-            return error(422, "bad_request", str(bad), bad.field)
-        except QueueFull as full:
-            return error(503, "queue_full", str(full), None, **{"Retry-After": "1"})
-        except ValueError as bad:  # the pipeline's own checks (sampler, steps, labels, ...), naming the field
-            return error(422, "bad_request", str(bad), field_named(str(bad)))
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-        except TimeoutError:
-            future.cancel()
-            return error(504, "timeout", f"the request took longer than {timeout_s:g} s")
-        except NonFiniteOutput as bad:
-            return error(500, "non_finite", str(bad))
-        except Exception as failed:  # noqa: BLE001 - one request's failure is its own 500, never the server's
-            return error(500, "internal", f"{type(failed).__name__}: {failed}")
-        metrics.latency.observe(time.perf_counter() - start)
-        return JSONResponse({"seeds": kwargs["seeds"], **encode(result, output)})
+            body = None
+        status, payload, kind = await answer(pipe, state["batcher"], body, max_batch=max_batch, timeout_s=timeout_s)
+        if kind is not None:
+            metrics.errors.labels(kind).inc()
+        else:
+            metrics.latency.observe(time.perf_counter() - start)
+        return JSONResponse(payload, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -159,6 +137,38 @@ def create_app(pipe: Any, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_
     routes = [Route("/v1/sample", sample, methods=["POST"]), Route("/healthz", healthz), Route("/readyz", readyz),
               Route("/metrics", prometheus)]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def answer(pipe: Any, batcher: Batcher, body: Any, *, max_batch: int,
+                 timeout_s: float) -> tuple[int, dict[str, Any], str | None]:
+    """One POST /v1/sample: (HTTP status, JSON payload, error kind or None). The server's route and the Ray Serve
+    deployment (blitzdiff.serving.ray_serve) both answer with it."""
+
+    def error(status: int, kind: str, message: str, field: str | None = None) -> tuple[int, dict[str, Any], str]:
+        return status, {"error": message, "field": field}, kind
+
+    if not isinstance(body, dict):
+        return error(400, "bad_request", "the body must be a JSON object")
+    try:
+        kwargs = request_arguments(pipe, body, max_batch)
+        output = kwargs.pop("format")
+        future = batcher.submit(kwargs.pop("n"), **kwargs)
+    except BadRequest as bad:
+        return error(422, "bad_request", str(bad), bad.field)
+    except QueueFull as full:
+        return error(503, "queue_full", str(full))
+    except ValueError as bad:  # the pipeline's own checks (sampler, steps, labels, ...), naming the field
+        return error(422, "bad_request", str(bad), field_named(str(bad)))
+    try:
+        result = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+    except TimeoutError:
+        future.cancel()
+        return error(504, "timeout", f"the request took longer than {timeout_s:g} s")
+    except NonFiniteOutput as bad:
+        return error(500, "non_finite", str(bad))
+    except Exception as failed:  # noqa: BLE001 - one request's failure is its own 500, never the server's
+        return error(500, "internal", f"{type(failed).__name__}: {failed}")
+    return 200, {"seeds": kwargs["seeds"], **encode(result, output)}, None
 
 
 def request_arguments(pipe: Any, body: dict[str, Any], max_batch: int) -> dict[str, Any]:

@@ -184,6 +184,12 @@ def test_saved_student_loads_and_samples_with_ddim(tmp_path):
                                  steps=2, sampler="ddim", cond={"class_labels": labels},
                                  scheduler_config={**SCHEDULER, "prediction_type": "v_prediction"})
     torch.testing.assert_close(got, reference, rtol=0, atol=0)
+    # a student of this student (its folder as the teacher) records the whole lineage
+    again = progressive(out, tmp_path / "again", steps_to=1, iters_per_round=1, batch=4, lr=1e-3, progress=False)
+    record = json.loads((again / "model_index.json").read_text())["_blitzdiff_distillation"]
+    assert (record["teacher"], record["steps"]) == ("student", 1)
+    assert record["teacher_distillation"] == {"method": "progressive", "teacher": "tiny-dit", "steps": 2,
+                                              "guidance": 1.0}
 
 
 @pytest.mark.parametrize(("change", "message"), [

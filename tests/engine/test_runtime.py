@@ -232,6 +232,15 @@ def test_compile_loop_matches_eager(capsys):
         run(pipe, 2, steps=2, callback=lambda *args: None)
 
 
+def test_compiled_loops_past_dynamos_recompile_limit():
+    # every Program's loop is one more compiled entry of the same code object (Program._loop): with torch's limit
+    # at 2 here (8 by default), a third Program's fullgraph compile would fail without the runtime's own limit
+    pipe = tiny_pipeline().compile("compile", buckets=(1,), compile_loop=True)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for steps in (1, 2, 3):
+            assert relative(run(pipe, 1, steps=steps), run(tiny_pipeline(), 1, steps=steps)) < 1e-4, steps
+
+
 def test_bad_options_are_refused():
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match=r"unknown mode 'fast'; allowed: eager, compile, step, graph"):
