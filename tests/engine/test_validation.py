@@ -117,7 +117,8 @@ def test_cuda_without_cuda_is_a_clear_error():
 
 def test_mistyped_model_names_suggest_the_embedded_ones():
     with pytest.raises(ValueError, match=r"dit-digit: no such file or folder; did you mean 'dit-digits'\? \(embedded "
-                                         r"models: dit-digits, unet-digits; random-weight presets: sd15-unet"):
+                                         r"models: dit-digits, unet-digits, dit-digits-pd, .*; random-weight presets: "
+                                         r"sd15-unet"):
         blitzdiff.load("dit-digit")
     with pytest.raises(ValueError, match=r"no such file or folder \(embedded models"):
         blitzdiff.load("/nonexistent/model")
