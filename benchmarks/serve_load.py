@@ -155,10 +155,12 @@ def soak(args) -> dict:
         server.stop()
     after_warmup = [rss for done, rss in samples if done >= 100]
     growth = after_warmup[-1] - after_warmup[0]
+    verdict = "within" if growth <= args.rss_bound_mib else "OVER"
     print(f"soak: {args.soak} requests in {seconds:.0f} s; RSS {samples[0][1]:.0f} MiB at start, "
-          f"{after_warmup[0]:.0f} after 100 requests, {after_warmup[-1]:.0f} at the end ({growth:+.1f} MiB)")
+          f"{after_warmup[0]:.0f} after 100 requests, {after_warmup[-1]:.0f} at the end ({growth:+.1f} MiB, {verdict} "
+          f"the {args.rss_bound_mib:g} MiB bound)")
     return {"requests": args.soak, "concurrency": 16, "seconds": seconds, "rss_mib": samples,
-            "growth_after_100_mib": growth}
+            "growth_after_100_mib": growth, "bound_mib": args.rss_bound_mib, "within_bound": verdict == "within"}
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -194,6 +196,8 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=64, help="requests per concurrency level, at least")
     parser.add_argument("--soak", type=int, default=1000, help="requests in the soak run (0: none)")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (default 1)")
+    parser.add_argument("--rss-bound-mib", type=float, default=16.0, help="allowed RSS growth after the first 100 soak "
+                        "requests (default 16); over it, the script exits 1")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -209,6 +213,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     if args.plot:
         plot(record["load"], args.plot)
+    if args.soak and not record["soak"]["within_bound"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
