@@ -60,6 +60,7 @@ class _Pending:
     options: dict[str, Any]  # steps, sampler, eta, height, width
     output_type: str
     future: Future
+    queued_at: float = 0.0  # time.monotonic() when submit() queued it
 
 
 class Batcher:
@@ -105,6 +106,7 @@ class Batcher:
                 raise BatcherClosed("this batcher is closed; create a new one")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are queued (max_queue={self.max_queue}); retry later")
+            pending.queued_at = time.monotonic()
             self._queue.append(pending)
             self._condition.notify()
         return pending.future
@@ -174,15 +176,15 @@ class Batcher:
             self._run(batch)
 
     def _next_batch(self) -> list[_Pending] | None:
-        """The oldest request and, after waiting up to max_wait for more, every queued request of its key that fits
-        in max_batch rows (in arrival order); None once closed and empty."""
+        """The oldest request and, once its max_wait since submit() is up (or its key fills max_batch rows), every
+        queued request of its key that fits in max_batch rows (in arrival order); None once closed and empty."""
         with self._condition:
             while not self._queue:
                 if self._closed:
                     return None
                 self._condition.wait()
             head = self._queue[0]
-            deadline = time.monotonic() + self.max_wait
+            deadline = head.queued_at + self.max_wait  # a request that already waited behind others waits no more
             while not self._closed and self._rows(head.key) < self.max_batch:
                 left = deadline - time.monotonic()
                 if left <= 0:

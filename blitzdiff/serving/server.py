@@ -49,7 +49,7 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.latency = Histogram("blitzdiff_request_seconds", "POST /v1/sample latency, accepted requests",
+        self.latency = Histogram("blitzdiff_request_seconds", "POST /v1/sample latency, answered requests (200)",
                                  registry=self.registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         rows = sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch})

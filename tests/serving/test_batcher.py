@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -188,3 +189,18 @@ def test_construction_checks():
     pipe = pipeline().compile("eager", buckets=(8,))
     with pipe.batcher(max_batch=4) as batcher:  # the pipeline's one bucket
         assert batcher.bucket == 8
+
+
+def test_a_request_that_waited_behind_a_batch_does_not_wait_again():
+    # max_wait counts from submit(): B, queued while A's batch ran for longer than max_wait, runs right after A
+    with pipeline().batcher(max_batch=BUCKET, max_wait_ms=2000) as batcher:
+        gate = Gate(batcher)
+        first = ask(batcher, REQUESTS[0])  # waits its 2 s for batch-mates, then holds the worker at the gate
+        assert gate.entered.wait(30)
+        second = ask(batcher, REQUESTS[4])  # another key: its own batch
+        time.sleep(2.2)  # longer than max_wait
+        released = time.monotonic()
+        gate.release.set()
+        first.result(timeout=60)
+        second.result(timeout=60)
+        assert time.monotonic() - released < 1.0  # not another 2 s of waiting
