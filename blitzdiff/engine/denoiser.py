@@ -10,8 +10,9 @@ Each stage's scalars (c_in, c_skip, c_out, timestep) are computed on the host on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 
@@ -114,10 +115,11 @@ class Denoiser:
         return torch.add(x * c.c_skip, out, alpha=c.c_out) if c.c_skip != 0.0 else out * c.c_out
 
 
-def is_guided(guidance_scale: float | torch.Tensor) -> bool:
-    """Whether a scale runs classifier-free guidance: a tensor always does (a device scalar a CUDA graph reads, or one
-    scale per sample), a number unless it is 1."""
-    return isinstance(guidance_scale, torch.Tensor) or guidance_scale != 1.0
+def is_guided(guidance_scale: float | Sequence[float] | torch.Tensor) -> bool:
+    """Whether a scale runs classifier-free guidance: a number unless it is 1; anything else always (a tensor: a device
+    scalar a CUDA graph reads or one scale per sample; a list of per-sample scales, which inputs.guidance_values
+    returns only when they differ)."""
+    return not isinstance(guidance_scale, Real) or guidance_scale != 1.0
 
 
 def clip(limit: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -19,6 +19,7 @@ import torch
 from ..kernels.gaussian_noise import MAX_STREAM
 from ..models import load_model, set_backend
 from .config import resolve
+from .denoiser import is_guided
 from .functional import sample
 from .inputs import finite_number, guidance_values, integer_values
 from .network import Callback, NetworkCall, NonFiniteOutput
@@ -181,7 +182,7 @@ class Pipeline:
         """(cond, uncond) keyword tensors for fn, checked against the model; guided unless guidance_scale is 1 (one
         scale per sample: guided)."""
         kind, device = self.kind, self.device
-        guided = not isinstance(guidance_scale, float | int) or guidance_scale != 1.0
+        guided = is_guided(guidance_scale)
         cond: dict[str, torch.Tensor] = {}
         uncond: dict[str, torch.Tensor] | None = None
         if kind.class_conditional:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..engine.denoiser import is_guided
 from ..engine.inputs import guidance_values, seed_values
 from ..engine.pipeline import OUTPUT_TYPES
 
@@ -151,19 +152,19 @@ class Batcher:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
         options = {k: kwargs.get(k) for k in ("steps", "sampler", "eta", "height", "width")}
-        evaluations = pipe.evaluations(options["steps"], options["sampler"], options["eta"])  # steps, sampler, eta
+        pipe.evaluations(options["steps"], options["sampler"], options["eta"])  # checks steps, sampler and eta
         scale = guidance_values(pipe.default_guidance_scale if kwargs.get("guidance_scale") is None
                                 else kwargs["guidance_scale"], n)
-        scales = [scale] * n if isinstance(scale, float) else scale
-        guided = any(s != 1.0 for s in scales)
+        guided = is_guided(scale)
         shape = pipe.latent_shape(options["height"], options["width"])
         cond, uncond = pipe.conditioning(n, kwargs.get("class_labels"), kwargs.get("encoder_hidden_states"),
-                                         kwargs.get("negative_encoder_hidden_states"), 2.0 if guided else 1.0)
+                                         kwargs.get("negative_encoder_hidden_states"), scale)
         labels = cond["class_labels"].tolist() if "class_labels" in cond else None
         prompt = "encoder_hidden_states"
         embeddings = (cond.get(prompt), None if uncond is None else uncond.get(prompt))
         layout = tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(cond.items()))
-        key = (evaluations, options["steps"], options["sampler"], options["eta"], shape, guided, layout)
+        key = (options["steps"], options["sampler"], options["eta"], shape, guided, layout)
+        scales = [scale] * n if isinstance(scale, float) else scale
         return _Pending(key, n, seed_values(kwargs.get("seeds"), n), labels, scales, embeddings, options,
                         output_type, Future())
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .server import answer
+from .server import answer, compile_for_serving
 
 
 class Replica:
@@ -25,7 +25,7 @@ class Replica:
         import blitzdiff
 
         pipe = blitzdiff.load(model, device=device)
-        pipe.compile(mode or ("graph" if pipe.device.type == "cuda" else "eager"), buckets=(max_batch,))
+        compile_for_serving(pipe, mode, max_batch)
         self.pipe, self.max_batch, self.timeout_s = pipe, max_batch, timeout_s
         self.batcher = pipe.batcher(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
 

@@ -247,14 +247,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def compile_for_serving(pipe: Any, mode: str | None, max_batch: int) -> None:
+    """Compile `pipe` in `mode` (None: "graph" on CUDA, else "eager") with the one bucket max_batch, as the batcher
+    needs: the server's and each Ray Serve replica's pipeline."""
+    pipe.compile(mode or ("graph" if pipe.device.type == "cuda" else "eager"), buckets=(max_batch,))
+
+
 def serve(pipe: Any, *, host: str = "127.0.0.1", port: int = 8000, mode: str | None = None, max_batch: int = 16,
           max_wait_ms: float = 5.0, max_queue: int = 256, timeout_s: float = 60.0, log_level: str = "info") -> None:
     """Run the app with uvicorn until SIGINT / SIGTERM. mode: the pipeline's runtime (compiled with the one bucket
     max_batch; None: "graph" on CUDA, else "eager")."""
     import uvicorn
 
-    if mode is None:
-        mode = "graph" if pipe.device.type == "cuda" else "eager"
-    pipe.compile(mode, buckets=(max_batch,))
+    compile_for_serving(pipe, mode, max_batch)
     app = create_app(pipe, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=timeout_s)
