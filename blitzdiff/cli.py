@@ -1,4 +1,5 @@
-"""The `blitzdiff` command: `sample`, `info`, `eval`, `bench`, `profile`. Errors print one line, exit status 2."""
+"""The `blitzdiff` command: `sample`, `pack`, `info`, `eval`, `bench`, `profile`, `export`, `distill`, `serve`. Errors
+print one line (naming the rank in a torchrun job), exit status 2."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blitzdiff", description="Fast, sync-free sampling of diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    sample = commands.add_parser("sample", help="sample a model and write a PNG grid")
+    sample = commands.add_parser("sample", help="sample a model and write a PNG grid, or, with --out-dir, N samples as "
+                                 "resumable shards packed into samples.npz (under torchrun: split across the ranks)")
     _add_model_options(sample)
     sample.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     sample.add_argument("--dtype", default="float32", help="the network's dtype: float32 (default), float16, "
@@ -77,13 +79,31 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="sample i gets seed + i")
     sample.add_argument("--class", dest="classes", type=int, nargs="+", default=None,
                         help="class label(s) for a class-conditional model (default: 0, 1, 2, ... cycling)")
-    sample.add_argument("--output", default="samples.png", help="PNG file to write, in an existing folder (default "
+    sample.add_argument("--output", default=None, help="PNG grid to write, in an existing folder (default "
                         "samples.png)")
     sample.add_argument("--mode", choices=["eager", "compile", "step", "graph", "onnxruntime", "tensorrt"],
                         default=None, help="run through Pipeline.compile(mode): a first call builds (compile / CUDA "
                         "graph capture; onnxruntime / tensorrt export first), a second one is timed (default: the "
                         "plain eager loop, one call)")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")
+    job = sample.add_argument_group("sharded output (--out-dir; run under torchrun to split the work across ranks)")
+    job.add_argument("--out-dir", help="write samples 0..n-1 here as shards + manifest.json, then samples.npz (arr_0 "
+                     "uint8 [N, H, W, C], arr_1 labels); a re-run of the same command resumes")
+    job.add_argument("--format", dest="fmt", choices=["npz", "png"], default=None, help="shard-XXXXX.npz files "
+                     "(default) or images/NNNNNN.png named by sample index")
+    job.add_argument("--batch", type=int, default=None, help="rows per network call (default 64); part of the "
+                     "recipe: it changes float rounding")
+    job.add_argument("--shard-size", type=int, default=None, help="samples per shard, the unit of resuming "
+                     "(default 1000)")
+    job.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default 1: one "
+                     "process per core via torchrun); part of the recipe")
+    job.add_argument("--timeout", type=float, default=None, help="seconds a rank may go without finishing a batch, "
+                     "and the collectives' timeout (default 600)")
+    job.add_argument("--no-pack", action="store_true", help="leave the shards; blitzdiff pack DIR assembles them")
+
+    pack = commands.add_parser("pack", help="assemble a --out-dir folder's shards into one samples.npz (ADM layout)")
+    pack.add_argument("folder", help="the folder blitzdiff sample --out-dir wrote")
+    pack.add_argument("--out", default=None, help="the .npz to write (default FOLDER/samples.npz)")
 
     info = commands.add_parser("info", help="describe a checkpoint folder or file")
     info.add_argument("path", nargs="?", default=None, help=f"a checkpoint folder or file, an embedded model name "
@@ -241,11 +261,23 @@ def check_writable(option: str, path: str, suffix: str | None = None) -> None:
         raise ValueError(f"{option} {path}: folder {folder} is not writable")
 
 
+JOB_OPTIONS = {"fmt": ("--format", "npz"), "batch": ("--batch", 64), "shard_size": ("--shard-size", 1000),
+               "threads": ("--threads", 1), "timeout": ("--timeout", 600.0), "no_pack": ("--no-pack", False)}
+
+
 def run_sample(args) -> None:
     import blitzdiff
     from blitzdiff.bench.measure import timed_ms
     from blitzdiff.profiling import prompt_embeddings
 
+    given = [option for name, (option, _) in JOB_OPTIONS.items() if getattr(args, name) not in (None, False)]
+    if args.out_dir is not None:
+        if args.output is not None:
+            raise ValueError("--output writes a grid, --out-dir a sample folder: give one")
+        return run_sample_job(args)
+    if given:
+        raise ValueError(f"{', '.join(given)} only go with --out-dir (sharded output)")
+    args.output = args.output or "samples.png"
     check_writable("--output", args.output, ".png")
     pipe = blitzdiff.load(args.model, device=args.device, dtype=args.dtype)
     labels = _labels(pipe, args.n, args.classes)
@@ -279,6 +311,45 @@ def run_sample(args) -> None:
     print(f"{pipe.name}: {args.n} samples, {args.steps} steps of {args.sampler or pipe.sampler_name} on {args.device} "
           f"({args.dtype}, {', '.join(notes)}): {elapsed / args.steps * 1e3:.2f} ms/step, {args.n / elapsed:.1f} "
           f"images/s ({note}) -> {args.output}")
+
+
+def run_sample_job(args) -> None:
+    """`sample --out-dir`: this process's share of a (torchrun) job; rank 0 prints the summary."""
+    import torch
+
+    import blitzdiff
+    from blitzdiff.batch_sampling import JobRefused, join, rank_device, sample_to_folder
+
+    for name, (_, default) in JOB_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    device = rank_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    pipe = blitzdiff.load(args.model, device=device, dtype=args.dtype)
+    world = join(device.type, args.timeout)
+    together = False
+    try:
+        summary = sample_to_folder(pipe, args.out_dir, args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                   classes=args.classes, guidance_scale=args.guidance, batch=args.batch,
+                                   shard_size=args.shard_size, fmt=args.fmt, mode=args.mode, timeout_s=args.timeout,
+                                   pack=not args.no_pack, progress=not args.no_progress, world=world)
+        if world.rank == 0:
+            print(summary)
+        together = True
+    except JobRefused:
+        together = True  # refused alike on every rank
+        raise
+    finally:
+        world.close(together)
+
+
+def run_pack(args) -> None:
+    from blitzdiff.batch_sampling import pack
+
+    print(f"-> {pack(args.folder, args.out)}")
 
 
 def run_info(args) -> None:
@@ -483,8 +554,8 @@ def _distill_table(teacher, folder, args) -> list[dict]:
                                  lambda: None)[0] for pipe, sampler, steps, scale in runs]
 
 
-COMMANDS = {"sample": run_sample, "info": run_info, "eval": run_eval, "profile": run_profile, "bench": run_bench,
-            "export": run_export, "distill": run_distill, "serve": run_serve}
+COMMANDS = {"sample": run_sample, "pack": run_pack, "info": run_info, "eval": run_eval, "profile": run_profile,
+            "bench": run_bench, "export": run_export, "distill": run_distill, "serve": run_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -492,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
-        print(f"blitzdiff {args.command}: error: {error}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ \
+            else ""
+        print(f"blitzdiff {args.command}{rank}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -54,26 +54,39 @@ def test_some_blocks_run():
     assert PYTHON and RUNNABLE, f"{len(PYTHON)} Python blocks, none runnable under the rule {NOT_RUN}"
 
 
-def command_lines() -> list[tuple[int, list[str]]]:
-    """(block line, argv) of every `blitzdiff ...` command in the ```bash blocks (continuations joined, comments
+def command_lines(program: str) -> list[tuple[int, list[str]]]:
+    """(block line, argv) of every `program ...` command in the ```bash blocks (continuations joined, comments
     dropped, `&&` chains split)."""
     commands = []
     for line, text in blocks("bash"):
         for command in text.replace("\\\n", " ").splitlines():
             for part in command.split("&&"):
                 words = shlex.split(part, comments=True)
-                if words[:1] == ["blitzdiff"]:
+                if words[:1] == [program]:
                     commands.append((line, words[1:]))
     return commands
 
 
-COMMANDS = command_lines()
+COMMANDS = command_lines("blitzdiff")
+TORCHRUN = command_lines("torchrun")  # torchrun ... -m blitzdiff sample ...
 
 
 @pytest.mark.parametrize(("line", "argv"), COMMANDS, ids=[" ".join(argv[:3]) for _, argv in COMMANDS])
 def test_command_lines_parse(line, argv):
     args = build_parser().parse_args(argv)  # an unknown option or bad value exits with status 2
     assert args.command == argv[0], f"README.md:{line}"
+
+
+@pytest.mark.parametrize(("line", "argv"), TORCHRUN, ids=[" ".join(argv[:4]) for _, argv in TORCHRUN])
+def test_torchrun_lines_parse(line, argv):
+    """torchrun's own options parse with torchrun's parser, and what it runs is `python -m blitzdiff` with options
+    that parse."""
+    from torch.distributed.run import get_args_parser
+
+    launcher = get_args_parser().parse_args(argv)
+    assert (launcher.module, launcher.training_script) == (True, "blitzdiff"), f"README.md:{line}"
+    args = build_parser().parse_args(launcher.training_script_args)
+    assert args.command == "sample" and args.out_dir, f"README.md:{line}"
 
 
 def test_parameter_counts_agree_with_info():

@@ -389,9 +389,14 @@ def _progress_bar(progress: bool, total: int):
     return tqdm(total=total, desc="sampling", unit="eval", leave=True)
 
 
+def to_uint8(array):
+    """float [n, H, W, C] in [0, 1] -> uint8 [n, H, W, C], rounded to nearest (as the PNGs are written)."""
+    return (array * 255).round().astype("uint8")
+
+
 def to_pil(array) -> list:
     """float [n, H, W, C] in [0, 1] -> n PIL images (grayscale for one channel)."""
     from PIL import Image
 
-    images = (array * 255).round().astype("uint8")
+    images = to_uint8(array)
     return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in images]

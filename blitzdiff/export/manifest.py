@@ -61,20 +61,27 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, **manifest, "files": files}, indent=2) + "\n")
 
 
+def read_format_json(path: Path, fmt: str, made_by: str) -> dict[str, Any]:
+    """The JSON object at `path`, whose "format" must be `fmt`; ValueError when the file is missing (`made_by`: what
+    writes it), not JSON, or of another format. Export manifests, engine records and sample-folder manifests."""
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: no {path.name}; {made_by}")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{path}: format {found!r}; this blitzdiff reads {fmt!r}")
+    return record
+
+
 def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """The manifest of an export folder; ValueError when it is missing, malformed, of another format, or (verify)
     when a file it lists is missing or differs from what was written (a truncated or replaced graph)."""
     folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ValueError(f"{folder}: no {MANIFEST}; an export folder holds {GRAPH} and {MANIFEST} (blitzdiff export)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{path}: format {found!r}; this blitzdiff reads {FORMAT!r}")
+    manifest = read_format_json(folder / MANIFEST, FORMAT, f"an export folder holds {GRAPH} and {MANIFEST} "
+                                "(blitzdiff export)")
     if verify:
         for name, expected in manifest["files"].items():
             file = folder / name

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .manifest import GRAPH, file_digest, read_manifest, staged_folder
+from .manifest import GRAPH, file_digest, read_format_json, read_manifest, staged_folder
 
 FORMAT = "blitzdiff-trt/1"
 PLAN, RECORD, CACHE = "engine.plan", "engine.json", "timing.cache"
@@ -163,13 +163,8 @@ def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
 
 def read_record(engine_dir: str | Path) -> dict[str, Any]:
     """engine.json of an engine folder; ValueError when missing or of another format."""
-    path = Path(engine_dir) / RECORD
-    if not path.is_file():
-        raise ValueError(f"{engine_dir}: no {RECORD}; an engine folder holds {PLAN} and {RECORD} (build_engine)")
-    record = json.loads(path.read_text())
-    if record.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {record.get('format')!r}; this blitzdiff reads {FORMAT!r}")
-    return record
+    return read_format_json(Path(engine_dir) / RECORD, FORMAT, f"an engine folder holds {PLAN} and {RECORD} "
+                            "(build_engine)")
 
 
 def record_difference(record: dict[str, Any], manifest: dict[str, Any], **more: tuple[Any, Any]) -> str | None:
