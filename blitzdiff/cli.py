@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--mode", choices=["eager", "compile", "step", "graph", "onnxruntime", "tensorrt"],
                         default=None, help="run through Pipeline.compile(mode): a first call builds (compile / CUDA "
                         "graph capture; onnxruntime / tensorrt export first), a second one is timed (default: the "
-                        "plain eager loop, one call)")
+                        "plain eager loop, one call); with --out-dir, the job's runtime, compiled with the one bucket "
+                        "--batch")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")
     job = sample.add_argument_group("sharded output (--out-dir; run under torchrun to split the work across ranks)")
     job.add_argument("--out-dir", help="write samples 0..n-1 here as shards + manifest.json, then samples.npz (arr_0 "
