@@ -4,7 +4,7 @@
 
 Rows: "ref" (blitzdiff::gaussian_noise, backend="ref": the spec's ~40 int64 tensor ops, eager), "ref compiled"
 (the spec under torch.compile, as a compiled sampler runs it: Inductor fuses it into one vectorized loop, within
-a few ulp of eager), "op cpu" (the same op, backend="cpu": dispatcher, Python wrapper and the single-threaded C++
+a few ulp of eager), "op cpu" (the same op, backend="cpu": dispatcher, Python wrapper and the C++
 kernel), "_C kernel" (blitzdiff._C on a preallocated buffer: the kernel and the pybind11 call only) and "randn"
 (torch.randn: a stateful generator, not per-sample, the speed to beat). Each figure is the median over `repeats`
 timed blocks, each block as many calls as fill about 2 ms, after warm-up. Mnormal/s counts normals produced per second.
@@ -31,7 +31,8 @@ def variants(shape, compile_ref: bool) -> dict:
     count = out[0].numel()
 
     def kernel():  # returns `out` so the closure keeps the tensors behind the raw pointers alive
-        _C.gaussian_noise_cpu(out.data_ptr(), seeds.data_ptr(), batch, count, STREAM, "float32")
+        _C.gaussian_noise_cpu(out.data_ptr(), seeds.data_ptr(), batch, count, STREAM, "float32",
+                              torch.get_num_threads())
         return out
 
     rows = {"ref": lambda: gaussian_noise(seeds, STREAM, rest, torch.float32, backend="ref")}

@@ -65,7 +65,7 @@ BLITZDIFF_HOST_DEVICE float bits_to_uniform(std::uint32_t bits) {
 constexpr float kTwoPi = static_cast<float>(6.283185307179586476925286766559);
 
 void gaussian_noise_cpu(std::uintptr_t out, std::uintptr_t seeds, std::int64_t batch, std::int64_t count,
-                        std::int64_t stream, const std::string& dtype);
+                        std::int64_t stream, const std::string& dtype, std::int64_t threads);
 
 // The raw hash: out int64 [batch, n] = bits(first + j) for j < n (for tests: exposes the integer part exactly).
 void noise_bits_cpu(std::uintptr_t out, std::uintptr_t seeds, std::int64_t batch, std::int64_t stream,

@@ -1,7 +1,10 @@
 // CPU kernel for the per-sample Gaussian noise; see gaussian_noise.h for the contract and the formula.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
+#include <thread>
+#include <vector>
 
 #include "gaussian_noise.h"
 
@@ -25,6 +28,49 @@ constexpr std::int64_t kBlock = 512;
 // Past this counter the spec's int64 emulation itself overflows (its products reach 2^63), so no exact twin exists.
 constexpr std::int64_t kMaxCounter = std::int64_t{1} << 47;
 
+// log and cos without libm calls, so that the Box-Muller loop vectorizes like the hash (libm's scalar logf / cosf
+// were 80% of the kernel's time). Both evaluate in double precision, which makes the float32 result the correctly
+// rounded one in all but rare ties: within the spec's few-ulp budget of PyTorch's float32 log / cos. The same IEEE
+// operations run in every clone (no FMA contraction: the clones' targets lack FMA), so every CPU gets the same bits.
+
+// log(u) for u = (k + 0.5) * 2^-24, k < 2^24 (the uniforms: normal floats in (0, 1)). u = m * 2^e with m in
+// [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(f), f = (m - 1) / (m + 1), |f| <= 0.1716, by its series to f^15 (the next
+// term is below 1e-14 of the result).
+BLITZDIFF_INLINE double log_unit(float u) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &u, sizeof bits);
+  const bool high = (bits & 0x7FFFFFu) > 0x3504F3u;  // mantissa above sqrt(2): use m / 2 and e + 1
+  const std::uint32_t mantissa_bits = (bits & 0x7FFFFFu) | (high ? 0x3F000000u : 0x3F800000u);
+  float m;
+  std::memcpy(&m, &mantissa_bits, sizeof m);
+  const double e = static_cast<double>(static_cast<std::int32_t>(bits >> 23) - (high ? 126 : 127));
+  const double f = (static_cast<double>(m) - 1.0) / (static_cast<double>(m) + 1.0);
+  const double z = f * f;
+  const double series =
+      1.0 + z * (1.0 / 3 + z * (1.0 / 5 + z * (1.0 / 7 + z * (1.0 / 9 + z * (1.0 / 11 + z * (1.0 / 13 + z / 15))))));
+  return 2.0 * f * series + e * 0.69314718055994530942;
+}
+
+// cos(x) for x in [0, 2 pi] (the float32 angle 2 pi v, as the spec rounds it): x = q pi/2 + r, |r| <= pi/4, then
+// the Taylor series of cos r or sin r (to r^16 / r^17: the next terms are below 1e-16) with the quadrant's sign.
+BLITZDIFF_INLINE double cos_turn(float angle) {
+  const double x = angle;
+  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding and subtracting it rounds to an integer
+  const double q = (x * 0.63661977236758134308 + shifter) - shifter;  // round(x / (pi/2)), in 0..4
+  const double r = (x - q * 1.5707963267948966) - q * 6.123233995736766e-17;  // pi/2 in two parts
+  const double z = r * r;
+  const double c = 1.0 + z * (-1.0 / 2 + z * (1.0 / 24 + z * (-1.0 / 720 + z * (1.0 / 40320 + z * (-1.0 / 3628800 +
+                   z * (1.0 / 479001600 + z * (-1.0 / 87178291200 + z / 20922789888000.0)))))));
+  const double s = r * (1.0 + z * (-1.0 / 6 + z * (1.0 / 120 + z * (-1.0 / 5040 + z * (1.0 / 362880 +
+                   z * (-1.0 / 39916800 + z * (1.0 / 6227020800 + z * (-1.0 / 1307674368000.0 +
+                   z / 355687428096000.0))))))));
+  // quadrant 0 and 4: cos r; 1: -sin r; 2: -cos r; 3: sin r
+  const bool odd = q == 1.0 || q == 3.0;
+  const bool negative = q == 1.0 || q == 2.0;
+  const double value = odd ? s : c;
+  return negative ? -value : value;
+}
+
 // out[j] = convert(bits(first + j)) for j < n <= kBlock. When the block does not cross a multiple of 2^32 (always,
 // unless a sample has over 2^31 elements) the counter's high bits are loop-invariant and the loop is pure uint32
 // arithmetic, which GCC/Clang vectorize at -O3. noise_bits_cpu runs this same code, so the tests see it exactly.
@@ -43,26 +89,49 @@ BLITZDIFF_INLINE void hash_block(NoiseKeys keys, std::uint64_t first, std::int64
   }
 }
 
-// One sample row at a time (its keys computed once), in blocks: a vectorized hash pass fills the radius and angle
-// uniforms, then Box-Muller in float32 with <cmath>'s logf / cosf / sqrtf, rounded once to T.
+// Blocks first .. last - 1 of the output, block k being elements (k % blocks) * kBlock ... of row k / blocks: a
+// vectorized hash pass fills the radius and angle uniforms, then Box-Muller (log_unit, cos_turn), rounded once to T.
+// Each element depends only on its row's seed and its index, so any split of the blocks gives the same bits.
 template <typename T>
-BLITZDIFF_CPU_CLONES void fill(T* __restrict__ out, const std::int64_t* seeds, std::int64_t batch,
-                               std::int64_t count, std::uint32_t stream) {
+BLITZDIFF_CPU_CLONES void fill(T* __restrict__ out, const std::int64_t* seeds, std::int64_t count,
+                               std::uint32_t stream, std::int64_t first, std::int64_t last) {
   alignas(64) float radius_u[kBlock];
   alignas(64) float angle_u[kBlock];
-  for (std::int64_t b = 0; b < batch; ++b) {
+  const std::int64_t blocks = (count + kBlock - 1) / kBlock;
+  for (std::int64_t block = first; block < last;) {
+    const std::int64_t b = block / blocks;
     const NoiseKeys keys = noise_keys(seeds[b], stream);
     T* row = out + b * count;
-    for (std::int64_t k0 = 0; k0 < count; k0 += kBlock) {
+    for (; block < last && block / blocks == b; ++block) {
+      const std::int64_t k0 = (block % blocks) * kBlock;
       const std::int64_t n = std::min(kBlock, count - k0);
       hash_block(keys, static_cast<std::uint64_t>(k0), n, radius_u, bits_to_uniform);         // counters k
       hash_block(keys, static_cast<std::uint64_t>(count + k0), n, angle_u, bits_to_uniform);  // count + k
       for (std::int64_t j = 0; j < n; ++j) {
-        const float radius = std::sqrt(-2.0f * std::log(radius_u[j]));
-        row[k0 + j] = static_cast<T>(radius * std::cos(kTwoPi * angle_u[j]));
+        const double radius = std::sqrt(-2.0 * log_unit(radius_u[j]));
+        row[k0 + j] = static_cast<T>(static_cast<float>(radius * cos_turn(kTwoPi * angle_u[j])));
       }
     }
   }
+}
+
+// fill over every block, split into contiguous ranges over up to `threads` threads (this one and threads - 1 started
+// for the call: no pool to keep, no OpenMP runtime beside torch's), each range at least kBlocksPerThread blocks so
+// that starting a thread (tens of microseconds) stays small against its share.
+constexpr std::int64_t kBlocksPerThread = 64;  // 32768 normals, about 120 us on one core
+
+template <typename T>
+void fill_parallel(T* out, const std::int64_t* seeds, std::int64_t batch, std::int64_t count, std::uint32_t stream,
+                   std::int64_t threads) {
+  const std::int64_t total = batch * ((count + kBlock - 1) / kBlock);
+  const std::int64_t used = std::max<std::int64_t>(1, std::min(threads, total / kBlocksPerThread));
+  std::vector<std::thread> helpers;
+  helpers.reserve(static_cast<std::size_t>(used - 1));
+  for (std::int64_t t = 1; t < used; ++t) {
+    helpers.emplace_back(fill<T>, out, seeds, count, stream, total * t / used, total * (t + 1) / used);
+  }
+  fill<T>(out, seeds, count, stream, 0, total / used);
+  for (auto& helper : helpers) helper.join();
 }
 
 // The raw hash, through the same hash_block as fill (so the tests of noise_bits_cpu cover fill's integer part).
@@ -106,14 +175,17 @@ void check_noise_bits_args(std::uintptr_t out, std::uintptr_t seeds, std::int64_
 }
 
 void gaussian_noise_cpu(std::uintptr_t out, std::uintptr_t seeds, std::int64_t batch, std::int64_t count,
-                        std::int64_t stream, const std::string& dtype) {
+                        std::int64_t stream, const std::string& dtype, std::int64_t threads) {
   check_gaussian_noise_args(out, seeds, batch, count, stream);
+  if (threads < 1) {
+    throw std::invalid_argument("gaussian_noise_cpu: threads must be >= 1, got " + std::to_string(threads));
+  }
   const auto* s = reinterpret_cast<const std::int64_t*>(seeds);
   const auto st = static_cast<std::uint32_t>(stream);
   if (dtype == "float32") {
-    fill(reinterpret_cast<float*>(out), s, batch, count, st);
+    fill_parallel(reinterpret_cast<float*>(out), s, batch, count, st, threads);
   } else if (dtype == "float64") {
-    fill(reinterpret_cast<double*>(out), s, batch, count, st);
+    fill_parallel(reinterpret_cast<double*>(out), s, batch, count, st, threads);
   } else {
     throw std::invalid_argument("gaussian_noise_cpu: dtype must be float32 or float64, got '" + dtype + "'");
   }

@@ -21,8 +21,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("s"), py::call_guard<py::gil_scoped_release>(),
         "out = a*x + b*d0 + c*d1 + s*noise over n contiguous elements; d1/noise = 0 drops the term.");
   m.def("gaussian_noise_cpu", &blitzdiff::gaussian_noise_cpu, py::arg("out"), py::arg("seeds"), py::arg("batch"),
-        py::arg("count"), py::arg("stream"), py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
-        "out [batch, count] = unit Gaussian noise, row b a function of (seeds[b], stream) only (int64 seeds).");
+        py::arg("count"), py::arg("stream"), py::arg("dtype"), py::arg("threads") = 1,
+        py::call_guard<py::gil_scoped_release>(),
+        "out [batch, count] = unit Gaussian noise, row b a function of (seeds[b], stream) only (int64 seeds); on up "
+        "to `threads` threads (the same bits for any count).");
   m.def("noise_bits_cpu", &blitzdiff::noise_bits_cpu, py::arg("out"), py::arg("seeds"), py::arg("batch"),
         py::arg("stream"), py::arg("first"), py::arg("n"), py::call_guard<py::gil_scoped_release>(),
         "out int64 [batch, n] = the noise hash's 32-bit values for the counters first .. first+n-1.");

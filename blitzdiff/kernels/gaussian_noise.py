@@ -7,8 +7,9 @@ compiled loop takes new seeds by a copy into a static buffer.
 
 `gaussian_noise_ref` is the specification, in ordinary tensor ops (runs anywhere, what export traces). The "cpu"
 and "cuda" backends run csrc/gaussian_noise_* through `blitzdiff._C` in one pass: the same integer hash in native
-wrapping uint32 arithmetic (bit-identical), the same float32 uniforms and Box-Muller, with log / cos from the C
-library (CPU) or CUDA's math library, which may differ from PyTorch's by an ulp or two. One `torch.library` op,
+wrapping uint32 arithmetic (bit-identical), the same float32 uniforms and Box-Muller, with log / cos evaluated in
+double precision by vectorized polynomials (CPU; on torch's thread count, the same bits for any count) or CUDA's
+math library, within a few ulp of PyTorch's float32 functions. One `torch.library` op,
 `blitzdiff::gaussian_noise`, covers all backends; the backend is an explicit argument, never chosen at import.
 """
 
@@ -113,7 +114,8 @@ def _gaussian_noise_kernel(
     seeds = seeds.contiguous()
     out = torch.empty((seeds.shape[0], *shape), dtype=dtype, device=seeds.device)
     args = (out.data_ptr(), seeds.data_ptr(), seeds.shape[0], math.prod(shape), stream, _DTYPE_NAMES[dtype])
-    launch("gaussian_noise", backend, seeds.device, *args)
+    threads = (torch.get_num_threads(),) if backend == "cpu" else ()  # torch's setting: the same bits for any count
+    launch("gaussian_noise", backend, seeds.device, *args, *threads)
     return out
 
 

@@ -123,6 +123,37 @@ def test_cpu_bitwise_repeatable():
         assert torch.equal(draw("cpu"), first)
 
 
+@pytest.mark.parametrize("batch, count", [(5, 40_000), (1, 200_003), (3, 33_000)])
+def test_cpu_threads_split_blocks_without_changing_bits(batch, count):
+    """The kernel splits its 512-element blocks into ranges over up to `threads` threads (at least 64 blocks each):
+    ranges that start and end mid-row, and more threads than ranges, give the one-thread result exactly."""
+    from blitzdiff import _C
+
+    seeds = torch.tensor(SEEDS[:batch])
+    outs = {}
+    for threads in (1, 2, 3, 7):
+        outs[threads] = torch.full((batch, count), float("nan"))
+        _C.gaussian_noise_cpu(outs[threads].data_ptr(), seeds.data_ptr(), batch, count, 5, "float32", threads)
+    assert all(torch.equal(out, outs[1]) for out in outs.values())
+    ref = gaussian_noise_ref(seeds, 5, (count,), torch.float32)
+    assert ulp_distance(outs[1], ref).max().item() <= 4
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        _C.gaussian_noise_cpu(outs[1].data_ptr(), seeds.data_ptr(), batch, count, 5, "float32", 0)
+
+
+def test_cpu_op_draws_the_same_bits_at_any_torch_thread_count():
+    seeds = torch.arange(8)
+    threads = torch.get_num_threads()
+    try:
+        draws = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            draws.append(gaussian_noise(seeds, 3, (4, 64, 64), torch.float32, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1])
+
+
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
 def test_row_depends_only_on_its_seed_and_stream(backend):
     seeds = [5, 2**40 + 7, 0, 123]
