@@ -55,6 +55,9 @@ class JobSummary:
     packed: Path | None = None
 
     def __str__(self) -> str:
+        if not self.images:
+            return f"nothing to do: all {self.skipped_shards} shards were complete\n{self.n} samples in {self.folder}" \
+                + (f" -> {self.packed}" if self.packed else "")
         rate = self.images / self.wall_s if self.wall_s > 0 else 0.0
         lines = [f"{self.images} images in {self.wall_s:.1f} s: {rate:.1f} images/s over {len(self.ranks)} "
                  f"rank{'s' if len(self.ranks) > 1 else ''}" + (f" ({self.skipped_shards} complete shards skipped)"

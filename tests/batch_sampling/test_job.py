@@ -134,6 +134,10 @@ def test_failed_run_resumes_to_the_uninterrupted_result(dit, tmp_path, monkeypat
     assert (tmp_path / "run" / "samples.npz").read_bytes() == (tmp_path / "whole" / "samples.npz").read_bytes()
     assert [r["complete_at_start"] for r in json.loads((tmp_path / "run" / "manifest.json").read_text())["runs"]] \
         == [0, 2]
+    again = job(dit, tmp_path / "run", n=10)
+    assert (again.images, calls) == (0, [2])
+    assert str(again) == f"nothing to do: all 3 shards were complete\n10 samples in {tmp_path / 'run'} -> " \
+        f"{tmp_path / 'run' / 'samples.npz'}"
 
 
 def test_an_error_in_a_run_keeps_the_complete_shards(dit, tmp_path, monkeypatch):
