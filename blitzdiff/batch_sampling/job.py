@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import secrets
 import sys
 import time
@@ -31,6 +32,7 @@ from . import folder as files
 from .world import JobRefused, World
 
 POLL_S = 0.1  # how often a finished rank looks at the others' progress files
+WATCH_S = 1.0  # at most this often a working rank reads them (after a batch): the bar, and the others' failures
 
 
 class RankFailed(RuntimeError):
@@ -178,6 +180,7 @@ class Progress:
     def __init__(self, out: Path, world: World, run_id: str, total: int, timeout_s: float, show: bool):
         self.out, self.world, self.run_id, self.timeout_s = out, world, run_id, timeout_s
         self.seen = [(None, time.monotonic())] * world.size  # (last record, when it changed: this clock)
+        self.last_poll = -math.inf
         self.bar = None
         if show and world.rank == 0:
             from tqdm.auto import tqdm
@@ -186,15 +189,16 @@ class Progress:
                             unit="img", leave=True)
 
     def report(self, images: int, finished: bool = False, error: str | None = None) -> None:
-        """Write this rank's record (a heartbeat); rank 0 then reads everyone's (the bar, and failures)."""
+        """Write this rank's record (a heartbeat); then, at most every WATCH_S, read everyone's: rank 0's bar moves,
+        and a rank stops working as soon as another has failed."""
         record = {"run": self.run_id, "images": images, "finished": finished, "error": error}
         files.write_json(self.out / files.PROGRESS / f"rank-{self.world.rank}.json", record)
-        if self.world.rank == 0 and error is None:
+        if error is None and time.monotonic() - self.last_poll >= WATCH_S:
             self.poll()
 
     def poll(self) -> bool:
         """Read every rank's record; True when all have finished. Raises for a failed or silent rank."""
-        now = time.monotonic()
+        now = self.last_poll = time.monotonic()
         records = []
         for rank, record in enumerate(files.read_progress(self.out, self.world.size)):
             record = record if record is not None and record.get("run") == self.run_id else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 import blitzdiff
 from blitzdiff.batch_sampling import JobFailed, pack, sample_to_folder
 from blitzdiff.batch_sampling import folder as files
+from blitzdiff.batch_sampling import job as job_module
 from blitzdiff.cli import main
 
 from ..engine.test_runtime import SCHEDULER, tiny_model
@@ -273,3 +275,25 @@ def test_command_line(tmp_path, capsys):
     assert main(["pack", out]) == 0
     assert capsys.readouterr().out == f"-> {tmp_path / 'run' / 'samples.npz'}\n"
     assert packed(tmp_path / "run" / "samples.npz")["arr_0"].shape == (3, 16, 16, 1)
+
+
+def test_a_working_rank_stops_when_another_reports_an_error(tmp_path, monkeypatch):
+    """The watch without processes: rank 1 of 2 reads rank 0's record at its next batch (at most every WATCH_S) and
+    stops; a rank whose record does not move for the timeout is named."""
+    from blitzdiff.batch_sampling.job import RankFailed
+    from blitzdiff.batch_sampling.world import World
+
+    (tmp_path / files.PROGRESS).mkdir()
+    rank0 = job_module.Progress(tmp_path, World(0, 2), "run-a", 10, 60.0, show=False)
+    rank1 = job_module.Progress(tmp_path, World(1, 2), "run-a", 10, 60.0, show=False)
+    rank0.report(0)
+    rank1.report(3)
+    rank0.report(0, error="NonFiniteOutput: NaN")
+    monkeypatch.setattr(job_module, "WATCH_S", 0.0)
+    with pytest.raises(RankFailed, match="rank 0 failed: NonFiniteOutput: NaN"):
+        rank1.report(6)
+    quiet = job_module.Progress(tmp_path, World(1, 2), "run-b", 10, 0.05, show=False)  # rank 0 never writes run-b
+    quiet.report(1)
+    time.sleep(0.1)
+    with pytest.raises(RankFailed, match="rank 0 made no progress in 0.05 s"):
+        quiet.report(2)
