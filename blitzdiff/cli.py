@@ -134,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-batch", type=int, help="batch size of the latency runs (default 1)")
     bench.add_argument("--repeats", type=int, help="timed runs per configuration: median, min, max and IQR reported, "
                        "a warning when they disagree (default 5)")
-    bench.add_argument("--baseline", nargs="+", help="diffusers, diffusers-compile (default both), or none")
+    bench.add_argument("--baseline", nargs="+", help="diffusers, diffusers-compile (default both), "
+                       "diffusers-channels-last, diffusers-compile-channels-last (its weights channels-last), or none")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: the usable cores minus the rounded "
                        "load average, at least 1, at most torch's default; recorded in the JSON)")
     bench.add_argument("--channels-last", action="store_true", help="blitzdiff modes with the network's weights "
-                       "channels-last (Pipeline.compile(channels_last=True)); baselines as loaded")
+                       "channels-last (Pipeline.compile(channels_last=True)); baselines as loaded (diffusers' own: "
+                       "the diffusers-*-channels-last baselines)")
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.add_argument("--plots", help="write latency-vs-steps and throughput-vs-batch PNGs into this folder")
     bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "

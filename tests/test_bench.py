@@ -148,6 +148,12 @@ def test_diffusers_baseline_computes_blitzdiffs_samples(model, sampler, guidance
     theirs = DiffusersSampler(pipe, sampler).sample(3, steps=6, **inputs)
     assert theirs.shape == ours.shape == (3, *pipe.latent_shape(None, None))
     assert ((theirs - ours).abs().max() / ours.abs().max()).item() < 1e-4
+    channels_last = DiffusersSampler(pipe, sampler, channels_last=True)
+    if model == "unet-digits":
+        assert next(p for p in channels_last.model.parameters() if p.dim() == 4).is_contiguous(
+            memory_format=torch.channels_last)
+    theirs = channels_last.sample(3, steps=6, **inputs)
+    assert ((theirs - ours).abs().max() / ours.abs().max()).item() < 1e-4
     assert (ours - inputs["noise"]).abs().max() > 0.1  # the loop did something
 
 
@@ -191,6 +197,8 @@ def test_defaults_skip_cuda_only_modes_off_cuda_and_options_resolve():
     modes, baselines, skipped = planned_systems(bench_config(), CPU)
     assert modes == ["eager", "compile"] and baselines == ["diffusers", "diffusers-compile"]
     assert [s["name"] for s in skipped] == ["blitzdiff-graph"]
+    _, baselines, _ = planned_systems(bench_config(baseline=["diffusers-compile-channels-last", "diffusers"]), CPU)
+    assert baselines == ["diffusers", "diffusers-compile-channels-last"]
     modes, baselines, _ = planned_systems(bench_config(modes=["compile", "eager"], baseline=["none"]), CPU)
     assert modes == ["eager", "compile"] and baselines == []  # eager is always measured first
     quick = bench_config(quick=True, repeats=4)

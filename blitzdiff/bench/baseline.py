@@ -50,10 +50,13 @@ def diffusers_scheduler(sampler: str | None, scheduler_config: Mapping[str, Any]
 class DiffusersSampler:
     """`pipe.sample(n, ..., output_type="raw")` computed by diffusers (see the module docstring).
 
-    compile=True runs the network through `torch.compile` (default options), as users speed up diffusers."""
+    compile=True runs the network through `torch.compile` (default options), as users speed up diffusers;
+    channels_last=True stores its 4-D weights channels-last first."""
 
-    def __init__(self, pipe, sampler: str | None = None, *, compile: bool = False):
+    def __init__(self, pipe, sampler: str | None = None, *, compile: bool = False, channels_last: bool = False):
         self.model = diffusers_model(pipe.model)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.network = torch.compile(self.model) if compile else self.model
         self.scheduler = diffusers_scheduler(sampler, pipe.scheduler_config)
         self.channels = pipe.kind.prediction_channels  # learned-sigma channels beyond these are dropped

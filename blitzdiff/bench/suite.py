@@ -34,12 +34,14 @@ from .workload import sample_inputs
 # "onnxruntime" / "tensorrt" run the exported network (their build call includes the export).
 MODES = ("eager", "compile", "compile-loop", "step", "graph", "onnxruntime", "tensorrt")
 CUDA_ONLY_MODES = ("step", "graph", "tensorrt")  # CUDA graphs, TensorRT engines
-BASELINES = ("diffusers", "diffusers-compile")
+# diffusers' loop around its own network: eager, torch.compile'd, and each with channels-last weights (not a default
+# of its pipelines, but what a user tuning diffusers on CPU would try: it moves convolutions to oneDNN there).
+BASELINES = ("diffusers", "diffusers-compile", "diffusers-channels-last", "diffusers-compile-channels-last")
 DTYPES = ("float32", "float16", "bfloat16")
 # What an option left unset means; --quick is a CI-sized smoke run. Default modes that need CUDA are skipped, with
 # a note, on other devices (naming one explicitly there is an error).
 DEFAULTS = {"modes": ("eager", "compile", "graph"), "batches": (1, 4, 16), "steps": (1, 2, 4, 8, 20, 50),
-            "throughput_steps": 20, "latency_batch": 1, "repeats": 5, "baseline": BASELINES}
+            "throughput_steps": 20, "latency_batch": 1, "repeats": 5, "baseline": BASELINES[:2]}
 QUICK = {"modes": ("eager", "graph"), "batches": (1, 2), "steps": (1, 2), "throughput_steps": 2, "latency_batch": 1,
          "repeats": 3, "baseline": ("diffusers",)}
 
@@ -189,7 +191,8 @@ def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int, channels_la
 
 
 def diffusers_sample(pipe, sampler: str, baseline: str) -> Sample:
-    return DiffusersSampler(pipe, sampler, compile=baseline == "diffusers-compile").sample
+    return DiffusersSampler(pipe, sampler, compile="compile" in baseline,
+                            channels_last=baseline.endswith("channels-last")).sample
 
 
 def error_line(error: BaseException) -> str:
