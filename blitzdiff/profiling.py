@@ -37,6 +37,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
+from .engine.inputs import positive_int
 from .engine.sampler import Scope
 
 PARTS = ("network", "solver")
@@ -285,8 +286,7 @@ def format_ops(result: ProfileResult, top: int = 20, step: int | None = None) ->
     """The top-`top` ops (of one step, or of all steps) by device time on CUDA, self CPU time on CPU, with their
     share of that total. On CPU the device column is left out, and a last line says how much of the ranges' wall
     time the ops' self CPU time covers (the rest is Python: module calls, the loop's own code)."""
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be an int >= 1, got {top!r}")
+    positive_int("top", top)
     ops = result.ops(step)
     key = "device_ms" if result.on_device else "self_cpu_ms"
     total = sum(getattr(op, key) for op in ops)

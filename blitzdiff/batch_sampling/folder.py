@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.pipeline import uint8_to_pil
 from ..export.manifest import read_format_json
 
 FORMAT = "blitzdiff-samples/1"
@@ -73,12 +74,11 @@ def write_json(path: Path, value: Any) -> None:
     write_atomic(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()))
 
 
-def remove_partials(folder: Path) -> list[str]:
-    """Delete the `.partial` files a killed run left (shards, PNGs, the pack); returns their names."""
-    stale = [p for place in (folder, folder / IMAGES) if place.is_dir() for p in place.glob(f"*{PARTIAL}")]
-    for path in stale:
-        path.unlink()
-    return sorted(p.name for p in stale)
+def remove_partials(folder: Path) -> None:
+    """Delete the `.partial` files a killed run left (shards, PNGs, the pack)."""
+    for place in (folder, folder / IMAGES):
+        for path in place.glob(f"*{PARTIAL}"):
+            path.unlink()
 
 
 def complete_shards(folder: Path, count: int, fmt: str) -> list[int]:
@@ -92,11 +92,8 @@ def write_shard(folder: Path, shard: int, fmt: str, n: int, indices: np.ndarray,
         arrays = {"arr_0": images, "indices": indices} | ({} if labels is None else {"arr_1": labels})
         write_atomic(shard_path(folder, shard, fmt), lambda f: np.savez(f, **arrays))
         return
-    from PIL import Image
-
     (folder / IMAGES).mkdir(exist_ok=True)
-    for index, image in zip(indices.tolist(), images, strict=True):
-        picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    for index, picture in zip(indices.tolist(), uint8_to_pil(images), strict=True):
         write_atomic(png_path(folder, index, n), lambda f, picture=picture: picture.save(f, format="PNG"))
     record = {"indices": [int(indices[0]), int(indices[-1]) + 1]}
     if labels is not None:
@@ -137,7 +134,7 @@ def pack(folder: str | Path, out: str | Path | None = None) -> Path:
     """Assemble a complete folder's shards into one .npz in index order (default DIR/samples.npz): arr_0 uint8
     [N, H, W, C] and, for class-conditional samples, arr_1 int64 labels [N] — the layout ADM's and DiT's evaluation
     suites read. Streams one shard at a time into the zip (memory: one shard), written under a temporary name; equal
-samples give byte-identical files."""
+    samples give byte-identical files."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     layout = manifest["layout"]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..engine.inputs import positive_int
 from ..engine.pipeline import Pipeline, to_uint8
 from ..export.manifest import weights_digest
 from . import folder as files
@@ -95,8 +96,7 @@ def recipe(pipe: Pipeline, *, steps: int, sampler: str | None, seed: int, classe
 def check_arguments(pipe: Pipeline, n: int, steps: int, sampler: str | None, batch: int, shard_size: int, fmt: str,
                     classes: list[int] | None, timeout_s: float) -> None:
     for name, value in (("n", n), ("batch", batch), ("shard_size", shard_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        positive_int(name, value)
     if fmt not in files.FORMATS:
         raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(files.FORMATS)}")
     if not timeout_s > 0:
@@ -268,13 +268,12 @@ def sample_to_folder(pipe: Pipeline, out_dir: str | Path, n: int, *, steps: int,
             labels = None if classes is None else np.asarray([classes[i % len(classes)] for i in bounds], np.int64)
             images = []
             for begin in range(0, len(indices), batch):
-                rows = slice(begin, begin + batch)
-                count = len(indices[rows])
-                raw = pipe.sample(count, steps=steps, sampler=sampler, seeds=(seed + indices[rows]).tolist(),
-                                  class_labels=None if labels is None else labels[rows].tolist(),
+                chunk = indices[begin:begin + batch]
+                raw = pipe.sample(len(chunk), steps=steps, sampler=sampler, seeds=(seed + chunk).tolist(),
+                                  class_labels=None if labels is None else labels[begin:begin + batch].tolist(),
                                   guidance_scale=guidance, output_type="raw", progress=False)
                 images.append(to_uint8(pipe.output(raw, "numpy")))
-                done += count
+                done += len(chunk)
                 watch.report(done)
             files.write_shard(out, shard, fmt, n, indices, np.concatenate(images), labels)
             if world.rank == 0:

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..engine.config import SchedulerConfig, resolve
 from ..engine.denoiser import preconditioning
+from ..engine.inputs import positive_int
 from ..engine.pipeline import Pipeline
 from ..engine.solvers import build_plan
 from ..engine.solvers.consistency import lcm_timesteps
@@ -59,8 +60,7 @@ class ConsistencyTarget:
             raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
-        if isinstance(original_steps, bool) or not isinstance(original_steps, int) or original_steps < 1:
-            raise ValueError(f"original_steps must be an int >= 1, got {original_steps!r}")
+        positive_int("original_steps", original_steps)
         self.teacher, self.guidance, self.loss, self.huber_c, self.decay = teacher, guidance, loss, huber_c, ema_decay
         self.ema = copy.deepcopy(student).requires_grad_(False).eval()
         self.steps = original_steps

@@ -28,6 +28,7 @@ from torch import nn
 from ..engine.config import CLASS_DEFAULTS, SchedulerConfig, resolve
 from ..engine.denoiser import Denoiser, preconditioning
 from ..engine.functional import parameterization, postprocessing
+from ..engine.inputs import positive_int
 from ..engine.network import NetworkCall
 from ..engine.pipeline import Pipeline
 from ..engine.plan import Plan
@@ -80,8 +81,7 @@ def rounds(pipe: Pipeline, steps_from: int, steps_to: int) -> list[tuple[int, in
     """[(student steps N, teacher steps per student step)] of the whole run: a conversion round (N0, 1) unless the
     teacher already predicts v, then (N0 / 2, 2), (N0 / 4, 2), ... down to steps_to."""
     for name, value in (("steps_from", steps_from), ("steps_to", steps_to)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        positive_int(name, value)
     halvings = math.log2(steps_from / steps_to) if steps_from >= steps_to else -1.0
     if halvings != int(halvings) or halvings < 0:
         raise ValueError(f"steps_from={steps_from} does not halve down to steps_to={steps_to}; steps_from must be "

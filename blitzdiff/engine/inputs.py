@@ -21,6 +21,13 @@ def finite_number(name: str, value: Any, *, minimum: float | None = None) -> flo
     return float(value)
 
 
+def positive_int(name: str, value: Any) -> int:
+    """An int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
 def guidance_values(value: Any, batch: int) -> float | list[float]:
     """guidance_scale for `batch` samples: a finite number, or one per sample (returned as one float when they are
     all equal, so that a uniform list runs exactly as its number)."""

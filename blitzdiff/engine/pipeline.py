@@ -21,7 +21,7 @@ from ..models import load_model, set_backend
 from .config import resolve
 from .denoiser import is_guided
 from .functional import sample
-from .inputs import finite_number, guidance_values, integer_values
+from .inputs import finite_number, guidance_values, integer_values, positive_int
 from .network import Callback, NetworkCall, NonFiniteOutput
 from .noise import gaussian, resolve_noise_backend, seed_tensor
 from .runtime import DEFAULT_BUCKETS, EXTERNAL_MODES, Request, Runtime, check_options
@@ -288,8 +288,7 @@ class Pipeline:
             raise ValueError(f"unknown on_non_finite {on_non_finite!r}; allowed: {', '.join(NON_FINITE_POLICIES)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        positive_int("n", n)
         guidance_scale = guidance_values(self.default_guidance_scale if guidance_scale is None else guidance_scale, n)
         if eta is not None:
             eta = finite_number("eta", eta, minimum=0.0)
@@ -394,9 +393,13 @@ def to_uint8(array):
     return (array * 255).round().astype("uint8")
 
 
-def to_pil(array) -> list:
-    """float [n, H, W, C] in [0, 1] -> n PIL images (grayscale for one channel)."""
+def uint8_to_pil(images) -> list:
+    """uint8 [n, H, W, C] -> n PIL images (grayscale for one channel)."""
     from PIL import Image
 
-    images = to_uint8(array)
     return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in images]
+
+
+def to_pil(array) -> list:
+    """float [n, H, W, C] in [0, 1] -> n PIL images (grayscale for one channel)."""
+    return uint8_to_pil(to_uint8(array))

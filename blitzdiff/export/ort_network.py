@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.inputs import positive_int
 from .manifest import read_manifest, weights_digest
 from .onnx import export_onnx
 from .session import NUMPY_DTYPES, OnnxGraph
@@ -59,8 +60,8 @@ def network(pipe: Any, buckets: Sequence[int], *, providers: Sequence[Any] | Non
     if cuda_graph:
         options = dict(providers[0][1]) if not isinstance(providers[0], str) else {}
         providers[0] = ("CUDAExecutionProvider", {**options, "enable_cuda_graph": "1"})
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    if threads is not None:
+        positive_int("threads", threads)
     return OrtNetwork(pipe, (1, 2 * max(buckets)), providers, export_dir, threads, cuda_graph, size)
 
 

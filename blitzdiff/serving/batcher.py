@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..engine.denoiser import is_guided
-from ..engine.inputs import guidance_values, seed_values
+from ..engine.inputs import guidance_values, positive_int, seed_values
 from ..engine.pipeline import OUTPUT_TYPES
 
 # sample() arguments a request may carry (noise, callbacks, progress and profiling are per call, not per request)
@@ -73,8 +73,7 @@ class Batcher:
     def __init__(self, pipe: Any, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
                  bucket: int | None = None, on_batch: Callable[[BatchStats], None] | None = None):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            positive_int(name, value)
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, int | float) or not 0 <= max_wait_ms < 60_000:
             raise ValueError(f"max_wait_ms must be a number in [0, 60000), got {max_wait_ms!r}")
         buckets = None if pipe.runtime is None else pipe.runtime.buckets

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import SchedulerConfig
+from ..inputs import positive_int
 from ..plan import Plan
 
 # class -> "module:function" in this package
@@ -63,8 +64,7 @@ def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Pl
         steps = count
     elif steps is None:
         raise ValueError("steps is required (it may be left out only when explicit timesteps are given)")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    positive_int("steps", steps)
     limit = config.num_train_timesteps
     if steps > limit:
         raise ValueError(f"steps={steps} exceeds the training schedule (num_train_timesteps={limit}); "
