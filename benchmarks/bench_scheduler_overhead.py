@@ -52,7 +52,7 @@ def blitzdiff_loop(sampler: str, shape, steps: int, noise_backend: str):
         plan = build_plan(config, steps)
         denoiser = Denoiser(lambda x, t: output, plan, kind, batch=shape[0], device=noise.device, **constants)
         return run_plan(plan, denoiser, noise * plan.init_scale, seed_tensor(0, shape[0], noise.device),
-                        postprocessing(config), backend)
+                        postprocessing(config), backend, step_backend="auto")
 
     return run
 

@@ -3,10 +3,10 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
 #include "gaussian_noise.h"
+#include "parallel.h"
 
 namespace blitzdiff {
 namespace {
@@ -115,23 +115,17 @@ BLITZDIFF_CPU_CLONES void fill(T* __restrict__ out, const std::int64_t* seeds, s
   }
 }
 
-// fill over every block, split into contiguous ranges over up to `threads` threads (this one and threads - 1 started
-// for the call: no pool to keep, no OpenMP runtime beside torch's), each range at least kBlocksPerThread blocks so
-// that starting a thread (tens of microseconds) stays small against its share.
+// fill over every block, split over up to `threads` threads (parallel.h), each range at least kBlocksPerThread
+// blocks.
 constexpr std::int64_t kBlocksPerThread = 64;  // 32768 normals, about 120 us on one core
 
 template <typename T>
 void fill_parallel(T* out, const std::int64_t* seeds, std::int64_t batch, std::int64_t count, std::uint32_t stream,
                    std::int64_t threads) {
   const std::int64_t total = batch * ((count + kBlock - 1) / kBlock);
-  const std::int64_t used = std::max<std::int64_t>(1, std::min(threads, total / kBlocksPerThread));
-  std::vector<std::thread> helpers;
-  helpers.reserve(static_cast<std::size_t>(used - 1));
-  for (std::int64_t t = 1; t < used; ++t) {
-    helpers.emplace_back(fill<T>, out, seeds, count, stream, total * t / used, total * (t + 1) / used);
-  }
-  fill<T>(out, seeds, count, stream, 0, total / used);
-  for (auto& helper : helpers) helper.join();
+  parallel_ranges(total, kBlocksPerThread, threads, [&](std::int64_t first, std::int64_t last) {
+    fill<T>(out, seeds, count, stream, first, last);
+  });
 }
 
 // The raw hash, through the same hash_block as fill (so the tests of noise_bits_cpu cover fill's integer part).

@@ -10,7 +10,8 @@
 // with n elements of the one dtype `dtype` ("float32", "float64"; the CUDA kernel also takes "float16" and
 // "bfloat16"); pointers arrive as integers (Tensor.data_ptr()) so the module never links to torch. The outputs
 // must not overlap any input; inputs may alias each other. Half types compute in float32, the others in their
-// own precision; the D_0 term reads the denoised value as stored (rounded to dtype). Bad arguments throw
+// own precision; the D_0 term reads the denoised value as stored (rounded to dtype). The CPU kernel splits large
+// calls over up to `threads` threads (parallel.h) in whole chunks: the same bits for any count. Bad arguments throw
 // std::invalid_argument (ValueError in Python), CUDA failures std::runtime_error.
 #pragma once
 
@@ -25,7 +26,7 @@ constexpr int kMaxSolverStepTerms = 10;  // x, D_0 .. D_3, P_0 .. P_3, noise
 void solver_step_cpu(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point,
                      std::int64_t n, bool guided, const std::string& dtype, double c_skip, double c_out,
                      double guidance_scale, const std::vector<std::uintptr_t>& terms,
-                     const std::vector<double>& coefs);
+                     const std::vector<double>& coefs, std::int64_t threads);
 
 #ifdef BLITZDIFF_WITH_CUDA
 // Enqueues the kernel on `stream` (a cudaStream_t as an integer) of the device whose context is current; does not

@@ -59,6 +59,23 @@ def _sweep_table(results: dict[str, Any], kind: str, varied: str, value: str) ->
     return format_table(headers, table)
 
 
+def _best_table(results: dict[str, Any], kind: str, varied: str) -> str:
+    """Per point of the sweep: the fastest blitzdiff system against the fastest baseline (both by median), and the
+    speed-up (the baseline's time / blitzdiff's); "" when either side has no row."""
+    rows = [r for r in results["rows"] if r["kind"] == kind]
+    table = []
+    for point in dict.fromkeys(r[varied] for r in rows):
+        here = [r for r in rows if r[varied] == point]
+        ours = [r for r in here if r["system"].startswith("blitzdiff-")]
+        theirs = [r for r in here if r["system"] in BASELINES]
+        if not ours or not theirs:
+            continue
+        best, peer = (min(side, key=lambda r: r["median_ms"]) for side in (ours, theirs))
+        table.append([str(point), f"{best['system']} {best['median_ms']:.2f} ms",
+                      f"{peer['system']} {peer['median_ms']:.2f} ms", f"{peer['median_ms'] / best['median_ms']:.2f}x"])
+    return format_table([varied, "fastest blitzdiff", "fastest baseline", "speed-up"], table) if table else ""
+
+
 def format_results(results: dict[str, Any]) -> str:
     """The whole report: header (device, threads, load), throughput and latency tables (median, range, IQR) with
     speed-ups, build times, peak memory, the per-step split, the systems that were skipped or failed, and last the
@@ -78,6 +95,10 @@ def format_results(results: dict[str, Any]) -> str:
                      "time)\n" + _sweep_table(results, "throughput", "batch", "images_per_s"))
         parts.append(f"latency, ms per run at batch {meta['latency_batch']}\n"
                      + _sweep_table(results, "latency", "steps", "median_ms"))
+        best = [(title, _best_table(results, kind, varied)) for title, kind, varied in (
+            (f"throughput at {meta['throughput_steps']} steps", "throughput", "batch"),
+            (f"latency at batch {meta['latency_batch']}", "latency", "steps"))]
+        parts += [f"fastest against fastest, {title} (ms per run)\n{table}" for title, table in best if table]
         parts.append(f"peak memory, MiB: the peak (its rise above the memory in use before the run), throughput "
                      f"runs; {meta['memory']['method']}\n" + _memory_table(results))
     parts.append("build, s (first call minus steady state, summed over configurations; the runtime's own build_s "

@@ -97,21 +97,39 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """x: [B, ...] the state at stage k's evaluation point -> the (guided) denoised estimate [B, ...]."""
+        return self.precondition(self.guide(self.network(x, k)), x, k)
+
+    def network(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The raw network output at stage k's evaluation point x [B, ...]: [B, ...], or guided [2B, ...] =
+        [uncond; cond] (both halves from one call)."""
         c = self.scalars[k]
         x_in = x if c.c_in == 1.0 else x * c.c_in
         if self.guided:
-            both = self.fn(torch.cat([x_in, x_in]), self.timesteps[k], **self.cond)  # [uncond; cond]
-            # slices, not chunk(2): chunk's size rule would pin a symbolic batch when the loop is exported
-            out_uncond, out_cond = both[: x.shape[0]], both[x.shape[0]:]
-            scale = self.guidance_scale
-            if isinstance(scale, torch.Tensor) and scale.dim() == 1:  # [B]: one scale per sample
-                scale = scale.view(-1, *([1] * (x.dim() - 1)))
-            out = out_uncond + scale * (out_cond - out_uncond)
+            out = self.fn(torch.cat([x_in, x_in]), self.timesteps[k], **self.cond)
         else:
             out = self.fn(x_in, self.timesteps[k], **self.cond)
-        if out.shape != x.shape:
-            raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}; it must "
-                             "return a prediction shaped like its input (split off learned-variance channels)")
+        rows = x.shape[0] * (2 if self.guided else 1)
+        if out.shape[0] != rows or out.shape[1:] != x.shape[1:]:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for input {(rows, *x.shape[1:])}; it "
+                             "must return a prediction shaped like its input (split off learned-variance channels)")
+        return out
+
+    def guide(self, out: torch.Tensor) -> torch.Tensor:
+        """The network output [B, ...] for the plan: out itself unguided; from [uncond; cond] = out [2B, ...],
+        uncond + w * (cond - uncond)."""
+        if not self.guided:
+            return out
+        # slices, not chunk(2): chunk's size rule would pin a symbolic batch when the loop is exported
+        rows = out.shape[0] // 2
+        out_uncond, out_cond = out[:rows], out[rows:]
+        scale = self.guidance_scale
+        if isinstance(scale, torch.Tensor) and scale.dim() == 1:  # [B]: one scale per sample
+            scale = scale.view(-1, *([1] * (out.dim() - 1)))
+        return out_uncond + scale * (out_cond - out_uncond)
+
+    def precondition(self, out: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Stage k's denoised estimate from the (guided) network output out [B, ...] at the evaluation point x."""
+        c = self.scalars[k]
         return torch.add(x * c.c_skip, out, alpha=c.c_out) if c.c_skip != 0.0 else out * c.c_out
 
 

@@ -62,6 +62,7 @@ def sample(
     seeds: int | Sequence[int] | torch.Tensor | None = None,
     noise_backend: str = "auto",
     scope: Scope | None = None,
+    step_backend: str = "auto",
 ) -> torch.Tensor:
     """Sample with a raw network `fn(x, t, **cond)` from unit-variance `noise` [B, ...]; returns the final sample.
 
@@ -77,6 +78,9 @@ def sample(
     built, else "ref"), "ref" (plain tensor ops: what torch.compile fuses best and export traces), "cpu", "cuda".
     All give the same integer hash; their float32 log / cos may differ by an ulp, so pin one to compare runs.
     scope(stage, "network" | "solver"): a context manager around each part of each stage (profiling ranges).
+    step_backend: "auto" (default: "cpu" for float32 / float64 CPU tensors where blitzdiff._C is built, else
+    "ref"), "cpu" (guidance, preconditioning and update of a stage in one fused kernel call, where the stage allows:
+    blitzdiff.engine.fused_step) or "ref" (the same math as separate torch ops); they agree to rounding.
     """
     if eta is not None:
         eta = finite_number("eta", eta, minimum=0.0)
@@ -104,7 +108,8 @@ def sample(
     denoiser = Denoiser(fn, plan, kind, batch=batch, device=device, cond=cond, uncond=uncond,
                         guidance_scale=guidance_scale, **constants)
     x = noise * plan.init_scale
-    return run_plan(plan, denoiser, x, seed_tensor(seeds, batch, device), postprocessing(config), backend, scope)
+    return run_plan(plan, denoiser, x, seed_tensor(seeds, batch, device), postprocessing(config), backend, scope,
+                    step_backend)
 
 
 def _guidance(scale: Any, batch: int, device: torch.device) -> float | torch.Tensor:

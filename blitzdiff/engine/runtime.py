@@ -151,8 +151,11 @@ class Program:
     # -- the loop over the static buffers ------------------------------------------------------------------------
     def _start(self) -> PlanRun:
         self.call.reset()
+        # Fused eager stages where the loop runs in Python; a traced or captured loop keeps the plain ops (inductor
+        # fuses them itself; a graph replays them).
+        traced = self.compile_loop or self.mode in ("graph", "step")
         return PlanRun(self.plan, self.denoiser, self.noise * self.plan.init_scale, self.seeds, self.postprocess,
-                       self.noise_backend)
+                       self.noise_backend, step_backend="ref" if traced else "auto")
 
     def _loop(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The whole loop: (final sample [B, ...], finiteness flags [E, B'], timesteps [E])."""

@@ -13,6 +13,8 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from .denoiser import Denoiser
+from .fused_step import FusedStage, draw_noise, fused_stages, resolve_step_backend, run_fused
 from .noise import gaussian
 from .plan import Combination, Plan
 
@@ -21,6 +23,7 @@ Postprocess = Callable[[torch.Tensor], torch.Tensor]  # x0 -> clipped / threshol
 # scope(stage index, "network" | "solver") -> a context manager around that part of the stage, e.g. a
 # torch.profiler.record_function range (blitzdiff.profiling); None in the fast paths.
 Scope = Callable[[int, str], AbstractContextManager]
+_NO_SCOPE = contextlib.nullcontext()  # reusable: one for every stage of every loop without a scope
 
 
 def combine(
@@ -58,37 +61,56 @@ class PlanRun:
 
     seeds: int64 [B], one per sample; stage k draws its noise from streams 2k (point) and 2k + 1 (update).
     noise_backend: "ref", "cpu" or "cuda" (blitzdiff.engine.noise.gaussian); "ref" stays plain tensor ops, what
-    torch.compile fuses best and export sees. Tensors are never mutated in place: a stage only rebinds x and the
-    histories, so the tensors one captured stage leaves behind are the static inputs of the next.
+    torch.compile fuses best and export sees. step_backend: "ref" (the Denoiser's and `combine`'s torch ops) or
+    "cpu" (guidance, preconditioning and update in one kernel call where a stage allows it: blitzdiff.engine.
+    fused_step; float32 / float64 CPU tensors, `denoise` a Denoiser, an eager loop) or "auto" ("cpu" where it can).
+    Tensors are never mutated in place: a stage only rebinds x and the histories, so the tensors one captured stage
+    leaves behind are the static inputs of the next.
     """
 
     def __init__(self, plan: Plan, denoise: Denoise, x: torch.Tensor, seeds: torch.Tensor,
-                 postprocess: Postprocess | None = None, noise_backend: str = "ref", scope: Scope | None = None):
+                 postprocess: Postprocess | None = None, noise_backend: str = "ref", scope: Scope | None = None,
+                 step_backend: str = "ref"):
         self.plan, self.denoise, self.x, self.seeds = plan, denoise, x, seeds
         self.postprocess, self.noise_backend, self.scope = postprocess, noise_backend, scope
         self.history: list[torch.Tensor] = []  # post-processed denoised estimates, newest last
         self.points: list[torch.Tensor] = []  # where each of them was evaluated
         self.raw: torch.Tensor | None = None
+        self.depth = plan.history  # computed from every stage: once, not per stage
+        fuse = resolve_step_backend(step_backend, x.device, x.dtype) == "cpu" and isinstance(denoise, Denoiser)
+        self.fused = fused_stages(plan, denoise, postprocess) if fuse else [None] * len(plan.stages)
 
     def _combine(self, c: Combination, stream: int) -> torch.Tensor:
         return combine(c, self.x, self.history, self.points, self.raw, self.seeds, stream, self.noise_backend)
 
     def stage(self, k: int) -> None:
         """Run stage k: evaluate the denoiser at its point, then update the state."""
-        stage, depth = self.plan.stages[k], self.plan.history
+        stage, depth, fused = self.plan.stages[k], self.depth, self.fused[k]
         with self._scope(k, "solver"):
             point = self.x if stage.point is None else self._combine(stage.point, 2 * k)
         with self._scope(k, "network"):
-            self.raw = self.denoise(point, k)
+            out = self.denoise(point, k) if fused is None else self.denoise.network(point, k)
         with self._scope(k, "solver"):
+            result = None if fused is None else self._run_fused(fused, k, out, point)
+            if result is not None:
+                self.raw, x_next = result
+            else:  # unfused, or a network output the kernel does not take: the Denoiser's ops
+                self.raw = out if fused is None else self.denoise.precondition(self.denoise.guide(out), point, k)
+                x_next = None
             clean = self.raw if self.postprocess is None else self.postprocess(self.raw)
             self.history = [*self.history, clean][-depth:]
             self.points = [*self.points, point][-depth:]
             if stage.update is not None:
-                self.x = self._combine(stage.update, 2 * k + 1)
+                self.x = x_next if x_next is not None else self._combine(stage.update, 2 * k + 1)
+
+    def _run_fused(self, step: FusedStage, k: int, out: torch.Tensor,
+                   point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(denoised, x_next) of stage k by one kernel call (history and points not yet holding stage k's)."""
+        noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if step.noise else None
+        return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise)
 
     def _scope(self, k: int, part: str) -> AbstractContextManager:
-        return contextlib.nullcontext() if self.scope is None else self.scope(k, part)
+        return _NO_SCOPE if self.scope is None else self.scope(k, part)
 
     def output(self) -> torch.Tensor:
         """The final sample [B, ...] (after every stage ran)."""
@@ -104,9 +126,10 @@ def run_plan(
     postprocess: Postprocess | None = None,
     noise_backend: str = "ref",
     scope: Scope | None = None,
+    step_backend: str = "ref",
 ) -> torch.Tensor:
     """Run every stage of `plan` from the initial state x [B, ...]; returns the final sample [B, ...] (see PlanRun)."""
-    run = PlanRun(plan, denoise, x, seeds, postprocess, noise_backend, scope)
+    run = PlanRun(plan, denoise, x, seeds, postprocess, noise_backend, scope, step_backend)
     for k in range(len(plan.stages)):
         run.stage(k)
     return run.output()

@@ -237,7 +237,14 @@ def test_initial_noise_is_independent_of_the_loops_noise(folders, monkeypatch):
         draws.append(draw(seeds, stream, shape, dtype, backend=backend))
         return draws[-1]
 
+    fused_draw = blitzdiff.engine.sampler.draw_noise  # the fused stages' draw (the same bits, fewer checks)
+
+    def recorded_fused(seeds, stream, like, backend):
+        draws.append(fused_draw(seeds, stream, like, backend))
+        return draws[-1]
+
     monkeypatch.setattr(blitzdiff.engine.sampler, "gaussian", recorded)
+    monkeypatch.setattr(blitzdiff.engine.sampler, "draw_noise", recorded_fused)
     for sampler in ("ddpm", "euler_ancestral"):
         draws.clear()
         inputs.clear()

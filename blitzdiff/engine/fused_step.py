@@ -1,0 +1,138 @@
+"""Fused stages for the sampling loop: classifier-free guidance, the denoiser's preconditioning and a plan stage's
+update in one pass over memory, by the "cpu" kernel of blitzdiff.kernels.solver_step (ARCHITECTURE.md contracts
+2, 3 and 5).
+
+A stage runs fused when it has an update, no x0 post-processing runs between the network and the update (clip and
+dynamic thresholding are not fused) and its live terms fit the kernel; every other stage runs the Denoiser and
+`combine` as before. The kernel gets the terms in `combine`'s order (x, D_j, P_j, D_raw, noise; zero coefficients
+dropped) and the scalars the Denoiser uses, so a fused run equals the unfused loop to rounding (tests/engine/
+test_fused_step.py: 1e-12 relative in float64, float32 within the rounding of the ops it replaces). A guidance scale
+that is a number is applied by the kernel; a tensor scale (a 0-d device scalar, or one per sample: what the
+Pipeline's runtime passes) is applied by the Denoiser's own ops first, and the kernel does the rest.
+
+Why not through the op `blitzdiff::solver_step`: the op validates every argument on every call (about 20 us on small
+CPU tensors: more than the five ops of a DPM-Solver++ stage it replaces). Within one loop the shapes, dtype and
+device of the state, its histories and its noise never change, so `fused_stages` checks them once; per call only the
+network output's dtype and layout are looked at. Eager only (`PlanRun` with step_backend "cpu"): torch.compile and
+export trace `combine`'s plain ops, which inductor fuses by itself, and CUDA graphs keep the "ref" path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from numbers import Real
+from typing import NamedTuple
+
+import torch
+
+from ..kernels._backends import backend_installed
+from ..kernels._library import native
+from .denoiser import Denoiser
+from .noise import gaussian
+from .plan import Combination, Plan
+
+STEP_BACKENDS = ("auto", "ref", "cpu")
+MAX_TERMS = 10  # csrc/solver_step.h: kMaxSolverStepTerms
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_NEW = ("new", 0)  # the term that reads the stage's own denoised estimate (the kernel's null pointer)
+
+
+def resolve_step_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"ref" (the loop's torch ops) or "cpu" (fused stages). "auto": "cpu" for float32 / float64 CPU tensors when
+    blitzdiff._C is built, else "ref"; "cpu" must suit device and dtype."""
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"unknown step_backend {backend!r}; allowed: {', '.join(STEP_BACKENDS)}")
+    fits = device.type == "cpu" and dtype in _DTYPES
+    if backend == "auto":
+        return "cpu" if fits and backend_installed("cpu") else "ref"
+    if backend == "cpu" and not fits:
+        raise ValueError(f"step_backend 'cpu' takes float32 or float64 CPU tensors, got {dtype} on {device}; use "
+                         "'auto' or 'ref'")
+    return backend
+
+
+class FusedStage(NamedTuple):  # a tuple: built for every stage of every loop, at a fraction of a dataclass's cost
+    """One stage's kernel call: the Denoiser's scalars and the update's live terms, each a (source, index) into the
+    loop's tensors: ("x", 0), ("new", 0) the new denoised estimate, ("history", j) / ("points", j) the j-th newest
+    before this stage (j >= 1), ("point", 0) this stage's evaluation point, ("noise", 0)."""
+
+    c_skip: float
+    c_out: float
+    guidance: float | None  # the kernel's guidance scale; None: unguided, or a tensor scale applied before
+    sources: tuple[tuple[str, int], ...]
+    coefs: tuple[float, ...]
+    kernel: Callable  # blitzdiff._C.solver_step_cpu, looked up once per loop
+    noise: bool  # whether a term reads fresh noise (the caller draws it)
+
+
+def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> list[FusedStage | None]:
+    """Per stage, its FusedStage, or None where it runs unfused (no update, or more live terms than the kernel
+    takes); all None when x0 is post-processed."""
+    if postprocess is not None:
+        return [None] * len(plan.stages)
+    scale = denoiser.guidance_scale
+    guidance = float(scale) if denoiser.guided and isinstance(scale, Real) else None
+    kernel = native("solver_step", "cpu").solver_step_cpu
+    stages: list[FusedStage | None] = []
+    for stage, c in zip(plan.stages, denoiser.scalars, strict=True):
+        terms = None if stage.update is None else _terms(stage.update)
+        if terms is None or len(terms) > MAX_TERMS:
+            stages.append(None)
+            continue
+        sources, coefs = zip(*terms, strict=True) if terms else ((), ())
+        stages.append(FusedStage(c.c_skip, c.c_out, guidance, sources, coefs, kernel, ("noise", 0) in sources))
+    return stages
+
+
+def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
+    """The live terms of an update in `combine`'s order; D_0 and D_raw are both the new estimate (no
+    post-processing), P_0 the evaluation point."""
+    terms = [(("x", 0), c.x)]
+    terms += [(_NEW if j == 0 else ("history", j), coef) for j, coef in enumerate(c.denoised)]
+    terms += [(("point", 0) if j == 0 else ("points", j), coef) for j, coef in enumerate(c.points)]
+    terms += [(_NEW, c.raw), (("noise", 0), c.noise)]
+    return [(source, coef) for source, coef in terms if coef != 0.0]
+
+
+def run_fused(
+    step: FusedStage, denoiser: Denoiser, out: torch.Tensor, x: torch.Tensor, point: torch.Tensor,
+    history: Sequence[torch.Tensor], points: Sequence[torch.Tensor], noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(denoised, x_next) of a fused stage from the network output `out` (Denoiser.network's), or None when a tensor
+    does not suit the kernel: another dtype or device than x (e.g. a half-precision network output), or not
+    contiguous (e.g. a channels-last initial state); the caller then runs the stage unfused. history / points: the
+    loop's, oldest first, before this stage's entries; x, point, noise: [B, ...] on the CPU, x float32 or float64
+    (resolve_step_backend). Per call this does no more than the checks that keep the kernel's pointers valid: it
+    runs once per stage of every eager sampling loop."""
+    named = {"x": x, "point": point, "noise": noise}
+    # None stands for the new denoised estimate (the kernel's null pointer)
+    terms = [None if name == "new" else named[name] if j == 0 else (history if name == "history" else points)[-j]
+             for name, j in step.sources]
+    dtype = x.dtype
+    if out.device != x.device:
+        return None
+    for t in (out, point, *terms):
+        if t is not None and (t.dtype is not dtype or not t.is_contiguous()):
+            return None
+    guided = step.guidance is not None
+    if denoiser.guided and not guided:  # a tensor scale: the Denoiser's ops, then an unguided kernel call
+        out = denoiser.guide(out)
+    denoised, x_next = torch.empty_like(x), torch.empty_like(x)  # contiguous, as x is
+    step.kernel(
+        denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(), x.numel(), guided,
+        _DTYPES[dtype], step.c_skip, step.c_out, step.guidance if guided else 1.0,
+        [0 if t is None else t.data_ptr() for t in terms], step.coefs, torch.get_num_threads())
+    return denoised, x_next
+
+
+def draw_noise(seeds: torch.Tensor, stream: int, like: torch.Tensor, backend: str) -> torch.Tensor:
+    """blitzdiff.engine.noise.gaussian(seeds, stream, like.shape[1:], like.dtype, backend=backend): the same bits,
+    by a direct call of the "cpu" kernel where the op's per-call checks are known to pass (int64 seeds [B] and a
+    float32 / float64 state on the CPU, a stream the plan numbered: 2k + 1 < 2**31), else through `gaussian`."""
+    if backend != "cpu" or seeds.dtype is not torch.int64 or seeds.device.type != "cpu" or not seeds.is_contiguous():
+        return gaussian(seeds, stream, like.shape[1:], like.dtype, backend=backend)
+    out = torch.empty_like(like)  # contiguous: the fused path checked like (the state x)
+    native("gaussian_noise", "cpu").gaussian_noise_cpu(out.data_ptr(), seeds.data_ptr(), seeds.shape[0],
+                                                      out[0].numel(), stream, _DTYPES[out.dtype],
+                                                      torch.get_num_threads())
+    return out

@@ -1,0 +1,158 @@
+"""The loop's fused stages (blitzdiff.engine.fused_step): step_backend="cpu" against the unfused loop ("ref").
+
+Every sampler, guided and not (a number, and one scale per sample), epsilon / v / sample prediction: float64 within
+1e-12 relative of the unfused loop, float32 within the unfused loop's own float32 error (to a float64 run) times 2
+plus an ulp. Also: stages that must fuse do (a test where nothing fused would compare the loop with itself), the
+fallbacks (post-processing, a half-precision network output, a channels-last state) give the unfused result, the
+loop stays sync-free and batch-invariant, and the runtime fuses where its loop runs in Python only.
+"""
+
+import pytest
+import torch
+
+import blitzdiff
+from blitzdiff.engine.config import resolve
+from blitzdiff.engine.denoiser import Denoiser
+from blitzdiff.engine.functional import parameterization, postprocessing
+from blitzdiff.engine.fused_step import fused_stages, resolve_step_backend
+from blitzdiff.engine.noise import seed_tensor
+from blitzdiff.engine.sampler import PlanRun, run_plan
+from blitzdiff.engine.solvers import build_plan
+
+from .test_invariants import NoHostSync, loop_parts
+
+NAMES = list(blitzdiff.SAMPLERS)
+NO_CLIP = {"clip_sample": False, "clip_denoised": False}  # x0 post-processing is not fused: off, so stages fuse
+# Samplers whose every stage has an update (all fuse); the others also have stages that only evaluate (Heun's
+# first, the singlestep solvers' intermediate ones) or, for UniPC, a last stage with more terms than fit.
+ALL_FUSE = {"ddim", "ddpm", "euler", "euler_ancestral", "dpm_solver", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
+            "dpmpp_3m_sde", "lcm", "consistency"}
+
+
+def network(x, t, y):
+    """A smooth, nonlinear, timestep- and label-dependent stand-in for a UNet."""
+    scale = (1.0 + t.to(x.dtype) / 1000.0).reshape(-1, *([1] * (x.dim() - 1)))
+    return 0.7 * torch.tanh(x) * scale + 0.2 * x.roll(1, dims=-1) + 0.1 * y.to(x.dtype).reshape(scale.shape)
+
+
+def parts(name, guidance, prediction=None, dtype=torch.float64, fn=network, steps=6):
+    overrides = dict(NO_CLIP) if prediction is None else {**NO_CLIP, "prediction_type": prediction}
+    config = resolve(name, overrides)
+    plan = build_plan(config, steps)
+    kind, constants = parameterization(config)
+    scale = torch.tensor([2.0, 4.5]) if guidance == "rows" else guidance
+    denoiser = Denoiser(fn, plan, kind, batch=2, device=torch.device("cpu"), cond={"y": torch.tensor([3, 7])},
+                        uncond={"y": torch.tensor([10, 10])}, guidance_scale=scale, **constants)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * plan.init_scale
+    return plan, denoiser, x.to(dtype), seed_tensor(3, 2, x.device), postprocessing(config)
+
+
+def both(name, guidance, prediction=None, dtype=torch.float64):
+    plan, denoiser, x, seeds, post = parts(name, guidance, prediction, dtype)
+    ref = run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref")
+    fused = run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu")
+    return ref, fused
+
+
+CASES = [(name, guidance, None) for name in NAMES for guidance in (1.0, 3.0, "rows")]
+CASES += [(name, 3.0, prediction) for name in ("ddim", "dpmpp_2m", "unipc", "euler")
+          for prediction in ("v_prediction", "sample")]
+
+
+@pytest.mark.parametrize(("name", "guidance", "prediction"), CASES)
+def test_fused_loop_equals_the_unfused_loop(name, guidance, prediction):
+    ref64, fused64 = both(name, guidance, prediction)
+    torch.testing.assert_close(fused64, ref64, rtol=1e-12, atol=1e-12)
+    ref32, fused32 = both(name, guidance, prediction, torch.float32)
+    err, ref_err = ((r.double() - ref64).abs().max().item() for r in (fused32, ref32))
+    assert err <= 2 * ref_err + torch.finfo(torch.float32).eps * ref64.abs().max().item(), (err, ref_err)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stages_fuse(name):
+    """The equality above is not vacuous: every stage with an update fuses (all of them, for most samplers)."""
+    plan, denoiser, x, seeds, post = parts(name, 3.0)
+    fused = PlanRun(plan, denoiser, x, seeds, post, step_backend="cpu").fused
+    assert fused == fused_stages(plan, denoiser, post)
+    with_update = [k for k, s in enumerate(plan.stages) if s.update is not None]
+    assert {k for k, f in enumerate(fused) if f is not None} <= set(with_update)
+    assert sum(f is not None for f in fused) >= (len(with_update) if name in ALL_FUSE else 1)
+
+
+def test_post_processing_runs_unfused():
+    plan, denoiser, x, seeds, _ = parts("ddim", 1.0)
+    post = postprocessing(resolve("ddim"))  # clip_sample: between the network and the update
+    run = PlanRun(plan, denoiser, x, seeds, post, step_backend="cpu")
+    assert run.fused == [None] * len(plan.stages)
+    assert torch.equal(run_plan(plan, denoiser, x, seeds, post, step_backend="cpu"),
+                       run_plan(plan, denoiser, x, seeds, post, step_backend="ref"))
+
+
+def test_a_half_precision_network_output_runs_unfused():
+    """A float16 output for a float32 state: the kernel would read it as float32, so the stage falls back."""
+    half = lambda x, t, y: network(x, t, y).half()  # noqa: E731
+    plan, denoiser, x, seeds, post = parts("dpmpp_2m", 3.0, dtype=torch.float32)
+    denoiser.fn = half
+    assert all(f is not None for f in fused_stages(plan, denoiser, post))
+    assert torch.equal(run_plan(plan, denoiser, x, seeds, post, step_backend="cpu"),
+                       run_plan(plan, denoiser, x, seeds, post, step_backend="ref"))
+
+
+def test_a_channels_last_state_gives_the_same_samples():
+    """The first stage (a channels-last x, so not contiguous) falls back; the rest fuse."""
+    plan, denoiser, x, seeds, post = parts("euler_ancestral", 3.0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    torch.testing.assert_close(run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu"),
+                               run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref"),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m_sde", "heun", "unipc", "consistency"])
+def test_fused_loop_is_sync_free(name):
+    plan, denoiser, x, seeds, post = loop_parts(name, NO_CLIP, steps=6, guidance_scale=4.0)
+    with NoHostSync():
+        out = run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_3m_sde"])
+def test_fused_samples_are_independent_of_their_batch(name):
+    plan, denoiser, x, seeds, post = parts(name, 1.0, dtype=torch.float32)
+    alone = [run_plan(plan, Denoiser(lambda x, t, y: network(x, t, y), plan, "epsilon", batch=1,
+                                     device=x.device, cond={"y": torch.tensor([y])}), x[i:i + 1], seeds[i:i + 1],
+                      post, "cpu", step_backend="cpu") for i, y in enumerate((3, 7))]
+    together = run_plan(plan, Denoiser(network, plan, "epsilon", batch=2, device=x.device,
+                                       cond={"y": torch.tensor([3, 7])}), x, seeds, post, "cpu", step_backend="cpu")
+    assert torch.equal(together, torch.cat(alone))
+
+
+def test_step_backend_is_checked():
+    cpu = torch.device("cpu")
+    assert resolve_step_backend("auto", cpu, torch.float32) == "cpu"
+    assert resolve_step_backend("auto", cpu, torch.float16) == "ref"
+    assert resolve_step_backend("auto", torch.device("meta"), torch.float32) == "ref"
+    with pytest.raises(ValueError, match=r"unknown step_backend 'fused'; allowed: auto, ref, cpu"):
+        resolve_step_backend("fused", cpu, torch.float32)
+    with pytest.raises(ValueError, match=r"step_backend 'cpu' takes float32 or float64 CPU tensors, got "
+                                         r"torch.bfloat16"):
+        blitzdiff.sample(lambda x, t: x, torch.randn(1, 2, 2, 2, dtype=torch.bfloat16), steps=2, sampler="euler",
+                         step_backend="cpu")
+
+
+def test_a_network_of_the_wrong_shape_is_named():
+    plan, denoiser, x, seeds, post = parts("dpmpp_2m", 3.0)
+    denoiser.fn = lambda x, t, y: x[:, :2]
+    for backend in ("ref", "cpu"):
+        with pytest.raises(ValueError, match=r"the network returned shape \(4, 2, 6, 5\) for input \(4, 3, 6, 5\)"):
+            run_plan(plan, denoiser, x, seeds, post, step_backend=backend)
+
+
+def test_functional_sample_defaults_to_fused_on_cpu():
+    """blitzdiff.sample's default ("auto") fuses on CPU, and equals step_backend="ref" to rounding."""
+    noise = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    runs = {b: blitzdiff.sample(lambda x, t: torch.tanh(x), noise, steps=5, sampler="dpmpp_2m", step_backend=b)
+            for b in ("auto", "cpu", "ref")}
+    assert torch.equal(runs["auto"], runs["cpu"])
+    assert not torch.equal(runs["cpu"], runs["ref"])  # a different computation (rounding), so "auto" is the fused one
+    torch.testing.assert_close(runs["cpu"], runs["ref"], rtol=1e-12, atol=1e-12)
