@@ -4,7 +4,7 @@ update in one pass over memory, by the "cpu" kernel of blitzdiff.kernels.solver_
 
 A stage runs fused when it has an update, no x0 post-processing runs between the network and the update (clip and
 dynamic thresholding are not fused) and its live terms fit the kernel; every other stage runs the Denoiser and
-`combine` as before. The kernel gets the terms in `combine`'s order (x, D_j, P_j, D_raw, noise; zero coefficients
+`combine` as before. The kernel gets the terms in `combine`'s order (x, D_j, P_j, noise; zero coefficients
 dropped) and the scalars the Denoiser uses, so a fused run equals the unfused loop to rounding (tests/engine/
 test_fused_step.py: 1e-12 relative in float64, float32 within the rounding of the ops it replaces). A guidance scale
 that is a number is applied by the kernel; a tensor scale (a 0-d device scalar, or one per sample: what the
@@ -66,8 +66,8 @@ class FusedStage(NamedTuple):  # a tuple: built for every stage of every loop, a
 
 
 def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> list[FusedStage | None]:
-    """Per stage, its FusedStage, or None where it runs unfused (no update, or more live terms than the kernel
-    takes); all None when x0 is post-processed."""
+    """Per stage, its FusedStage, or None where it runs unfused (no update, a D_raw term, or more live terms than
+    the kernel takes); all None when x0 is post-processed."""
     if postprocess is not None:
         return [None] * len(plan.stages)
     scale = denoiser.guidance_scale
@@ -75,7 +75,8 @@ def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> 
     kernel = native("solver_step", "cpu").solver_step_cpu
     stages: list[FusedStage | None] = []
     for stage, c in zip(plan.stages, denoiser.scalars, strict=True):
-        terms = None if stage.update is None else _terms(stage.update)
+        # D_raw (the estimate before post-processing) only appears in plans with post-processing, not fused
+        terms = None if stage.update is None or stage.update.raw != 0.0 else _terms(stage.update)
         if terms is None or len(terms) > MAX_TERMS:
             stages.append(None)
             continue
@@ -85,12 +86,11 @@ def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> 
 
 
 def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
-    """The live terms of an update in `combine`'s order; D_0 and D_raw are both the new estimate (no
-    post-processing), P_0 the evaluation point."""
+    """The live terms of an update (without D_raw) in `combine`'s order; P_0 is the evaluation point."""
     terms = [(("x", 0), c.x)]
     terms += [(_NEW if j == 0 else ("history", j), coef) for j, coef in enumerate(c.denoised)]
     terms += [(("point", 0) if j == 0 else ("points", j), coef) for j, coef in enumerate(c.points)]
-    terms += [(_NEW, c.raw), (("noise", 0), c.noise)]
+    terms += [(("noise", 0), c.noise)]
     return [(source, coef) for source, coef in terms if coef != 0.0]
 
 

@@ -330,3 +330,22 @@ def test_graphs_see_in_place_weight_updates_and_evict(tmp_path):
     assert relative(run(pipe, 2), run(tiny_pipeline(seed=1, device="cuda"), 2)) < 1e-5
     run(pipe, 1)
     assert pipe.runtime_stats()["evictions"] == 1 and len(pipe.runtime_stats()["entries"]) == 1
+
+
+def test_fused_stages_where_the_loop_runs_in_python(monkeypatch):
+    """Eager (and 'compile', whose loop is Python) runs the fused solver stages; a compiled whole loop keeps the
+    plain ops, which inductor fuses itself (engine.fused_step). Both equal the plain Pipeline."""
+    calls = []
+    fused = blitzdiff.engine.sampler.run_fused
+
+    def counted(*args):
+        calls.append(1)
+        return fused(*args)
+
+    monkeypatch.setattr(blitzdiff.engine.sampler, "run_fused", counted)
+    reference = run(tiny_pipeline(), 2, steps=2, guidance_scale=2.0)
+    assert len(calls) == 2  # the plain Pipeline too: two dpmpp_2m stages
+    eager = tiny_pipeline().compile("eager", buckets=(2,))
+    assert relative(run(eager, 2, steps=2, guidance_scale=2.0), reference) < 1e-5 and len(calls) == 4
+    whole = tiny_pipeline().compile("compile", buckets=(2,), compile_loop=True)
+    assert relative(run(whole, 2, steps=2, guidance_scale=2.0), reference) < 1e-4 and len(calls) == 4

@@ -424,3 +424,25 @@ def test_gpu_opcheck(backend):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_stage_by_stage_equals_run_plan(backend, name):
     check_stage_by_stage(backend, name, 3.0)
+
+
+def test_cpu_threads_give_the_same_bits():
+    """solver_step_cpu splits calls past 256 chunks of 1024 over threads, in whole chunks: any count, same bits."""
+    from blitzdiff._C import solver_step_cpu
+
+    n = 3 * 256 * 1024 + 1000  # room for three threads, with a tail
+    gen = torch.Generator().manual_seed(0)
+    out, x, h = (torch.randn(n, generator=gen) for _ in range(3))
+    results = []
+    for threads in (1, 2, 3, 8):
+        denoised, x_next = torch.empty(n), torch.empty(n)
+        solver_step_cpu(denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), x.data_ptr(), n, False, "float32",
+                        1.1, -0.2, 1.0, [x.data_ptr(), 0, h.data_ptr()], [0.9, 0.3, 0.1], threads)
+        results.append((denoised, x_next))
+    want = solver_step_ref(out, x, None, [h], [], None, 1.1, -0.2, 1.0, 0.9, [0.3, 0.1], [], 0.0)
+    for got in results:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0], strict=True))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        solver_step_cpu(0, 0, 0, 0, 0, False, "float32", 1.0, 1.0, 1.0, [], [], 0)
