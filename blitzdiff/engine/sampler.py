@@ -23,6 +23,7 @@ Postprocess = Callable[[torch.Tensor], torch.Tensor]  # x0 -> clipped / threshol
 # scope(stage index, "network" | "solver") -> a context manager around that part of the stage, e.g. a
 # torch.profiler.record_function range (blitzdiff.profiling); None in the fast paths.
 Scope = Callable[[int, str], AbstractContextManager]
+FUSED_RANGE = "blitzdiff::fused_step"  # what a profile calls a fused stage's kernel call
 _NO_SCOPE = contextlib.nullcontext()  # reusable: one for every stage of every loop without a scope
 
 
@@ -107,7 +108,11 @@ class PlanRun:
                    point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(denoised, x_next) of stage k by one kernel call (history and points not yet holding stage k's)."""
         noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if step.noise else None
-        return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise)
+        if self.scope is None:
+            return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise)
+        # profiled: the kernel is not a torch op, so it gets a range of its own that the op tables list
+        with torch.profiler.record_function(FUSED_RANGE):
+            return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise)
 
     def _scope(self, k: int, part: str) -> AbstractContextManager:
         return _NO_SCOPE if self.scope is None else self.scope(k, part)
