@@ -58,23 +58,38 @@ def median_seconds(run, repeats: int) -> float:
 
 def time_us(run, device: torch.device, repeats: int, cuda_inner: int = 20) -> float:
     """Median microseconds per call of `run` on `device`. CPU: median_us (batches of about 2 ms). CUDA: 10 warm-up
-    calls and a synchronization, then CUDA events around each of `repeats` blocks of `cuda_inner` calls (the host
-    waits for each block's end event, so the figure is GPU time, launches queued back to back)."""
+    calls, then `cuda_inner` calls captured into one CUDA graph, and CUDA events around each of `repeats` replays:
+    the figure is the kernels' GPU time, without the host's launch cost (which exceeds a small kernel's run time).
+    A call that cannot be captured is timed the same way without the graph (launches queued back to back)."""
     if device.type != "cuda":
         return median_us(run, repeats)
     for _ in range(10):
         run()
     torch.cuda.synchronize(device)
+    block = _graphed(run, cuda_inner, device)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(cuda_inner):
-            run()
+        block()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / cuda_inner)
     return statistics.median(times)
+
+
+def _graphed(run, calls: int, device: torch.device):
+    """A zero-argument callable doing `calls` calls of `run`: one CUDA graph replay, else (capture refused) a loop."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                run()
+    except RuntimeError as error:
+        print(f"  (not capturable, timed without a graph: {str(error).splitlines()[0]})")
+        torch.cuda.synchronize(device)
+        return lambda: [run() for _ in range(calls)]
+    return graph.replay
 
 
 def device_name(device: torch.device) -> str:

@@ -29,7 +29,7 @@ import re
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -157,12 +157,42 @@ def profile_sampling(
         total_ms = (time.perf_counter() - start) * 1e3
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
-    return ProfileResult(str(device), on_device, split_steps(prof.events(), on_device), total_ms,
+    return ProfileResult(str(device), on_device, split_steps(prof.events(), on_device, event_links(prof)), total_ms,
                          None if trace_path is None else str(trace_path))
 
 
-def split_steps(events: Sequence, on_device: bool, prefix: str = PREFIX) -> tuple[StepProfile, ...]:
-    """Per-step split of a profiler's FunctionEvents (`prof.events()`) whose loop ran with stage_ranges(prefix)."""
+def event_links(prof) -> Callable[[Any], int]:
+    """FunctionEvent -> the correlation id of the op that launched it (0 for a frontend op). torch >= 2.12 keeps it
+    on the event (linked_correlation_id); older versions only in the profiler's Kineto results, where an event is
+    found by its id, device type and start (in µs from the trace's start, computed as torch computes it)."""
+    links = kineto_links(prof)
+
+    def link(event) -> int:
+        stored = getattr(event, "linked_correlation_id", None)
+        return stored if stored is not None else links.get(event_key(event), 0)
+
+    return link
+
+
+def kineto_links(prof) -> dict[tuple, int]:
+    """event_key -> linked correlation id, for every event of the profiler's Kineto results."""
+    kineto = prof.profiler.kineto_results
+    origin = kineto.trace_start_ns()
+    return {(e.correlation_id(), e.device_type(), (e.start_ns() - origin) / 1000): e.linked_correlation_id()
+            for e in kineto.events()}
+
+
+def event_key(event) -> tuple:
+    """A FunctionEvent's (id, device type, start µs), as kineto_links keys the Kineto event it was made from."""
+    return event.id, event.device_type, event.time_range.start
+
+
+def split_steps(events: Sequence, on_device: bool, link: Callable[[Any], int] | None = None,
+                prefix: str = PREFIX) -> tuple[StepProfile, ...]:
+    """Per-step split of a profiler's FunctionEvents (`prof.events()`) whose loop ran with stage_ranges(prefix).
+    link: event -> the correlation id of the op that launched it (event_links(prof); default: the event's own
+    linked_correlation_id, torch >= 2.12)."""
+    link = link or (lambda event: event.linked_correlation_id)
     pattern = re.compile(rf"{re.escape(prefix)}/step (\d+)/({'|'.join(PARTS)})")
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     ranges = {}  # id(range event) -> (step, part)
@@ -173,7 +203,7 @@ def split_steps(events: Sequence, on_device: bool, prefix: str = PREFIX) -> tupl
     if not ranges:
         raise ValueError(f"no '{prefix}/step k/part' ranges in the profile: the loop must run eagerly with "
                          "scope=stage_ranges() (compiled and graphed loops have no per-step ranges)")
-    kernels = _kernels_by_op(events) if on_device else {}
+    kernels = _kernels_by_op(events, link) if on_device else {}
     part_ms: dict[tuple[int, str], float] = defaultdict(float)
     work: dict[int, list[tuple[float, float]]] = defaultdict(list)  # step -> (start, end) µs: ranges or kernels
     ops: dict[int, list[OpStats]] = defaultdict(list)  # step -> one entry per op event
@@ -189,7 +219,7 @@ def split_steps(events: Sequence, on_device: bool, prefix: str = PREFIX) -> tupl
             continue
         step, part = owner
         # Only frontend ops (no linked id of their own) own kernels: a runtime call's own id is a CUPTI one.
-        launched = kernels.get(event.id, ()) if event.linked_correlation_id == 0 else ()
+        launched = kernels.get(event.id, ()) if link(event) == 0 else ()
         device_ms = sum(k.time_range.elapsed_us() for k in launched) / 1e3
         ops[step].append(OpStats(part, event.name, 1, event.self_cpu_time_total / 1e3, device_ms))
         if on_device:
@@ -210,13 +240,13 @@ def _owning_range(event, ranges: dict[int, tuple[int, str]]) -> tuple[int, str] 
     return None if parent is None else ranges[id(parent)]
 
 
-def _kernels_by_op(events: Sequence) -> dict[int, list]:
+def _kernels_by_op(events: Sequence, link: Callable[[Any], int]) -> dict[int, list]:
     """Correlation id of a CPU op -> the device events (kernels, memcpy, memset) it launched. Device-side copies
     of record_function ranges (gpu_user_annotation) are not work and are left out."""
     launched = defaultdict(list)
     for event in events:
-        if event.device_type != DeviceType.CPU and not event.is_user_annotation and event.linked_correlation_id > 0:
-            launched[event.linked_correlation_id].append(event)
+        if event.device_type != DeviceType.CPU and not event.is_user_annotation and link(event) > 0:
+            launched[link(event)].append(event)
     return launched
 
 

@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: blitzdiff bench's rule, the cores the load leaves)")
     parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    parser.add_argument("--no-compile", action="store_true",
+                        help="accepted for run_all.sh, which passes it to every benchmark (no compile rows here)")
     args = parser.parse_args()
     if args.quick:
         args.repeats = 3

@@ -1,14 +1,17 @@
 """CUDA graph capture of the sampling loop (ARCHITECTURE.md contracts 3 and 6). Depends on torch.cuda only.
 
 The loop never syncs with the host, so its whole N-step run (network calls, guidance, solver updates, per-sample
-noise) can be recorded once and replayed. Every graph of a pipeline records into one memory pool: the graphs are
-replayed one at a time on one stream, so the intermediate memory of one capture is reused by the next. A graph reads
+noise) can be recorded once and replayed. The graphs of a pipeline record into one memory pool (a new one once all
+of them are gone, see Pool): they are replayed one at a time on one stream, so the intermediate memory of one
+capture is reused by the next. A graph reads
 its inputs from, and writes its outputs to, fixed addresses: callers copy new inputs into those static tensors and
 read (or clone) the outputs after `replay`.
 """
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,23 +29,52 @@ def warm_up(body: Callable[[], Any], device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def capture(parts: Sequence[Callable[[], Any]], pool: Any, device: torch.device) -> tuple[list[torch.cuda.CUDAGraph],
-                                                                                     list[Any], int]:
+class Pool:
+    """The memory pool a pipeline's captures share, while a graph captured into it lives. When its last graph is gone
+    the caching allocator stops sharing the pool but keeps it while tensors allocated in it survive (a dropped
+    entry's leftovers), and a capture into it then fails an internal assert (`use_count > 0`, seen on an H200 with
+    torch 2.11 once evicted entries were recaptured): a capture after the last graph is gone starts a new pool."""
+
+    def __init__(self) -> None:
+        self.handle: Any = None  # torch.cuda.graph_pool_handle(), made by the first capture
+        self.graphs: weakref.WeakSet = weakref.WeakSet()  # the live graphs captured into `handle`
+
+    def for_capture(self) -> Any:
+        """The handle for the next capture (call after gc.collect(), so that dead graphs are gone)."""
+        if not self.graphs:
+            self.handle = torch.cuda.graph_pool_handle()
+        return self.handle
+
+
+def capture(parts: Sequence[Callable[[], Any]], pool: Pool, device: torch.device) -> tuple[list[torch.cuda.CUDAGraph],
+                                                                                      list[Any], int]:
     """Record each callable of `parts` into its own graph, in order, all in `pool`; the tensors one part leaves
     behind (static, in the pool) are what the next part reads, so replaying the graphs in the same order repeats
-    the whole computation. Returns (graphs, each part's return value, bytes the capture reserved)."""
+    the whole computation. Returns (graphs, each part's return value, bytes the capture reserved).
+
+    The garbage collector runs first and is off during the capture: a dead cycle holding an old graph (an evicted
+    entry, a dropped pipeline), collected while a stream captures, would reset that graph, which CUDA forbids then,
+    and the capture would fail (seen on an H200 with torch 2.11, whose torch.cuda.graph no longer collects). The
+    capture's error mode is thread_local, so CUDA calls of other threads (another pipeline's eager loop, a caller
+    comparing results) cannot invalidate it. torch.cuda.graph empties the allocator's cache on entry; the reserved
+    bytes are measured from an emptied cache too, so they count what the capture kept."""
     torch.cuda.synchronize(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    handle = pool.for_capture()
     reserved = torch.cuda.memory_reserved(device)
     graphs, results = [], []
-    for part in parts:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            results.append(part())
-        graphs.append(graph)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for part in parts:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=handle, capture_error_mode="thread_local"):
+                results.append(part())
+            graphs.append(graph)
+            pool.graphs.add(graph)
+    finally:
+        if collecting:
+            gc.enable()
     torch.cuda.synchronize(device)
     return graphs, results, torch.cuda.memory_reserved(device) - reserved
-
-
-def new_pool() -> Any:
-    """A memory pool handle for captures to share."""
-    return torch.cuda.graph_pool_handle()

@@ -346,7 +346,7 @@ class Runtime:
                 self.programs.popitem(last=False)
                 self.evictions += 1
             if self.mode in GRAPH_MODES and self.pool is None:
-                self.pool = graphs.new_pool()
+                self.pool = graphs.Pool()
             network = pipe.model if self.compile_loop else self.network
             program = Program(key, config, network, pipe.kind.prediction_channels, pipe.device, self.mode,
                               self.compile_loop, self.pool, self.run_lock or threading.Lock())

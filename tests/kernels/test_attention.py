@@ -21,7 +21,7 @@ import torch
 
 from blitzdiff.kernels import attention, attention_ref
 from blitzdiff.kernels._backends import triton_interpreted
-from blitzdiff.kernels.attention import _cuda_operand, auto_backend
+from blitzdiff.kernels.attention import _cuda_operand
 
 TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/conftest.py picks the mode
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -147,7 +147,6 @@ def test_heads_merge_without_a_copy(backend, layout):
 def test_auto_runs_the_spec_on_the_cpu(dtype):
     # PyTorch's CPU SDPA is a fused flash kernel already; "auto" runs it (bitwise the spec) and never the interpreter.
     q, k, v = make_qkv(2, 3, 9, 13, 160, dtype)  # also a head dim the kernels do not take
-    assert auto_backend(q, k, v) == "ref"
     assert torch.equal(attention(q, k, v, backend="auto"), attention_ref(q, k, v).contiguous())
 
 
@@ -182,7 +181,9 @@ def test_ref_differentiates_and_kernels_refuse_grad():
     attention(q, k, v, backend="ref").sum().backward()
     expected = torch.autograd.grad(attention_ref(q, k, v).sum(), q)[0]
     torch.testing.assert_close(q.grad, expected)
-    assert auto_backend(q, k, v) == "ref"
+    q.grad = None
+    attention(q, k, v, backend="auto").sum().backward()  # the spec, so it differentiates too
+    torch.testing.assert_close(q.grad, expected)
     with pytest.raises(ValueError, match="not differentiable"):
         attention(q, k, v, backend="triton")
     with torch.no_grad():
@@ -329,12 +330,10 @@ def test_gpu_bitwise_repeatable(backend, dtype):
 
 
 @pytest.mark.cuda
-def test_gpu_auto_picks_cuda_where_it_can():
+def test_gpu_auto_runs_sdpa():
+    # Measured on an H200: PyTorch's SDPA (cuDNN) led both kernels at every benchmarked shape, so "auto" runs it.
     q, k, v = make_qkv(2, 4, 333, 200, 80, torch.bfloat16, "cuda")
-    assert auto_backend(q, k, v) == "cuda"
-    assert torch.equal(attention(q, k, v, backend="auto"), attention(q, k, v, backend="cuda"))
-    assert auto_backend(*make_qkv(1, 1, 4, 4, 160, torch.float16, "cuda")) == "ref"  # SD1.5's lowest level
-    assert auto_backend(*make_qkv(1, 1, 4, 4, 64, torch.float64, "cuda")) == "ref"
+    assert torch.equal(attention(q, k, v, backend="auto"), attention(q, k, v, backend="ref"))
 
 
 @pytest.mark.cuda

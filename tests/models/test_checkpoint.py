@@ -108,11 +108,14 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _assert_same_output(name: str, reference: nn.Module, ours: nn.Module, device: str = "cpu",
                         rtol: float = 1e-5) -> None:
-    """Our model's output on CASES[name]'s inputs equals the diffusers model's (float32, CPU) to `rtol` (max-norm)."""
+    """Our model's output on CASES[name]'s inputs (floating ones cast to our model's dtype) equals the diffusers
+    model's (float32, CPU) to `rtol` (max-norm)."""
     _, inputs, call_ref, call_ours = CASES[name]
+    dtype = next(ours.parameters()).dtype
     with torch.no_grad():
         expected = call_ref(reference, **inputs)
-        got = call_ours(ours, **{k: v.to(device) for k, v in inputs.items()}).float().cpu()
+        got = call_ours(ours, **{k: v.to(device, dtype if v.is_floating_point() else v.dtype)
+                                 for k, v in inputs.items()}).float().cpu()
     assert got.shape == expected.shape
     err = ((got - expected).abs().max() / expected.abs().max()).item()
     assert err <= rtol, f"{name}: relative error {err:.2e}"
