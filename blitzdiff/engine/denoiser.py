@@ -78,17 +78,16 @@ class Denoiser:
         **parameterization: float,
     ):
         self.fn = fn
-        self.scalars = [preconditioning(prediction_type, s, **parameterization) for s in plan.stages]
+        # What depends on the plan alone is computed once per plan (Plan.memo), not per run: the scalars, and the
+        # timesteps the network receives, which no one mutates. scalars_key names the scalars for fused_step.
+        self.scalars_key = ("preconditioning", prediction_type, tuple(sorted(parameterization.items())))
+        self.scalars: list[Preconditioning] = plan.memo(
+            self.scalars_key, lambda: [preconditioning(prediction_type, s, **parameterization) for s in plan.stages])
         self.guided = is_guided(guidance_scale)
         self.guidance_scale = guidance_scale
-        copies = 2 if self.guided else 1
-        timestep_dtype = torch.int64 if plan.integer_timesteps else torch.float32
-        # [stages, copies * B]: the timestep each network call receives, built once (no per-step host->device copy)
-        times = torch.tensor([s.timestep for s in plan.stages], dtype=torch.float64)
-        if plan.integer_timesteps:
-            times = times.round()
-        table = times.to(timestep_dtype)[:, None].expand(-1, copies * batch).to(device)
-        self.timesteps = list(table.unbind(0))  # per-stage views, so a call does no tensor indexing
+        rows = (2 if self.guided else 1) * batch
+        self.timesteps: list[torch.Tensor] = plan.memo(("timesteps", rows, torch.device(device)),
+                                                       lambda: _timestep_table(plan, rows, device))
         cond = dict(cond or {})
         if self.guided:
             uncond = dict(uncond or {})
@@ -131,6 +130,16 @@ class Denoiser:
         """Stage k's denoised estimate from the (guided) network output out [B, ...] at the evaluation point x."""
         c = self.scalars[k]
         return torch.add(x * c.c_skip, out, alpha=c.c_out) if c.c_skip != 0.0 else out * c.c_out
+
+
+def _timestep_table(plan: Plan, rows: int, device: torch.device | str) -> list[torch.Tensor]:
+    """Per stage, the timesteps [rows] its network call receives (int64, or float32 for sigma-interpolated plans):
+    views of one [stages, rows] table made once on the device (no per-step host->device copy or tensor indexing)."""
+    times = torch.tensor([s.timestep for s in plan.stages], dtype=torch.float64)
+    if plan.integer_timesteps:
+        times = times.round()
+    dtype = torch.int64 if plan.integer_timesteps else torch.float32
+    return list(times.to(dtype)[:, None].expand(-1, rows).to(device).unbind(0))
 
 
 def is_guided(guidance_scale: float | Sequence[float] | torch.Tensor) -> bool:

@@ -12,9 +12,10 @@ Pipeline's runtime passes) is applied by the Denoiser's own ops first, and the k
 
 Why not through the op `blitzdiff::solver_step`: the op validates every argument on every call (about 20 us on small
 CPU tensors: more than the five ops of a DPM-Solver++ stage it replaces). Within one loop the shapes, dtype and
-device of the state, its histories and its noise never change, so `fused_stages` checks them once; per call only the
-network output's dtype and layout are looked at. Eager only (`PlanRun` with step_backend "cpu"): torch.compile and
-export trace `combine`'s plain ops, which inductor fuses by itself, and CUDA graphs keep the "ref" path.
+device of the state, its histories and its noise never change, so the stages are prepared once (once per plan:
+Plan.memo) and per call only the tensors' dtype and layout are looked at. Eager only (`PlanRun` with step_backend
+"cpu"): torch.compile and export trace `combine`'s plain ops, which inductor fuses by itself, and CUDA graphs keep
+the "ref" path.
 """
 
 from __future__ import annotations
@@ -72,9 +73,15 @@ def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> 
         return [None] * len(plan.stages)
     scale = denoiser.guidance_scale
     guidance = float(scale) if denoiser.guided and isinstance(scale, Real) else None
+    # once per plan, scalars and scale (Plan.memo): plans are shared by every run of a sampler
+    return plan.memo(("fused_stages", denoiser.scalars_key, guidance),
+                     lambda: _fused_stages(plan, denoiser.scalars, guidance))
+
+
+def _fused_stages(plan: Plan, scalars: Sequence, guidance: float | None) -> list[FusedStage | None]:
     kernel = native("solver_step", "cpu").solver_step_cpu
     stages: list[FusedStage | None] = []
-    for stage, c in zip(plan.stages, denoiser.scalars, strict=True):
+    for stage, c in zip(plan.stages, scalars, strict=True):
         # D_raw (the estimate before post-processing) only appears in plans with post-processing, not fused
         terms = None if stage.update is None or stage.update.raw != 0.0 else _terms(stage.update)
         if terms is None or len(terms) > MAX_TERMS:

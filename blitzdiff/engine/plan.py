@@ -10,7 +10,13 @@ State convention (see schedules.py): x = alpha * x0 + sigma * eps with alpha^2 +
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
 
 
 def _add(a: tuple[float, ...], b: tuple[float, ...], scale: float) -> tuple[float, ...]:
@@ -97,6 +103,20 @@ class Plan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "init_scale", float(self.init_scale))
         object.__setattr__(self, "output_scale", float(self.output_scale))
+        object.__setattr__(self, "_memo", {})  # not a field: outside equality, hashing and repr
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """compute(), once per plan and key: what a loop derives from its plan (preconditioning scalars, timestep
+        tables, fused stages). Plans are cached and shared by every run of a sampler (engine.solvers), so each run
+        after the first finds them here; a value must never be mutated. Two threads may both compute a missing key;
+        one result is kept. While torch traces the caller (torch.compile, torch.export, ONNX export) nothing is
+        kept or read: the value belongs in the traced graph (with a symbolic batch, say), not in the plan."""
+        if torch.compiler.is_compiling():
+            return compute()
+        try:
+            return self._memo[key]
+        except KeyError:
+            return self._memo.setdefault(key, compute())
 
     @property
     def history(self) -> int:

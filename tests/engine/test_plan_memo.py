@@ -1,0 +1,37 @@
+"""Plan.memo: what a loop derives from its plan is computed once per plan and shared by later runs, and never kept
+while torch traces (a traced value, e.g. with a symbolic batch, belongs to the graph)."""
+
+import torch
+
+from blitzdiff.engine.config import resolve
+from blitzdiff.engine.denoiser import Denoiser
+from blitzdiff.engine.fused_step import fused_stages
+from blitzdiff.engine.solvers import build_plan
+
+
+def make(plan, batch=2, guidance=1.0):
+    return Denoiser(lambda x, t: x, plan, "epsilon", batch=batch, device="cpu", guidance_scale=guidance)
+
+
+def test_runs_of_one_plan_share_what_it_derives():
+    plan = build_plan(resolve("dpmpp_2m", {}), 6)
+    first, second = make(plan), make(plan)
+    assert second.scalars is first.scalars and second.timesteps is first.timesteps
+    assert fused_stages(plan, second, None) is fused_stages(plan, first, None)
+    guided = make(plan, guidance=3.0)  # twice the rows, another kernel scale: its own entries
+    assert guided.timesteps is not first.timesteps and guided.timesteps[0].shape == (4,)
+    assert fused_stages(plan, guided, None) is not fused_stages(plan, first, None)
+    assert fused_stages(plan, guided, None)[1].guidance == 3.0
+    assert make(plan, batch=3).timesteps[0].shape == (3,)
+    # another plan (another step count) derives its own
+    assert make(build_plan(resolve("dpmpp_2m", {}), 7)).scalars is not first.scalars
+
+
+def test_nothing_is_kept_while_tracing():
+    plan = build_plan(resolve("ddim", {}), 3)
+
+    def traced(x):
+        return x * plan.memo("traced", lambda: 2.0)
+
+    assert torch.compile(traced, fullgraph=True)(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert plan.memo("traced", lambda: 5.0) == 5.0  # computed now, eagerly: the traced call kept nothing
