@@ -59,7 +59,6 @@ class FusedStage(NamedTuple):  # a tuple: built for every stage of every loop, a
 
     c_skip: float
     c_out: float
-    guidance: float | None  # the kernel's guidance scale; None: unguided, or a tensor scale applied before
     sources: tuple[tuple[str, int], ...]
     coefs: tuple[float, ...]
     kernel: Callable  # blitzdiff._C.solver_step_cpu, looked up once per loop
@@ -71,14 +70,12 @@ def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> 
     the kernel takes); all None when x0 is post-processed."""
     if postprocess is not None:
         return [None] * len(plan.stages)
-    scale = denoiser.guidance_scale
-    guidance = float(scale) if denoiser.guided and isinstance(scale, Real) else None
-    # once per plan, scalars and scale (Plan.memo): plans are shared by every run of a sampler
-    return plan.memo(("fused_stages", denoiser.scalars_key, guidance),
-                     lambda: _fused_stages(plan, denoiser.scalars, guidance))
+    # once per plan and scalars (Plan.memo): plans are shared by every run of a sampler. Not per guidance scale,
+    # which run_fused reads from the Denoiser: a server's requests may bring any number of scales.
+    return plan.memo(("fused_stages", denoiser.scalars_key), lambda: _fused_stages(plan, denoiser.scalars))
 
 
-def _fused_stages(plan: Plan, scalars: Sequence, guidance: float | None) -> list[FusedStage | None]:
+def _fused_stages(plan: Plan, scalars: Sequence) -> list[FusedStage | None]:
     kernel = native("solver_step", "cpu").solver_step_cpu
     stages: list[FusedStage | None] = []
     for stage, c in zip(plan.stages, scalars, strict=True):
@@ -88,7 +85,7 @@ def _fused_stages(plan: Plan, scalars: Sequence, guidance: float | None) -> list
             stages.append(None)
             continue
         sources, coefs = zip(*terms, strict=True) if terms else ((), ())
-        stages.append(FusedStage(c.c_skip, c.c_out, guidance, sources, coefs, kernel, ("noise", 0) in sources))
+        stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, kernel, ("noise", 0) in sources))
     return stages
 
 
@@ -121,13 +118,14 @@ def run_fused(
     for t in (out, point, *terms):
         if t is not None and (t.dtype is not dtype or not t.is_contiguous()):
             return None
-    guided = step.guidance is not None
+    scale = denoiser.guidance_scale
+    guided = denoiser.guided and isinstance(scale, Real)  # a number: the kernel applies it
     if denoiser.guided and not guided:  # a tensor scale: the Denoiser's ops, then an unguided kernel call
         out = denoiser.guide(out)
     denoised, x_next = torch.empty_like(x), torch.empty_like(x)  # contiguous, as x is
     step.kernel(
         denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(), x.numel(), guided,
-        _DTYPES[dtype], step.c_skip, step.c_out, step.guidance if guided else 1.0,
+        _DTYPES[dtype], step.c_skip, step.c_out, float(scale) if guided else 1.0,
         [0 if t is None else t.data_ptr() for t in terms], step.coefs, torch.get_num_threads())
     return denoised, x_next
 
