@@ -69,6 +69,12 @@ bench unet-digits 60 --model unet-digits --sampler ddim --modes eager step graph
 # system's output checked against the other implementation; pytest-benchmark's JSON holds ms/step and TFLOP/s.
 step presets 150 python3 -m pytest -q -m cuda -p no:cacheprovider -W ignore benchmarks/test_bench_sampling.py \
   --benchmark-json "$out/bench-suite.json" --benchmark-columns=median,iqr,min,max,rounds
+# The networks' fused kernels end to end (graph mode, `--kernels auto` against the presets' `ref` runs above); the
+# tables go to log.txt only (the files that come back from a lease are few).
+step sd15-kernels-auto 60 python3 -m blitzdiff bench --device cuda --model sd15-unet --dtype float16 --guidance 7.5 \
+  --sampler ddim --modes graph --batches 1 --steps 20 --repeats 5 --baseline none --kernels auto
+step dit-xl-kernels-auto 60 python3 -m blitzdiff bench --device cuda --model dit-xl-2-256 --dtype float16 \
+  --sampler ddim --modes graph --batches 128 --steps 4 --throughput-steps 4 --repeats 5 --baseline none --kernels auto
 step kernels 90 env KERNELS_OUT="$out/kernels.md" bash benchmarks/kernels/run_all.sh --no-compile --repeats 20
 step profile-sd15 40 python3 -m blitzdiff profile --model sd15-unet --device cuda --dtype float16 --guidance 7.5 \
   --steps 4 --json "$out/sd15-profile.json" --trace /tmp/sd15-trace.json

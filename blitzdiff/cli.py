@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .engine.config import SAMPLERS
 from .engine.loading import DEFAULT_MODEL, EMBEDDED
+from .kernels._backends import ALL_BACKENDS
 from .models import PRESETS
 
 MIN_TILE = 64  # pixels: tiny images (the embedded models are 16x16) are enlarged in the grid, nearest-neighbour
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--channels-last", action="store_true", help="blitzdiff modes with the network's weights "
                        "channels-last (Pipeline.compile(channels_last=True)); baselines as loaded (diffusers' own: "
                        "the diffusers-*-channels-last baselines)")
+    bench.add_argument("--kernels", choices=ALL_BACKENDS, default=None,
+                       help="blitzdiff modes with the network's kernels on this backend (Pipeline.compile(kernels="
+                       "...)); default: the model's own, ref")
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.add_argument("--plots", help="write latency-vs-steps and throughput-vs-batch PNGs into this folder")
     bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "
@@ -410,7 +414,7 @@ def run_bench(args) -> None:
         quick=args.quick, model=args.model, sampler=args.sampler, device=args.device, dtype=args.dtype,
         modes=args.modes, batches=args.batches, steps=args.steps, throughput_steps=args.throughput_steps,
         latency_batch=args.latency_batch, guidance=args.guidance, repeats=args.repeats, baseline=args.baseline,
-        threads=args.threads, channels_last=args.channels_last)
+        threads=args.threads, channels_last=args.channels_last, kernels=args.kernels)
     results = bench.run_bench(config)
     print("\n" + bench.format_results(results))
     if args.json:

@@ -129,6 +129,25 @@ def test_onnxruntime_mode_is_measured_beside_eager(tmp_path, capsys):
     assert "export and load" in capsys.readouterr().out  # the export, done by compile(), is reported
 
 
+def test_kernels_option_switches_the_network_and_is_recorded(tmp_path, monkeypatch):
+    # --kernels reaches Pipeline.compile (the model's kernel modules run that backend) and the JSON says which.
+    seen = []
+    compile_ = Pipeline.compile
+
+    def recording(self, *args, **kwargs):
+        result = compile_(self, *args, **kwargs)
+        seen.append({m.backend for m in self.model.modules() if hasattr(m, "backend")})
+        return result
+
+    monkeypatch.setattr(Pipeline, "compile", recording)
+    report = tmp_path / "bench.json"
+    args = ["bench", "--model", "dit-digits", "--quick", "--modes", "eager", "--baseline", "none", "--batches", "1",
+            "--steps", "1", "--repeats", "1", "--kernels", "auto", "--json", str(report)]
+    assert main(args) == 0
+    assert seen == [{"auto"}]
+    assert json.loads(report.read_text())["meta"]["kernels"] == "auto"
+
+
 def tiny_learned_sigma_dit() -> Pipeline:
     """A random-weight DiT whose output holds the prediction and then the learned variance (out_channels 2)."""
     config = {**blitzdiff.load("dit-digits").model.config, "num_layers": 2, "out_channels": 2, "sample_size": 8}

@@ -68,6 +68,7 @@ class BenchConfig:
     threads: int | None = None
     quick: bool = False
     channels_last: bool = False  # blitzdiff modes only: Pipeline.compile(channels_last=True)
+    kernels: str | None = None  # blitzdiff modes only: Pipeline.compile(kernels=...); None keeps the model's (ref)
 
 
 def bench_config(*, quick: bool = False, **options: Any) -> BenchConfig:
@@ -146,7 +147,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         max_graphs = len({(batch, steps) for _, batch, steps in configurations})  # keep every build in the stats
         for mode in modes:
             name, build = f"blitzdiff-{mode}", partial(blitzdiff_sample, pipe, sampler, mode, max_graphs,
-                                                            config.channels_last)
+                                                            config.channels_last, config.kernels)
             # eager is the reference: its errors are not caught
             systems.append(job.sweep(name, build(), rows) if mode == "eager" else job.guarded(name, build, rows))
             if systems[-1]["status"] == "ok":
@@ -159,7 +160,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             "guidance_scale": guidance, "latent_shape": list(pipe.latent_shape(None, None)),
             "batches": list(config.batches), "steps": list(config.steps), "throughput_steps": config.throughput_steps,
             "latency_batch": config.latency_batch, "repeats": config.repeats, "quick": config.quick,
-            "channels_last": config.channels_last,
+            "channels_last": config.channels_last, "kernels": config.kernels or "ref",
             "unstable_bounds": {"rel_iqr": UNSTABLE_REL_IQR, "max_over_min": UNSTABLE_MAX_OVER_MIN},
             "timing": "wall clock per sampling run, device synchronized before and after; the first call (build) "
                       "and one warm-up call (peak memory) untimed; median, quartiles, min and max of the repeats"}
@@ -176,9 +177,11 @@ def check_job(pipe, sampler: str, guidance: float) -> None:
                       inputs.get("negative_encoder_hidden_states"), guidance)
 
 
-def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int, channels_last: bool = False) -> Sample:
-    """pipe.sample's raw output, after switching the pipeline to runtime `mode` (a fresh runtime: nothing built)."""
-    options = {"max_graphs": max_graphs, "channels_last": channels_last}
+def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int, channels_last: bool = False,
+                     kernels: str | None = None) -> Sample:
+    """pipe.sample's raw output, after switching the pipeline to runtime `mode` (a fresh runtime: nothing built) and,
+    unless None, its network to the kernel backend `kernels`."""
+    options = {"max_graphs": max_graphs, "channels_last": channels_last, "kernels": kernels}
     if mode == "compile-loop":
         pipe.compile(mode="compile", compile_loop=True, **options)
     else:
