@@ -164,14 +164,18 @@ def profile_sampling(
 def event_links(prof) -> Callable[[Any], int]:
     """FunctionEvent -> the correlation id of the op that launched it (0 for a frontend op). torch >= 2.12 keeps it
     on the event (linked_correlation_id); older versions only in the profiler's Kineto results, where an event is
-    found by its id, device type and start (in µs from the trace's start, computed as torch computes it)."""
+    found by its id, device type and start (in µs from the trace's start, computed as torch computes it), a map
+    built only there."""
+    events = prof.events()
+    if not events or hasattr(events[0], "linked_correlation_id"):
+        return stored_link
     links = kineto_links(prof)
+    return lambda event: links.get(event_key(event), 0)
 
-    def link(event) -> int:
-        stored = getattr(event, "linked_correlation_id", None)
-        return stored if stored is not None else links.get(event_key(event), 0)
 
-    return link
+def stored_link(event) -> int:
+    """The link torch >= 2.12 stores on a FunctionEvent (see event_links)."""
+    return event.linked_correlation_id
 
 
 def kineto_links(prof) -> dict[tuple, int]:
@@ -192,7 +196,7 @@ def split_steps(events: Sequence, on_device: bool, link: Callable[[Any], int] | 
     """Per-step split of a profiler's FunctionEvents (`prof.events()`) whose loop ran with stage_ranges(prefix).
     link: event -> the correlation id of the op that launched it (event_links(prof); default: the event's own
     linked_correlation_id, torch >= 2.12)."""
-    link = link or (lambda event: event.linked_correlation_id)
+    link = link or stored_link
     pattern = re.compile(rf"{re.escape(prefix)}/step (\d+)/({'|'.join(PARTS)})")
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     ranges = {}  # id(range event) -> (step, part)
@@ -245,8 +249,10 @@ def _kernels_by_op(events: Sequence, link: Callable[[Any], int]) -> dict[int, li
     of record_function ranges (gpu_user_annotation) are not work and are left out."""
     launched = defaultdict(list)
     for event in events:
-        if event.device_type != DeviceType.CPU and not event.is_user_annotation and link(event) > 0:
-            launched[link(event)].append(event)
+        if event.device_type != DeviceType.CPU and not event.is_user_annotation:
+            launcher = link(event)
+            if launcher > 0:
+                launched[launcher].append(event)
     return launched
 
 

@@ -52,7 +52,7 @@ def resolve_step_backend(backend: str, device: torch.device, dtype: torch.dtype)
     return backend
 
 
-class FusedStage(NamedTuple):  # a tuple: built for every stage of every loop, at a fraction of a dataclass's cost
+class FusedStage(NamedTuple):  # a tuple: built for every stage of a plan, at a fraction of a dataclass's cost
     """One stage's kernel call: the Denoiser's scalars and the update's live terms, each a (source, index) into the
     loop's tensors: ("x", 0), ("new", 0) the new denoised estimate, ("history", j) / ("points", j) the j-th newest
     before this stage (j >= 1), ("point", 0) this stage's evaluation point, ("noise", 0)."""
@@ -61,7 +61,7 @@ class FusedStage(NamedTuple):  # a tuple: built for every stage of every loop, a
     c_out: float
     sources: tuple[tuple[str, int], ...]
     coefs: tuple[float, ...]
-    kernel: Callable  # blitzdiff._C.solver_step_cpu, looked up once per loop
+    kernel: Callable  # blitzdiff._C.solver_step_cpu, looked up once per plan
     noise: bool  # whether a term reads fresh noise (the caller draws it)
 
 

@@ -120,9 +120,10 @@ class Plan:
 
     @property
     def history(self) -> int:
-        """How many past denoised estimates (and evaluation points) the loop must keep (at least 1)."""
-        used = [max(len(c.denoised), len(c.points)) for s in self.stages for c in (s.point, s.update) if c is not None]
-        return max([1, *used])
+        """How many past denoised estimates (and evaluation points) the loop must keep (at least 1); read by every
+        run, computed from every stage once (memo)."""
+        return self.memo("history", lambda: max([1, *(max(len(c.denoised), len(c.points)) for s in self.stages
+                                                      for c in (s.point, s.update) if c is not None)]))
 
     @property
     def stochastic(self) -> bool:

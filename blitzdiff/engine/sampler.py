@@ -77,7 +77,7 @@ class PlanRun:
         self.history: list[torch.Tensor] = []  # post-processed denoised estimates, newest last
         self.points: list[torch.Tensor] = []  # where each of them was evaluated
         self.raw: torch.Tensor | None = None
-        self.depth = plan.memo("history", lambda: plan.history)  # from every stage: once per plan
+        self.depth = plan.history
         fuse = resolve_step_backend(step_backend, x.device, x.dtype) == "cpu" and isinstance(denoise, Denoiser)
         self.fused = fused_stages(plan, denoise, postprocess) if fuse else [None] * len(plan.stages)
 
