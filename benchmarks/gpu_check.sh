@@ -74,9 +74,12 @@ step presets 150 python3 -m pytest -q -m cuda -p no:cacheprovider -W ignore benc
 step sd15-kernels-auto 60 python3 -m blitzdiff bench --device cuda --model sd15-unet --dtype float16 --guidance 7.5 \
   --sampler ddim --modes graph --batches 1 --steps 20 --repeats 5 --baseline none --kernels auto
 step dit-xl-kernels-auto 60 python3 -m blitzdiff bench --device cuda --model dit-xl-2-256 --dtype float16 \
-  --sampler ddim --modes graph --batches 128 --steps 4 --throughput-steps 4 --repeats 5 --baseline none --kernels auto
-step kernels 90 env KERNELS_OUT="$out/kernels.md" bash benchmarks/kernels/run_all.sh --no-compile --repeats 20
+  --guidance 1 --sampler ddim --modes graph --batches 128 --steps 4 --throughput-steps 4 --repeats 5 --baseline none --kernels auto
+# Where DiT-XL/2's step goes (the preset's batch 128, `ref` kernels): the op table is in log.txt.
+step profile-dit-xl 50 python3 -m blitzdiff profile --model dit-xl-2-256 --device cuda --dtype float16 --guidance 1 \
+  -n 128 --steps 2 --json "$out/dit-xl-profile.json" --trace /tmp/dit-xl-trace.json
 step profile-sd15 40 python3 -m blitzdiff profile --model sd15-unet --device cuda --dtype float16 --guidance 7.5 \
   --steps 4 --json "$out/sd15-profile.json" --trace /tmp/sd15-trace.json
+step kernels 90 env KERNELS_OUT="$out/kernels.md" bash benchmarks/kernels/run_all.sh --no-compile --repeats 20
 echo "results in $out ($(($(date +%s) - start))s)"
 cat "$out/status.txt"

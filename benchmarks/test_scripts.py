@@ -73,3 +73,17 @@ def check_overhead_json(data: dict, rows: list[list[str]]) -> None:
     for row in data["rows"]:
         assert row["blitzdiff_us_per_step"] > 0 and row["diffusers_us_per_step"] > 0
         assert row["ratio"] == pytest.approx(row["diffusers_us_per_step"] / row["blitzdiff_us_per_step"])
+
+
+def test_network_vs_diffusers_runs_and_agrees(tmp_path):
+    report = tmp_path / "network.json"
+    result = subprocess.run([sys.executable, str(HERE / "network_vs_diffusers.py"), "--model", "dit-digits",
+                             "--batch", "2", "--rounds", "2", "--top", "3", "--json", str(report)],
+                            capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    data = json.loads(report.read_text())
+    assert list(data["systems"]) == ["diffusers", "blitzdiff-ref", "blitzdiff-auto"]
+    for name, system in data["systems"].items():
+        assert system["error"] < 1e-5, (name, system["error"])  # float32: the same network, the same inputs
+        assert len(system["times_ms"]) == 2 and len(system["top"]) == 3 and system["profiled_ms"] > 0
+        assert f"{name}: top 3" in result.stdout

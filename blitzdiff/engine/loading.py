@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..models import PRESETS, build_preset, describe, load_model, read_pipeline
+from ..models import PRESETS, build_preset, default_backend, describe, load_model, read_pipeline, set_backend
 from ..models.checkpoint import summary_config
 from .config import CLASS_DEFAULTS, read_config, resolve
 from .inputs import finite_number
@@ -82,7 +82,9 @@ def load(
     bare model folder, or an original DiT checkpoint (see blitzdiff.models.load_model). scheduler_config replaces the
     folder's (a bare model has none: DDPM's defaults, linear betas over 1000 steps, as DDPM and DiT were trained,
     unless given). vae: a VAE folder for a bare latent model. dtype: the networks' dtype (default float32); the
-    sampler state stays float32. Pickled weights are refused unless allow_pickle=True.
+    sampler state stays float32. Pickled weights are refused unless allow_pickle=True. The networks run the kernel
+    backend measured fastest on their device (blitzdiff.models.default_backend: "auto" on CUDA, "ref" elsewhere);
+    `pipe.compile(kernels=...)` or blitzdiff.models.set_backend changes it.
     """
     if scheduler_config is not None:
         given_config = read_config(scheduler_config)
@@ -90,7 +92,8 @@ def load(
                                else "scheduler_config")
     if isinstance(path, str) and path in PRESETS:
         model, preset_config = build_preset(path, device=device, dtype=dtype)
-        return Pipeline(model, preset_config if scheduler_config is None else given_config, None, name=path)
+        config = preset_config if scheduler_config is None else given_config
+        return Pipeline(with_default_kernels(model), config, None, name=path)
     path = model_path(path)
     options = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle}
     folder_config: dict[str, Any] | None = {"_class_name": "DDPMScheduler"}
@@ -108,8 +111,13 @@ def load(
         model = load_model(path, **options)
     if scheduler_config is not None:
         folder_config = given_config
-    decoder = None if vae_path is None else load_model(vae_path, **options)
-    return Pipeline(model, folder_config, decoder, name=path.name, guidance_scale=guidance)
+    decoder = None if vae_path is None else with_default_kernels(load_model(vae_path, **options))
+    return Pipeline(with_default_kernels(model), folder_config, decoder, name=path.name, guidance_scale=guidance)
+
+
+def with_default_kernels(network: torch.nn.Module) -> torch.nn.Module:
+    """`network` on the kernel backend measured fastest on its device (blitzdiff.models.default_backend)."""
+    return set_backend(network, default_backend(next(network.parameters()).device))
 
 
 def recommended_guidance(model_index: dict[str, Any], folder: Path) -> float | None:

@@ -151,7 +151,11 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj(x)  # [B, D, h, w]
         pos = self.pos_embed(x.shape[2], x.shape[3], x.device)  # [h*w, D] float32
-        x = x.flatten(2).transpose(1, 2)  # [B, N, D], N = h*w
+        # Tokens stored contiguous: the residual stream keeps the layout of the tensor it starts from (`x + gate *
+        # f(x)` takes x's strides), and the transposed view made every residual add a strided kernel and every
+        # fused adaLN call copy x first (DiT-XL/2 fp16 batch 128 on an H200: 58 copies and 2x slower adds per
+        # forward, 16% of its device time).
+        x = x.flatten(2).transpose(1, 2).contiguous()  # [B, N, D], N = h*w
         return (x + pos).to(x.dtype)  # [B, N, D]; added in float32 for half x, as diffusers does
 
 

@@ -310,7 +310,9 @@ def test_evicted_graphs_release_their_memory():
     for steps in (3, 4, 5, 2, 3):  # every call evicts the previous entry
         run(pipe, 3, steps=steps)
     torch.cuda.synchronize()
-    assert pipe.runtime_stats()["evictions"] == 5 and torch.cuda.memory_allocated() <= baseline
+    # What may stay: each new step count's plan keeps its small tables on the device (Plan.memo, a few 512-byte
+    # blocks); an evicted graph's pool, or a new stream's cuBLAS workspace (32 MiB), would be far more.
+    assert pipe.runtime_stats()["evictions"] == 5 and torch.cuda.memory_allocated() - baseline < 64 * 1024
 
 
 @CUDA

@@ -16,7 +16,8 @@ import importlib.util
 import pytest
 import torch
 
-from blitzdiff.models import set_backend
+import blitzdiff
+from blitzdiff.models import default_backend, set_backend
 from blitzdiff.models.dit import DiT
 from blitzdiff.models.unet_2d import UNet2DModel
 from blitzdiff.models.unet_2d_condition import UNet2DConditionModel
@@ -73,3 +74,18 @@ def test_model_backend_matches_ref_within_budget(name, backend):
     assert error <= 2 * ref_error + floor, f"{name} on {backend}: error {error:.3g}, ref's {ref_error:.3g}"
     # The budget alone would pass a backend that ran the spec everywhere; a kernel rounds differently somewhere.
     assert not torch.equal(fused, ref), f"{name} on {backend}: bitwise the ref output, so no kernel ran"
+
+
+def kernel_backends(model: torch.nn.Module) -> set[str]:
+    return {module.backend for module in model.modules() if hasattr(module, "backend")}
+
+
+def test_load_gives_the_measured_default_per_device():
+    assert default_backend("cpu") == "ref" and default_backend(torch.device("cuda", 0)) == "auto"
+    assert kernel_backends(blitzdiff.load("unet-digits").model) == {"ref"}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["unet-digits", "dit-digits"])
+def test_load_on_cuda_runs_the_fused_kernels(name):
+    assert kernel_backends(blitzdiff.load(name, device="cuda").model) == {"auto"}

@@ -254,3 +254,17 @@ def test_half_precision_follows_input_dtype():
     output = model.to(torch.bfloat16)(sample.bfloat16(), timestep, labels)
     assert output.dtype == torch.bfloat16
     assert_close(output.float(), expected, rtol=3e-2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_stream_is_contiguous(dtype):
+    # A transposed token layout from the patch embedding would carry through every residual add (strided kernels)
+    # and make each fused adaLN call copy its input first: a speed defect no output comparison sees.
+    model = DiT(**SMALL).to(dtype)
+    seen = []
+    for block in model.transformer_blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    sample, timestep, labels = inputs()
+    model(sample.to(dtype), timestep, labels)
+    assert seen == [True] * SMALL["num_layers"]
