@@ -2,6 +2,8 @@
 // the plan's linear update in one pass over memory.
 //
 //   g        = u + w * (c - u)               (guided: out = [u; c], 2n elements)   or   g = out   (n elements)
+//              w = guidance_scale, or on the CPU per sample: guidance_rows[i / row_size] (float32 [n / row_size],
+//              e.g. a Pipeline runtime's per-sample scales; guidance_rows == 0: the number)
 //   denoised = c_skip * point + c_out * g     (c_skip == 0: c_out * g, as blitzdiff.engine.denoiser.Denoiser)
 //   x_next   = sum_k coefs[k] * T_k           (in list order; T_k = *terms[k], or the new denoised where terms[k] == 0)
 //
@@ -26,7 +28,8 @@ constexpr int kMaxSolverStepTerms = 10;  // x, D_0 .. D_3, P_0 .. P_3, noise
 void solver_step_cpu(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point,
                      std::int64_t n, bool guided, const std::string& dtype, double c_skip, double c_out,
                      double guidance_scale, const std::vector<std::uintptr_t>& terms,
-                     const std::vector<double>& coefs, std::int64_t threads);
+                     const std::vector<double>& coefs, std::int64_t threads, std::uintptr_t guidance_rows,
+                     std::int64_t row_size);
 
 #ifdef BLITZDIFF_WITH_CUDA
 // Enqueues the kernel on `stream` (a cudaStream_t as an integer) of the device whose context is current; does not

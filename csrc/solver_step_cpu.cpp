@@ -47,7 +47,7 @@ BLITZDIFF_INLINE void axpy(T* __restrict__ acc, const T* __restrict__ t, T coef,
 
 template <typename T>
 BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point, std::int64_t n,
-          bool guided, double c_skip, double c_out, double guidance_scale,
+          bool guided, double c_skip, double c_out, double guidance_scale, const float* rows, std::int64_t row_size,
           const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs, std::int64_t begin,
           std::int64_t end) {
   auto* den = reinterpret_cast<T*>(denoised);
@@ -63,8 +63,15 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
   for (std::int64_t start = begin; start < end; start += kChunk) {
     const std::int64_t len = std::min(kChunk, end - start);
     const T* g = o + start;
-    if (guided) {  // out = [u; c], each n elements
+    if (guided && rows == nullptr) {  // out = [u; c], each n elements
       guide(g_buf, o + start, o + n + start, w, len);
+      g = g_buf;
+    } else if (guided) {  // one scale per row of row_size elements: the chunk split where rows change
+      for (std::int64_t i = start; i < start + len;) {
+        const std::int64_t row = i / row_size, stop = std::min(start + len, (row + 1) * row_size);
+        guide(g_buf + (i - start), o + i, o + n + i, static_cast<T>(rows[row]), stop - i);
+        i = stop;
+      }
       g = g_buf;
     }
     T* d = den + start;
@@ -92,16 +99,20 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
 
 BLITZDIFF_CLONES void step_f32(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
                                std::uintptr_t point, std::int64_t n, bool guided, double c_skip, double c_out,
-                               double guidance_scale, const std::vector<std::uintptr_t>& terms,
-                               const std::vector<double>& coefs, std::int64_t begin, std::int64_t end) {
-  step<float>(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, terms, coefs, begin, end);
+                               double guidance_scale, const float* rows, std::int64_t row_size,
+                               const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs,
+                               std::int64_t begin, std::int64_t end) {
+  step<float>(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
+           begin, end);
 }
 
 BLITZDIFF_CLONES void step_f64(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
                                std::uintptr_t point, std::int64_t n, bool guided, double c_skip, double c_out,
-                               double guidance_scale, const std::vector<std::uintptr_t>& terms,
-                               const std::vector<double>& coefs, std::int64_t begin, std::int64_t end) {
-  step<double>(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, terms, coefs, begin, end);
+                               double guidance_scale, const float* rows, std::int64_t row_size,
+                               const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs,
+                               std::int64_t begin, std::int64_t end) {
+  step<double>(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
+           begin, end);
 }
 
 }  // namespace
@@ -126,19 +137,25 @@ void check_solver_step_args(std::uintptr_t denoised, std::uintptr_t x_next, std:
 void solver_step_cpu(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point,
                      std::int64_t n, bool guided, const std::string& dtype, double c_skip, double c_out,
                      double guidance_scale, const std::vector<std::uintptr_t>& terms,
-                     const std::vector<double>& coefs, std::int64_t threads) {
+                     const std::vector<double>& coefs, std::int64_t threads, std::uintptr_t guidance_rows,
+                     std::int64_t row_size) {
   check_solver_step_args(denoised, x_next, out, point, n, terms, coefs);
   if (threads < 1) {
     throw std::invalid_argument("solver_step_cpu: threads must be >= 1, got " + std::to_string(threads));
   }
+  if (guidance_rows != 0 && (row_size < 1 || n % row_size != 0)) {
+    throw std::invalid_argument("solver_step_cpu: with guidance_rows, row_size must be >= 1 and divide n (" +
+                                std::to_string(n) + "), got " + std::to_string(row_size));
+  }
+  const auto* rows = reinterpret_cast<const float*>(guidance_rows);
   auto* step_t = dtype == "float32" ? step_f32 : dtype == "float64" ? step_f64 : nullptr;
   if (step_t == nullptr) {
     throw std::invalid_argument("solver_step_cpu: dtype must be float32 or float64, got '" + dtype + "'");
   }
   // Whole chunks per thread: every element is computed the same way whatever the split (the same bits).
   parallel_ranges((n + kChunk - 1) / kChunk, kChunksPerThread, threads, [&](std::int64_t first, std::int64_t last) {
-    step_t(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, terms, coefs, first * kChunk,
-           std::min(last * kChunk, n));
+    step_t(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
+           first * kChunk, std::min(last * kChunk, n));
   });
 }
 

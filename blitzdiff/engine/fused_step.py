@@ -6,9 +6,10 @@ A stage runs fused when it has an update, no x0 post-processing runs between the
 dynamic thresholding are not fused) and its live terms fit the kernel; every other stage runs the Denoiser and
 `combine` as before. The kernel gets the terms in `combine`'s order (x, D_j, P_j, noise; zero coefficients
 dropped) and the scalars the Denoiser uses, so a fused run equals the unfused loop to rounding (tests/engine/
-test_fused_step.py: 1e-12 relative in float64, float32 within the rounding of the ops it replaces). A guidance scale
-that is a number is applied by the kernel; a tensor scale (a 0-d device scalar, or one per sample: what the
-Pipeline's runtime passes) is applied by the Denoiser's own ops first, and the kernel does the rest.
+test_fused_step.py: 1e-12 relative in float64, float32 within the rounding of the ops it replaces). The kernel
+applies the guidance scale, whether a number or a float32 CPU tensor: a 0-d scalar, or one per sample (what the
+Pipeline's runtime passes), read by the kernel from memory per call; a scale of another dtype or device is applied
+by the Denoiser's own ops first, and the kernel does the rest.
 
 Why not through the op `blitzdiff::solver_step`: the op validates every argument on every call (about 20 us on small
 CPU tensors: more than the five ops of a DPM-Solver++ stage it replaces). Within one loop the shapes, dtype and
@@ -118,15 +119,19 @@ def run_fused(
     for t in (out, point, *terms):
         if t is not None and (t.dtype is not dtype or not t.is_contiguous()):
             return None
-    scale = denoiser.guidance_scale
-    guided = denoiser.guided and isinstance(scale, Real)  # a number: the kernel applies it
-    if denoiser.guided and not guided:  # a tensor scale: the Denoiser's ops, then an unguided kernel call
-        out = denoiser.guide(out)
+    scale, rows, row_size = denoiser.guidance_scale, 0, 0
+    guided = denoiser.guided
+    if guided and not isinstance(scale, Real):  # a tensor: per sample [B] or one 0-d scale, read by the kernel
+        if scale.dtype is torch.float32 and scale.device == x.device and scale.numel() in (1, x.shape[0]) and \
+                scale.is_contiguous():
+            rows, row_size = scale.data_ptr(), x.numel() // scale.numel()
+        else:  # another dtype or device: the Denoiser's ops, then an unguided kernel call
+            out, guided = denoiser.guide(out), False
     denoised, x_next = torch.empty_like(x), torch.empty_like(x)  # contiguous, as x is
     step.kernel(
         denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(), x.numel(), guided,
-        _DTYPES[dtype], step.c_skip, step.c_out, float(scale) if guided else 1.0,
-        [0 if t is None else t.data_ptr() for t in terms], step.coefs, torch.get_num_threads())
+        _DTYPES[dtype], step.c_skip, step.c_out, float(scale) if guided and not rows else 1.0,
+        [0 if t is None else t.data_ptr() for t in terms], step.coefs, torch.get_num_threads(), rows, row_size)
     return denoised, x_next
 
 

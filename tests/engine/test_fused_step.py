@@ -156,3 +156,18 @@ def test_functional_sample_defaults_to_fused_on_cpu():
     assert torch.equal(runs["auto"], runs["cpu"])
     assert not torch.equal(runs["cpu"], runs["ref"])  # a different computation (rounding), so "auto" is the fused one
     torch.testing.assert_close(runs["cpu"], runs["ref"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("scale", "kernel_guides"), [(torch.tensor([2.0, 4.5]), True), (torch.tensor(3.0), True),
+                                                      (torch.tensor([2.0, 4.5], dtype=torch.float64), False)])
+def test_tensor_guidance_scales_are_applied_by_the_kernel(scale, kernel_guides):
+    """A float32 CPU scale (per sample, or 0-d) is read by the kernel: the Denoiser's guidance ops never run; another
+    dtype falls back to them. The samples equal the unfused loop's either way."""
+    plan, denoiser, x, seeds, post = parts("dpmpp_2m", scale)
+    expected = run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref")
+    calls = []
+    guide = denoiser.guide
+    denoiser.guide = lambda out: calls.append(out.shape) or guide(out)
+    got = run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert len(calls) == (0 if kernel_guides else len(plan.stages))
