@@ -87,3 +87,13 @@ def test_network_vs_diffusers_runs_and_agrees(tmp_path):
         assert system["error"] < 1e-5, (name, system["error"])  # float32: the same network, the same inputs
         assert len(system["times_ms"]) == 2 and len(system["top"]) == 3 and system["profiled_ms"] > 0
         assert f"{name}: top 3" in result.stdout
+
+
+def test_cpu_kernel_threads_runs(tmp_path):
+    report = tmp_path / "threads.json"
+    result = subprocess.run([sys.executable, str(HERE / "cpu_kernel_threads.py"), "--rounds", "1", "--json",
+                             str(report)], capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    rows = json.loads(report.read_text())["us_per_call"]
+    assert len(rows) == 8 and all(set(row) == {"ref@1", "cpu@1", "ref@2", "cpu@2"} for row in rows.values())
+    assert all(math.isfinite(us) and us > 0 for row in rows.values() for us in row.values())

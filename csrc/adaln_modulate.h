@@ -19,11 +19,11 @@ namespace blitzdiff {
 
 void adaln_modulate_cpu(std::uintptr_t out, std::uintptr_t x, std::uintptr_t shift, std::uintptr_t scale,
                         std::int64_t rows, std::int64_t tokens, std::int64_t dim, std::int64_t param_stride,
-                        double eps, const std::string& dtype);
+                        double eps, const std::string& dtype, std::int64_t threads);
 
 void adaln_gated_residual_cpu(std::uintptr_t out, std::uintptr_t residual, std::uintptr_t y, std::uintptr_t gate,
                               std::int64_t rows, std::int64_t tokens, std::int64_t dim, std::int64_t param_stride,
-                              const std::string& dtype);
+                              const std::string& dtype, std::int64_t threads);
 
 #ifdef BLITZDIFF_WITH_CUDA
 // Enqueue on `stream` (a cudaStream_t as an integer) of the current device; no synchronization (graph-capturable).

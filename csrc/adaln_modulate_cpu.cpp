@@ -1,12 +1,15 @@
 // CPU kernels for adaLN modulation and the gated residual; see adaln_modulate.h for the contract.
 //
-// One row (token) at a time, single-threaded: the row (D <= a few thousand) stays in L1 across the two statistics
-// passes and the output pass, so x is read from memory once. Sums run in float64 over 8 independent lanes (a
-// fixed lane split that the compiler vectorizes without reassociating, so results are the same on every run).
+// One row (token) at a time: the row (D <= a few thousand) stays in L1 across the two statistics passes and the
+// output pass, so x is read from memory once. Sums run in float64 over 8 independent lanes (a fixed lane split that
+// the compiler vectorizes without reassociating, so results are the same on every run). Rows are split over up to
+// `threads` threads (parallel.h) in calls of at least kMinPerThread elements per thread; each row is computed the
+// same way on any thread, so every thread count gives the same bits.
 #include <cmath>
 #include <stdexcept>
 
 #include "adaln_modulate.h"
+#include "parallel.h"
 
 namespace blitzdiff {
 namespace {
@@ -22,6 +25,9 @@ namespace {
 #endif
 
 constexpr int kLanes = 8;
+// Elements per thread before a call is split (tens of microseconds of work on one core): kept from the std::thread
+// version, whose thread starts cost about that; lower values did not measure better on the noisy 2-core machine.
+constexpr std::int64_t kMinPerThread = 1 << 16;
 
 // sum_i (x[i] - center)^power for power 1 or 2, in float64.
 template <int kPower, typename T>
@@ -45,9 +51,9 @@ BLITZDIFF_INLINE double row_moment(const T* __restrict__ x, std::int64_t dim, do
 
 template <typename T>
 BLITZDIFF_INLINE void modulate(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ shift,
-                               const T* __restrict__ scale, std::int64_t rows, std::int64_t tokens, std::int64_t dim,
-                               std::int64_t param_stride, double eps) {
-  for (std::int64_t r = 0; r < rows; ++r) {
+                               const T* __restrict__ scale, std::int64_t r_begin, std::int64_t r_end,
+                               std::int64_t tokens, std::int64_t dim, std::int64_t param_stride, double eps) {
+  for (std::int64_t r = r_begin; r < r_end; ++r) {
     const T* xr = x + r * dim;
     const double mean = row_moment<1>(xr, dim, 0.0) / static_cast<double>(dim);
     const double var = row_moment<2>(xr, dim, mean) / static_cast<double>(dim);
@@ -62,9 +68,9 @@ BLITZDIFF_INLINE void modulate(T* __restrict__ out, const T* __restrict__ x, con
 
 template <typename T>
 BLITZDIFF_INLINE void gated(T* __restrict__ out, const T* __restrict__ residual, const T* __restrict__ y,
-                            const T* __restrict__ gate, std::int64_t rows, std::int64_t tokens, std::int64_t dim,
-                            std::int64_t param_stride) {
-  for (std::int64_t r = 0; r < rows; ++r) {
+                            const T* __restrict__ gate, std::int64_t r_begin, std::int64_t r_end,
+                            std::int64_t tokens, std::int64_t dim, std::int64_t param_stride) {
+  for (std::int64_t r = r_begin; r < r_end; ++r) {
     const T* g = gate + (r / tokens) * param_stride;
     const T* res = residual + r * dim;
     const T* yr = y + r * dim;
@@ -74,15 +80,24 @@ BLITZDIFF_INLINE void gated(T* __restrict__ out, const T* __restrict__ residual,
 }
 
 template <typename T>
-BLITZDIFF_CLONES void modulate_clones(T* out, const T* x, const T* shift, const T* scale, std::int64_t rows,
-                                      std::int64_t tokens, std::int64_t dim, std::int64_t param_stride, double eps) {
-  modulate(out, x, shift, scale, rows, tokens, dim, param_stride, eps);
+BLITZDIFF_CLONES void modulate_clones(T* out, const T* x, const T* shift, const T* scale, std::int64_t r_begin,
+                                      std::int64_t r_end, std::int64_t tokens, std::int64_t dim,
+                                      std::int64_t param_stride, double eps) {
+  modulate(out, x, shift, scale, r_begin, r_end, tokens, dim, param_stride, eps);
 }
 
 template <typename T>
-BLITZDIFF_CLONES void gated_clones(T* out, const T* residual, const T* y, const T* gate, std::int64_t rows,
-                                   std::int64_t tokens, std::int64_t dim, std::int64_t param_stride) {
-  gated(out, residual, y, gate, rows, tokens, dim, param_stride);
+BLITZDIFF_CLONES void gated_clones(T* out, const T* residual, const T* y, const T* gate, std::int64_t r_begin,
+                                   std::int64_t r_end, std::int64_t tokens, std::int64_t dim,
+                                   std::int64_t param_stride) {
+  gated(out, residual, y, gate, r_begin, r_end, tokens, dim, param_stride);
+}
+
+// body(first_row, last_row) over [0, rows) on up to `threads` threads, at least kMinPerThread elements each.
+template <typename Body>
+void over_rows(std::int64_t rows, std::int64_t dim, std::int64_t threads, const Body& body) {
+  if (threads < 1) throw std::invalid_argument("adaln: threads must be >= 1, got " + std::to_string(threads));
+  parallel_ranges(rows, (kMinPerThread + dim - 1) / dim, threads, body);
 }
 
 template <typename T>
@@ -107,14 +122,18 @@ void check_adaln_args(const char* op, std::uintptr_t out, std::uintptr_t a, std:
 
 void adaln_modulate_cpu(std::uintptr_t out, std::uintptr_t x, std::uintptr_t shift, std::uintptr_t scale,
                         std::int64_t rows, std::int64_t tokens, std::int64_t dim, std::int64_t param_stride,
-                        double eps, const std::string& dtype) {
+                        double eps, const std::string& dtype, std::int64_t threads) {
   check_adaln_args("adaln_modulate", out, x, shift, scale, rows, tokens, dim, param_stride);
   if (dtype == "float32") {
-    modulate_clones<float>(reinterpret_cast<float*>(out), in<float>(x), in<float>(shift), in<float>(scale), rows,
-                           tokens, dim, param_stride, eps);
+    over_rows(rows, dim, threads, [&](std::int64_t first, std::int64_t last) {
+      modulate_clones<float>(reinterpret_cast<float*>(out), in<float>(x), in<float>(shift), in<float>(scale), first,
+                             last, tokens, dim, param_stride, eps);
+    });
   } else if (dtype == "float64") {
-    modulate_clones<double>(reinterpret_cast<double*>(out), in<double>(x), in<double>(shift), in<double>(scale),
-                            rows, tokens, dim, param_stride, eps);
+    over_rows(rows, dim, threads, [&](std::int64_t first, std::int64_t last) {
+      modulate_clones<double>(reinterpret_cast<double*>(out), in<double>(x), in<double>(shift), in<double>(scale),
+                              first, last, tokens, dim, param_stride, eps);
+    });
   } else {
     throw std::invalid_argument("adaln_modulate_cpu: dtype must be float32 or float64, got '" + dtype + "'");
   }
@@ -122,14 +141,18 @@ void adaln_modulate_cpu(std::uintptr_t out, std::uintptr_t x, std::uintptr_t shi
 
 void adaln_gated_residual_cpu(std::uintptr_t out, std::uintptr_t residual, std::uintptr_t y, std::uintptr_t gate,
                               std::int64_t rows, std::int64_t tokens, std::int64_t dim, std::int64_t param_stride,
-                              const std::string& dtype) {
+                              const std::string& dtype, std::int64_t threads) {
   check_adaln_args("adaln_gated_residual", out, residual, y, gate, rows, tokens, dim, param_stride);
   if (dtype == "float32") {
-    gated_clones<float>(reinterpret_cast<float*>(out), in<float>(residual), in<float>(y), in<float>(gate), rows,
-                        tokens, dim, param_stride);
+    over_rows(rows, dim, threads, [&](std::int64_t first, std::int64_t last) {
+      gated_clones<float>(reinterpret_cast<float*>(out), in<float>(residual), in<float>(y), in<float>(gate), first,
+                          last, tokens, dim, param_stride);
+    });
   } else if (dtype == "float64") {
-    gated_clones<double>(reinterpret_cast<double*>(out), in<double>(residual), in<double>(y), in<double>(gate), rows,
-                         tokens, dim, param_stride);
+    over_rows(rows, dim, threads, [&](std::int64_t first, std::int64_t last) {
+      gated_clones<double>(reinterpret_cast<double*>(out), in<double>(residual), in<double>(y), in<double>(gate),
+                           first, last, tokens, dim, param_stride);
+    });
   } else {
     throw std::invalid_argument("adaln_gated_residual_cpu: dtype must be float32 or float64, got '" + dtype + "'");
   }

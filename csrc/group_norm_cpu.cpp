@@ -2,19 +2,18 @@
 //
 // Two passes over memory: chunk moments (each chunk is read twice while it sits in L1 / L2: a sum for a shift, then
 // shifted sums), then one read / one write that applies y = (x - mean) * a + k, SiLU and the residual. Both passes
-// split their work over up to `threads` std::threads (not OpenMP: see CMakeLists.txt) in a fixed partition whose
+// split their work over up to `threads` threads (parallel.h: torch's OpenMP runtime) in a fixed partition whose
 // results do not depend on the thread count: every chunk's moments are computed alone and merged per group in
 // chunk order. float32 and bfloat16 data (float64 would need a vectorized exp for SiLU to beat PyTorch).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
-#include <system_error>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include "group_norm.h"
+#include "parallel.h"
 
 namespace blitzdiff {
 namespace {
@@ -331,36 +330,17 @@ void coefficients(const Job& job, const Moments* part, DType param, float* coef)
   }
 }
 
-// Runs body(begin, end) over [0, n) split into `threads` contiguous ranges, the first on the calling thread.
-// float thread that cannot be started leaves its range to the calling thread.
-template <typename Body>
-void parallel_for(std::int64_t n, int threads, const Body& body) {
-  std::vector<std::thread> pool;
-  std::vector<int> inline_ranges;
-  const auto range = [&](int t) { return std::pair{n * t / threads, n * (t + 1) / threads}; };
-  for (int t = 1; t < threads; ++t) {
-    try {
-      pool.emplace_back([&body, r = range(t)] { body(r.first, r.second); });
-    } catch (const std::system_error&) {
-      inline_ranges.push_back(t);
-    }
-  }
-  body(range(0).first, range(0).second);
-  for (int t : inline_ranges) body(range(t).first, range(t).second);
-  for (auto& thread : pool) thread.join();
-}
-
 template <typename T, bool kSilu, bool kResidual>
 void run(const Job& job, DType param, int threads) {
   const std::int64_t nch = chunks(job);
   const std::int64_t items = job.channels_last ? job.batch * nch : job.batch * job.groups * nch;
   std::vector<Moments> part(job.batch * job.groups * nch);
-  parallel_for(items, std::min<std::int64_t>(threads, items),
-               [&](std::int64_t u0, std::int64_t u1) { moments_range<T>(job, u0, u1, part.data()); });
+  parallel_ranges(items, 1, threads,
+                  [&](std::int64_t u0, std::int64_t u1) { moments_range<T>(job, u0, u1, part.data()); });
   std::vector<float> coef(3 * job.batch * job.channels);
   coefficients(job, part.data(), param, coef.data());
   const std::int64_t rows = job.channels_last ? job.batch * job.spatial : job.batch * job.channels;
-  parallel_for(rows, std::min<std::int64_t>(threads, rows), [&](std::int64_t q0, std::int64_t q1) {
+  parallel_ranges(rows, 1, threads, [&](std::int64_t q0, std::int64_t q1) {
     apply_range<T, kSilu, kResidual>(job, q0, q1, coef.data());
   });
 }

@@ -37,16 +37,18 @@ PYBIND11_MODULE(_C, m) {
         "on up to `threads` threads. w: guidance_scale, or float32 guidance_rows[i / row_size] where non-null.");
   m.def("adaln_modulate_cpu", &blitzdiff::adaln_modulate_cpu, py::arg("out"), py::arg("x"), py::arg("shift"),
         py::arg("scale"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"), py::arg("eps"),
-        py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
-        "out[r] = LayerNorm(x[r]) * (1 + scale[r / tokens]) + shift[r / tokens] over rows of dim elements.");
+        py::arg("dtype"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
+        "out[r] = LayerNorm(x[r]) * (1 + scale[r / tokens]) + shift[r / tokens] over rows of dim elements, on up "
+        "to `threads` threads (the same bits for any count).");
   m.def("adaln_gated_residual_cpu", &blitzdiff::adaln_gated_residual_cpu, py::arg("out"), py::arg("residual"),
         py::arg("y"), py::arg("gate"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"),
-        py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
-        "out[r] = residual[r] + gate[r / tokens] * y[r] over rows of dim elements.");
+        py::arg("dtype"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
+        "out[r] = residual[r] + gate[r / tokens] * y[r] over rows of dim elements, on up to `threads` threads.");
   m.def("timestep_embedding_cpu", &blitzdiff::timestep_embedding_cpu, py::arg("out"), py::arg("timesteps"),
         py::arg("t_stride"), py::arg("t_dtype"), py::arg("freqs"), py::arg("batch"), py::arg("dim"),
-        py::arg("flip_sin_to_cos"), py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
-        "out float32 [batch, dim] = [sin, cos](scale * t * freqs) (flipped: [cos, sin]), zero-padded for odd dim.");
+        py::arg("flip_sin_to_cos"), py::arg("scale"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
+        "out float32 [batch, dim] = [sin, cos](scale * t * freqs) (flipped: [cos, sin]), zero-padded for odd dim; "
+        "on up to `threads` threads.");
   m.def("group_norm_cpu", &blitzdiff::group_norm_cpu, py::arg("out"), py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("scale"), py::arg("scale_stride"), py::arg("shift"), py::arg("shift_stride"),
         py::arg("residual"), py::arg("batch"), py::arg("channels"), py::arg("spatial"), py::arg("groups"),

@@ -18,7 +18,7 @@ namespace blitzdiff {
 
 void timestep_embedding_cpu(std::uintptr_t out, std::uintptr_t timesteps, std::int64_t t_stride,
                             const std::string& t_dtype, std::uintptr_t freqs, std::int64_t batch, std::int64_t dim,
-                            bool flip_sin_to_cos, double scale);
+                            bool flip_sin_to_cos, double scale, std::int64_t threads);
 
 #ifdef BLITZDIFF_WITH_CUDA
 // Enqueued on `stream` (a cudaStream_t as an integer) of the current device; no synchronization (graph-capturable).

@@ -226,3 +226,36 @@ def test_gpu_repeatable_capturable_and_opcheck(backend):
     small = make_inputs((2, 3, 9), torch.float16, "cuda")
     torch.library.opcheck(torch.ops.blitzdiff.adaln_modulate.default, (*small[:3], 1e-6), {"backend": backend})
     assert adaln_modulate(*small[:3], backend="auto").dtype == torch.float16
+
+
+def test_cpu_threads_give_the_same_bits():
+    """The C++ kernels split rows over torch.get_num_threads() threads once a call has 2**16 elements per thread:
+    any count gives the same bits, within the spec's budget (this size splits over up to 4 threads)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 128, 1152, generator=gen) for _ in range(2))
+    shift, scale, gate = (0.5 * torch.randn(2, 1152, generator=gen) for _ in range(3))
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results.append((adaln_modulate(x, shift, scale, 1e-6, backend="cpu"),
+                            adaln_gated_residual(x, y, gate, backend="cpu")))
+    finally:
+        torch.set_num_threads(saved)
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0], strict=True))
+    torch.testing.assert_close(results[0][0], adaln_modulate_ref(x, shift, scale, 1e-6), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], adaln_gated_residual_ref(x, y, gate))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_in_the_process():
+    """The module's OpenMP (csrc/parallel.h) is torch's own libgomp.so.1: after the threaded kernels ran, the process
+    maps one OpenMP runtime, not a second copy or another vendor's beside it."""
+    x = torch.randn(4, 128, 1152)
+    adaln_modulate(x, x[:, 0], x[:, 1], 1e-6, backend="cpu")
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
+    runtimes = {p for p in paths if any(name in p.rsplit("/", 1)[-1] for name in ("libgomp", "libomp", "libiomp"))}
+    assert len(runtimes) == 1, runtimes

@@ -467,7 +467,7 @@ def test_cpu_per_sample_guidance_rows(dtype):
         rows = torch.stack([out[i], out[batch + i]])
         want = solver_step_ref(rows, x[i:i + 1], None, [h[i:i + 1]], [], None, 1.1, -0.2, scale, 0.9, [0.3, 0.1], [],
                                0.0)
-        torch.testing.assert_close(denoised[i:i + 1], want[0])  # to rounding: the kernel may contract to FMAs
+        torch.testing.assert_close(denoised[i:i + 1], want[0])  # to rounding, as test_float64_matches_spec
         torch.testing.assert_close(x_next[i:i + 1], want[1])
     with pytest.raises(ValueError, match=r"row_size must be >= 1 and divide n \(4500\), got 7"):
         solver_step_cpu(denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), x.data_ptr(), x.numel(), True,

@@ -262,3 +262,20 @@ def test_gpu_repeatable_capturable_and_opcheck(backend):
     torch.library.opcheck(torch.ops.blitzdiff.timestep_embedding.default,
                           (t.long(), 9, True, 1.0, 1.0, 10000.0), {"backend": backend})
     assert math.isfinite(timestep_embedding(t, 320, backend="auto").sum().item())
+
+
+def test_cpu_threads_give_the_same_bits():
+    """The C++ kernel splits rows over torch.get_num_threads() threads once each gets 8192 values: the same bits
+    for any count (256 x 320 splits over up to 10 threads)."""
+    timesteps = torch.linspace(0, 999, 256)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results.append(timestep_embedding(timesteps, 320, flip_sin_to_cos=True, backend="cpu"))
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(got, results[0]) for got in results[1:])
+    torch.testing.assert_close(results[0], timestep_embedding_ref(timesteps, 320, flip_sin_to_cos=True),
+                               rtol=0, atol=2e-6)
