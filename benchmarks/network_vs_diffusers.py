@@ -20,6 +20,7 @@ import torch
 import blitzdiff
 from blitzdiff.bench.baseline import diffusers_model
 from blitzdiff.bench.measure import synchronize, timed_ms
+from blitzdiff.kernels._backends import ALL_BACKENDS
 from blitzdiff.models import set_backend
 from blitzdiff.profiling import prompt_embeddings
 
@@ -65,7 +66,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backends", nargs="+", default=["ref", "auto"], help="our kernel backends to run")
+    parser.add_argument("--backends", nargs="+", default=["ref", "auto"], choices=ALL_BACKENDS,
+                        help="our kernel backends to run")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json", help="also write the figures here")

@@ -96,7 +96,6 @@ BLITZDIFF_CLONES void gated_clones(T* out, const T* residual, const T* y, const 
 // body(first_row, last_row) over [0, rows) on up to `threads` threads, at least kMinPerThread elements each.
 template <typename Body>
 void over_rows(std::int64_t rows, std::int64_t dim, std::int64_t threads, const Body& body) {
-  if (threads < 1) throw std::invalid_argument("adaln: threads must be >= 1, got " + std::to_string(threads));
   parallel_ranges(rows, (kMinPerThread + dim - 1) / dim, threads, body);
 }
 
@@ -124,6 +123,7 @@ void adaln_modulate_cpu(std::uintptr_t out, std::uintptr_t x, std::uintptr_t shi
                         std::int64_t rows, std::int64_t tokens, std::int64_t dim, std::int64_t param_stride,
                         double eps, const std::string& dtype, std::int64_t threads) {
   check_adaln_args("adaln_modulate", out, x, shift, scale, rows, tokens, dim, param_stride);
+  check_threads("adaln_modulate_cpu", threads);
   if (dtype == "float32") {
     over_rows(rows, dim, threads, [&](std::int64_t first, std::int64_t last) {
       modulate_clones<float>(reinterpret_cast<float*>(out), in<float>(x), in<float>(shift), in<float>(scale), first,
@@ -143,6 +143,7 @@ void adaln_gated_residual_cpu(std::uintptr_t out, std::uintptr_t residual, std::
                               std::int64_t rows, std::int64_t tokens, std::int64_t dim, std::int64_t param_stride,
                               const std::string& dtype, std::int64_t threads) {
   check_adaln_args("adaln_gated_residual", out, residual, y, gate, rows, tokens, dim, param_stride);
+  check_threads("adaln_gated_residual_cpu", threads);
   if (dtype == "float32") {
     over_rows(rows, dim, threads, [&](std::int64_t first, std::int64_t last) {
       gated_clones<float>(reinterpret_cast<float*>(out), in<float>(residual), in<float>(y), in<float>(gate), first,

@@ -171,9 +171,7 @@ void check_noise_bits_args(std::uintptr_t out, std::uintptr_t seeds, std::int64_
 void gaussian_noise_cpu(std::uintptr_t out, std::uintptr_t seeds, std::int64_t batch, std::int64_t count,
                         std::int64_t stream, const std::string& dtype, std::int64_t threads) {
   check_gaussian_noise_args(out, seeds, batch, count, stream);
-  if (threads < 1) {
-    throw std::invalid_argument("gaussian_noise_cpu: threads must be >= 1, got " + std::to_string(threads));
-  }
+  check_threads("gaussian_noise_cpu", threads);
   const auto* s = reinterpret_cast<const std::int64_t*>(seeds);
   const auto st = static_cast<std::uint32_t>(stream);
   if (dtype == "float32") {

@@ -34,8 +34,8 @@ constexpr std::int64_t kChunk = 4096;  // values per channels-first moments chun
 // Values per channels-last chunk (rows of C): larger, as each chunk ends with per-group sums over its C channel
 // accumulators; 64 KiB of float32, re-read from L2.
 constexpr std::int64_t kRowsChunk = 16384;
-// Below this many elements per thread a std::thread costs more than it saves (start + join is ~20-50 us, more on
-// a busy machine).
+// Below this many elements per thread another thread costs more than it saves (a std::thread's start + join was
+// ~20-50 us, more on a busy machine; kept for OpenMP's cheaper wake-up, not re-tuned).
 constexpr std::int64_t kMinElementsPerThread = std::int64_t{1} << 17;
 
 struct BFloat16 {

@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -19,6 +21,13 @@
 #endif
 
 namespace blitzdiff {
+
+// std::invalid_argument ("<op>: threads must be >= 1, got N") unless threads >= 1: the entry points' thread count.
+inline void check_threads(const char* op, std::int64_t threads) {
+  if (threads < 1) {
+    throw std::invalid_argument(std::string(op) + ": threads must be >= 1, got " + std::to_string(threads));
+  }
+}
 
 // body(first, last) over contiguous ranges that cover [0, total) once, on up to `threads` threads (at least one;
 // each range at least min_per_thread units unless there is only one). Returns when every range is done.

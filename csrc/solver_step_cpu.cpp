@@ -140,9 +140,7 @@ void solver_step_cpu(std::uintptr_t denoised, std::uintptr_t x_next, std::uintpt
                      const std::vector<double>& coefs, std::int64_t threads, std::uintptr_t guidance_rows,
                      std::int64_t row_size) {
   check_solver_step_args(denoised, x_next, out, point, n, terms, coefs);
-  if (threads < 1) {
-    throw std::invalid_argument("solver_step_cpu: threads must be >= 1, got " + std::to_string(threads));
-  }
+  check_threads("solver_step_cpu", threads);
   if (guidance_rows != 0 && (row_size < 1 || n % row_size != 0)) {
     throw std::invalid_argument("solver_step_cpu: with guidance_rows, row_size must be >= 1 and divide n (" +
                                 std::to_string(n) + "), got " + std::to_string(row_size));

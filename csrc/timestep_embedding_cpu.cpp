@@ -48,9 +48,7 @@ void timestep_embedding_cpu(std::uintptr_t out, std::uintptr_t timesteps, std::i
                             const std::string& t_dtype, std::uintptr_t freqs, std::int64_t batch, std::int64_t dim,
                             bool flip_sin_to_cos, double scale, std::int64_t threads) {
   check_timestep_embedding_args(out, timesteps, freqs, t_stride, batch, dim);
-  if (threads < 1) {
-    throw std::invalid_argument("timestep_embedding_cpu: threads must be >= 1, got " + std::to_string(threads));
-  }
+  check_threads("timestep_embedding_cpu", threads);
   auto* o = reinterpret_cast<float*>(out);
   const auto* f = reinterpret_cast<const float*>(freqs);
   const auto s = static_cast<float>(scale);

@@ -55,15 +55,18 @@ def native(op: str, backend: str):
     return module
 
 
-def launch(op: str, backend: str, device: torch.device, *args, kernel: str | None = None) -> None:
+def launch(op: str, backend: str, device: torch.device, *args, kernel: str | None = None,
+           threaded: bool = False) -> None:
     """Call blitzdiff._C's `<kernel>_<backend>` (kernel defaults to `op`), "cpu" or "cuda", with `args`.
 
     The CUDA entry also takes torch's current stream of `device` as its last argument, and `device` is made current
     for the call: the kernel launches in the current CUDA context, on that stream (graph capture, side streams).
+    threaded: the CPU entry also takes a thread count as its last argument, torch.get_num_threads() (its kernels
+    split work over torch's OpenMP threads, csrc/parallel.h, with the same bits for any count).
     """
     function = getattr(native(op, backend), f"{kernel or op}_{backend}")
     if backend == "cpu":
-        function(*args)
+        function(*args, *((torch.get_num_threads(),) if threaded else ()))
         return
     with torch.cuda.device(device):
         function(*args, torch.cuda.current_stream(device).cuda_stream)

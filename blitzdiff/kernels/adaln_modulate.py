@@ -96,9 +96,8 @@ def _launch(op: str, backend: str, out: Tensor, rows: tuple[Tensor, ...], params
         with device_guard(out.device):
             getattr(triton_kernels, op)(out, *rows, *params, *scalars)
         return out
-    threads = (torch.get_num_threads(),) if backend == "cpu" else ()  # the C++ kernel splits rows over threads
     launch(op, backend, out.device, out.data_ptr(), *(t.data_ptr() for t in (*rows, *params)), batch * tokens, tokens,
-           dim, param_stride, *scalars, str(out.dtype).removeprefix("torch."), *threads)
+           dim, param_stride, *scalars, str(out.dtype).removeprefix("torch."), threaded=True)
     return out
 
 

@@ -114,8 +114,7 @@ def _gaussian_noise_kernel(
     seeds = seeds.contiguous()
     out = torch.empty((seeds.shape[0], *shape), dtype=dtype, device=seeds.device)
     args = (out.data_ptr(), seeds.data_ptr(), seeds.shape[0], math.prod(shape), stream, _DTYPE_NAMES[dtype])
-    threads = (torch.get_num_threads(),) if backend == "cpu" else ()  # torch's setting: the same bits for any count
-    launch("gaussian_noise", backend, seeds.device, *args, *threads)
+    launch("gaussian_noise", backend, seeds.device, *args, threaded=True)
     return out
 
 

@@ -190,7 +190,7 @@ def _group_norm_kernel(
         batch, channels, spatial, num_groups, eps, last, silu, _DTYPE_NAMES[x.dtype], _DTYPE_NAMES[pdtype],
     )
     if backend == "cpu":
-        launch("group_norm", "cpu", x.device, *args, torch.get_num_threads())
+        launch("group_norm", "cpu", x.device, *args, threaded=True)
         return out
     size = _native_module("group_norm", "cuda").group_norm_cuda_workspace(batch, channels, spatial, num_groups,
                                                                           _DTYPE_NAMES[x.dtype])

@@ -137,10 +137,9 @@ def _solver_step_kernel(
             triton_kernel.solver_step(denoised, x_next, out, point, guided, c_skip, c_out, guidance_scale,
                                       [t for _, t in live], [coef for coef, _ in live])
         return denoised, x_next
-    threads = (torch.get_num_threads(),) if backend == "cpu" else ()  # torch's setting; the same bits for any count
     launch("solver_step", backend, x.device, denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(),
            x.numel(), guided, str(x.dtype).removeprefix("torch."), c_skip, c_out, guidance_scale,
-           [0 if t is None else t.data_ptr() for _, t in live], [coef for coef, _ in live], *threads)
+           [0 if t is None else t.data_ptr() for _, t in live], [coef for coef, _ in live], threaded=True)
     return denoised, x_next
 
 

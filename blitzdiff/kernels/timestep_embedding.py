@@ -111,9 +111,8 @@ def _embed(timesteps: Tensor, dim: int, flip: bool, shift: float, scale: float, 
         with device_guard(out.device):
             triton_kernels.timestep_embedding(out, timesteps, freqs, flip, scale)
         return out
-    threads = (torch.get_num_threads(),) if backend == "cpu" else ()  # the C++ kernel splits rows over threads
     launch("timestep_embedding", backend, out.device, out.data_ptr(), timesteps.data_ptr(), timesteps.stride(0),
-           _TIMESTEP_DTYPES[timesteps.dtype], freqs.data_ptr(), out.shape[0], dim, flip, scale, *threads)
+           _TIMESTEP_DTYPES[timesteps.dtype], freqs.data_ptr(), out.shape[0], dim, flip, scale, threaded=True)
     return out
 
 
