@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import blitzdiff
 from blitzdiff.bench import sample_inputs
 from blitzdiff.bench.measure import device_label, device_record, synchronize
+from blitzdiff.bench.roofline import network_flops
 from blitzdiff.bench.suite import blitzdiff_sample, diffusers_sample
-from blitzdiff.models import model_class, set_backend
 
 
 @dataclass(frozen=True)
@@ -100,24 +99,6 @@ def reference(job: Job, system: str) -> torch.Tensor:
     sample = sampler_for(job, "diffusers") if other == "diffusers" else functools.partial(
         pipe.sample, sampler=job.sampler, output_type="raw", progress=False)
     return sample(job.batch, steps=job.steps, **sample_inputs(pipe, job.batch, job.guidance))
-
-
-def network_flops(pipe, batch: int) -> int:
-    """FLOPs of one network call on `batch` inputs: torch's FlopCounterMode over a meta-device twin (no memory, no
-    compute) running the reference kernels (a fused custom op is invisible to the counter)."""
-    with torch.device("meta"):
-        twin = model_class(pipe.model.diffusers_class).from_config(pipe.model.config)
-    set_backend(twin, "ref")
-    x = torch.zeros((batch, *pipe.latent_shape(None, None)), device="meta")
-    cond = {}
-    if pipe.kind.class_conditional:
-        cond["class_labels"] = torch.zeros(batch, dtype=torch.int64, device="meta")
-    if pipe.kind.text_conditional:
-        cond["encoder_hidden_states"] = torch.zeros((batch, 77, pipe.model.config["cross_attention_dim"]),
-                                                    device="meta")
-    with FlopCounterMode(display=False) as counter:
-        twin(x, torch.zeros(batch, device="meta"), **cond)
-    return counter.get_total_flops()
 
 
 def run_job(benchmark, job: Job, system: str) -> None:

@@ -60,9 +60,11 @@ def _sweep_table(results: dict[str, Any], kind: str, varied: str, value: str) ->
 
 
 def _best_table(results: dict[str, Any], kind: str, varied: str) -> str:
-    """Per point of the sweep: the fastest blitzdiff system against the fastest baseline (both by median), and the
-    speed-up (the baseline's time / blitzdiff's); "" when either side has no row."""
+    """Per point of the sweep: the fastest blitzdiff system against the fastest baseline (both by median), the
+    speed-up (the baseline's time / blitzdiff's) and, when the roofline was measured, the run's floor and the
+    largest speed-up over that baseline it allows (bench.roofline); "" when either side has no row."""
     rows = [r for r in results["rows"] if r["kind"] == kind]
+    floors = {(r["batch"], r["steps"]): r["floor_ms"] for r in results.get("roofline", {}).get("runs", [])}
     table = []
     for point in dict.fromkeys(r[varied] for r in rows):
         here = [r for r in rows if r[varied] == point]
@@ -71,9 +73,13 @@ def _best_table(results: dict[str, Any], kind: str, varied: str) -> str:
         if not ours or not theirs:
             continue
         best, peer = (min(side, key=lambda r: r["median_ms"]) for side in (ours, theirs))
+        floor = floors.get((best["batch"], best["steps"]))
         table.append([str(point), f"{best['system']} {best['median_ms']:.2f} ms",
-                      f"{peer['system']} {peer['median_ms']:.2f} ms", f"{peer['median_ms'] / best['median_ms']:.2f}x"])
-    return format_table([varied, "fastest blitzdiff", "fastest baseline", "speed-up"], table) if table else ""
+                      f"{peer['system']} {peer['median_ms']:.2f} ms", f"{peer['median_ms'] / best['median_ms']:.2f}x",
+                      "-" if floor is None else f"{floor:.2f} ms", "-" if floor is None
+                      else f"{peer['median_ms'] / floor:.2f}x"])
+    headers = [varied, "fastest blitzdiff", "fastest baseline", "speed-up", "floor", "speed-up bound"]
+    return format_table(headers, table) if table else ""
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -104,6 +110,7 @@ def format_results(results: dict[str, Any]) -> str:
     parts.append("build, s (first call minus steady state, summed over configurations; the runtime's own build_s "
                  "in brackets): " + ", ".join(_build(s) for s in results["systems"] if s["status"] == "ok"))
     parts.append(_split_line(results["step_split"]))
+    parts.append(_roofline_line(results.get("roofline")))
     notes = [f"{s['name']}: {s['status']} ({s.get('reason') or s.get('error')})" for s in results["systems"]
              if s["status"] != "ok"]
     return "\n\n".join(part for part in [*parts, "\n".join(notes), format_warnings(results["warnings"])] if part)
@@ -145,6 +152,17 @@ def _split_line(split: dict[str, Any] | None) -> str:
     median = split["median"]
     return (f"{where}, {split['clock']}, median over steps): network {median['network_ms']:.3f} ms, solver "
             f"{median['solver_ms']:.3f} ms, host {median['host_ms']:.3f} ms, step {median['step_ms']:.3f} ms")
+
+
+def _roofline_line(roofline: dict[str, Any] | None) -> str:
+    if roofline is None:
+        return ""
+    if "error" in roofline:
+        return f"roofline: not measured ({roofline['error']})"
+    gemm = roofline["gemm"]
+    return (f"roofline: {gemm['size']}^3 {gemm['dtype']} GEMM at {gemm['best_flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"(median {gemm['flops_per_s'] / 1e9:.1f}); floor = the run's network FLOPs at that rate, a time no "
+            "system doing the same arithmetic in this dtype beats; speed-up bound = the baseline's time / floor")
 
 
 def write_json(results: dict[str, Any], path: str | Path) -> None:

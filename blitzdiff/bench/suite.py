@@ -7,7 +7,9 @@ median and spread of the timed repeats); for blitzdiff eager also the per-step n
 blitzdiff.profiling. Every system gets the same initial noise and conditioning (bench.workload). A failing
 non-eager system (a compile error, say) is recorded with its error and the run goes on. The run uses the torch
 thread count of bench.threads (one that leaves the cores other work occupies) and ends with its warnings: unstable
-configurations, an oversubscribed CPU, too few repeats to judge, a latency that fell as the steps grew.
+configurations, an oversubscribed CPU, too few repeats to judge, a latency that fell as the steps grew. Last it
+measures the device's GEMM rate and counts each configuration's network FLOPs (bench.roofline): the time no system
+doing that arithmetic could beat.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler
 from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, Measurement, measure, run_record
+from .roofline import floor_ms, gemm_rate, run_flops
 from .threads import CpuThreads
 from .workload import sample_inputs
 
@@ -155,6 +158,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         for baseline in baselines:
             systems.append(job.guarded(baseline, partial(diffusers_sample, pipe, sampler, baseline), rows))
         record = run_record(device)  # inside: the device record holds the run's thread count
+        roofline = job.roofline(rows)  # inside: the GEMM rate at the run's thread count
     add_speedups(rows)
     meta = {**record, "threads": threads.record(), "model": pipe.name, "sampler": sampler, "dtype": config.dtype,
             "guidance_scale": guidance, "latent_shape": list(pipe.latent_shape(None, None)),
@@ -165,7 +169,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             "timing": "wall clock per sampling run, device synchronized before and after; the first call (build) "
                       "and one warm-up call (peak memory) untimed; median, quartiles, min and max of the repeats"}
     warnings = [*threads.warnings(), *measurement_warnings(rows, config.repeats)]
-    return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split, "warnings": warnings}
+    return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split, "roofline": roofline,
+            "warnings": warnings}
 
 
 def check_job(pipe, sampler: str, guidance: float) -> None:
@@ -260,6 +265,21 @@ class Job:
             return {**record, "error": error_line(error)}
         return {**record, "clock": "device time" if result.on_device else "wall time",
                 "median": split_summary(result), "per_step": per_step_rows(result)}
+
+
+    def roofline(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The device's GEMM rate and, per (batch, steps) measured, the run's network FLOPs and floor (bench.roofline);
+        each row gets its achieved network FLOP/s. The counter's or the GEMM's error instead, if one fails."""
+        try:
+            gemm = gemm_rate(self.pipe.device, self.pipe.dtype)
+            runs = {(r["batch"], r["steps"]): run_flops(self.pipe, self.sampler, r["batch"], r["steps"], self.guidance)
+                    for r in rows}
+        except Exception as error:  # one figure among many: the timings stand without it
+            return {"error": error_line(error)}
+        for row in rows:
+            row["network_flops_per_s"] = runs[row["batch"], row["steps"]] / (row["median_ms"] / 1e3)
+        return {"gemm": gemm, "runs": [{"batch": batch, "steps": steps, "flops": flops,
+                                        "floor_ms": floor_ms(flops, gemm)} for (batch, steps), flops in runs.items()]}
 
 
 def result_row(system: str, kind: str, batch: int, steps: int, m: Measurement) -> dict[str, Any]:
