@@ -8,8 +8,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import blitzdiff
-from blitzdiff.bench import format_results
-from blitzdiff.bench.roofline import floor_ms, gemm_rate, network_flops, run_flops
+from blitzdiff.bench import format_results, roofline
+from blitzdiff.bench import suite as bench_suite
+from blitzdiff.bench.roofline import dense_rate, floor_ms, network_flops, run_flops
+from blitzdiff.bench.suite import roofline_warnings
 
 
 def dit_flops_by_hand(config: dict, batch: int) -> int:
@@ -61,15 +63,31 @@ def test_run_flops_counts_every_evaluation_at_the_network_batch(sampler, evaluat
     assert run_flops(pipe, sampler, 3, 5, guidance) == evaluations * network_flops(pipe, network_batch)
 
 
-def test_gemm_rate_and_floor():
-    gemm = gemm_rate(torch.device("cpu"), torch.float32, size=256)
-    assert gemm["size"] == 256 and gemm["dtype"] == "float32"
-    assert 0 < gemm["flops_per_s"] <= gemm["best_flops_per_s"]
+def test_dense_rate_and_floor(monkeypatch):
+    monkeypatch.setitem(roofline.GEMM_SIZE, "cpu", 128)
+    monkeypatch.setitem(roofline.CONV_SHAPE, "cpu", (2, 16, 8))
+    rate = dense_rate(torch.device("cpu"), torch.float32)
+    assert rate["gemm"]["size"] == 128 and rate["conv"]["shape"] == [2, 16, 8, 8] and rate["dtype"] == "float32"
+    for kernel in ("gemm", "conv"):
+        assert 0 < rate[kernel]["flops_per_s"] <= rate[kernel]["best_flops_per_s"] <= rate["best_flops_per_s"]
+    assert rate["best_flops_per_s"] in (rate["gemm"]["best_flops_per_s"], rate["conv"]["best_flops_per_s"])
     # the fastest call's rate bounds the time: 2 GFLOP at 4 GFLOP/s is 500 ms
     assert floor_ms(2 * 10**9, {"best_flops_per_s": 4e9, "flops_per_s": 1e9}) == pytest.approx(500.0)
 
 
+def test_a_system_faster_than_the_floor_is_warned_about():
+    rows = [{"system": "blitzdiff-eager", "batch": 8, "steps": 10, "network_flops_per_s": 2.1e11},
+            {"system": "diffusers", "batch": 8, "steps": 10, "network_flops_per_s": 1.9e11}]
+    found = roofline_warnings(rows, {"best_flops_per_s": 2e11})
+    assert len(found) == 1 and "blitzdiff-eager batch 8, 10 steps" in found[0] and "210.0 GFLOP/s" in found[0]
+    assert roofline_warnings(rows, {"error": "x"}) == []
+
+
 def test_report_gives_floor_and_speedup_bound_per_point():
+    def rate(gemm: float, conv: float) -> dict:
+        return {"gemm": {"size": 2048, "best_flops_per_s": gemm}, "conv": {"shape": [8, 128, 32, 32],
+                                                                          "best_flops_per_s": conv}}
+
     def row(system: str, ms: float) -> dict:
         return {"system": system, "kind": "throughput", "batch": 8, "steps": 10, "median_ms": ms, "min_ms": ms,
                 "max_ms": ms, "rel_iqr": 0.0, "unstable": False, "peak_total_bytes": 0, "peak_memory_bytes": 0}
@@ -84,11 +102,25 @@ def test_report_gives_floor_and_speedup_bound_per_point():
         "systems": [],
         "rows": [row("blitzdiff-eager", 120.0), row("diffusers", 150.0), row("diffusers-compile", 140.0)],
         "step_split": None, "warnings": [],
-        "roofline": {"gemm": {"size": 2048, "dtype": "float32", "flops_per_s": 1e11, "best_flops_per_s": 2e11},
+        "roofline": {"rates": [rate(1.5e11, 2e11), {"error": "RuntimeError: x"}], "best_flops_per_s": 2e11,
                      "runs": [{"batch": 8, "steps": 10, "flops": 2 * 10**10, "floor_ms": 100.0}]},
     }
     text = format_results(results)
     best = text.split("fastest against fastest, throughput")[1].splitlines()[3].split()
     # batch, fastest blitzdiff (name, ms), fastest baseline (name, ms), speed-up, floor, bound = baseline / floor
     assert best[0] == "8" and best[4:] == ["diffusers-compile", "140.00", "ms", "1.17x", "100.00", "ms", "1.40x"]
-    assert "GEMM at 200.0 GFLOP/s (median 100.0)" in text
+    assert "dense rate 200.0 GFLOP/s" in text
+    assert "before: 2048^3 GEMM 150.0, conv 8x128x32x32 200.0; after: RuntimeError: x" in text
+
+
+def test_the_floor_takes_the_faster_of_the_rates_before_and_after(monkeypatch):
+    pipe = blitzdiff.load("dit-digits")
+    job = bench_suite.Job(pipe, "dpmpp_2m", 1.25, bench_suite.BenchConfig(), print, total=1)
+    monkeypatch.setattr(bench_suite, "dense_rate", lambda device, dtype: {"best_flops_per_s": 1e9})  # after: slow
+    rows = [{"system": "diffusers", "batch": 2, "steps": 3, "median_ms": 1000.0}]
+    found = job.roofline(rows, {"best_flops_per_s": 4e9})  # before: fast
+    flops = run_flops(pipe, "dpmpp_2m", 2, 3, 1.25)
+    assert found["best_flops_per_s"] == 4e9 and found["runs"][0]["floor_ms"] == pytest.approx(flops / 4e9 * 1e3)
+    assert rows[0]["network_flops_per_s"] == pytest.approx(flops)  # per second of a 1 s run
+    failed = job.roofline(rows, {"error": "RuntimeError: before"})
+    assert failed["best_flops_per_s"] == 1e9

@@ -159,10 +159,18 @@ def _roofline_line(roofline: dict[str, Any] | None) -> str:
         return ""
     if "error" in roofline:
         return f"roofline: not measured ({roofline['error']})"
-    gemm = roofline["gemm"]
-    return (f"roofline: {gemm['size']}^3 {gemm['dtype']} GEMM at {gemm['best_flops_per_s'] / 1e9:.1f} GFLOP/s "
-            f"(median {gemm['flops_per_s'] / 1e9:.1f}); floor = the run's network FLOPs at that rate, a time no "
-            "system doing the same arithmetic in this dtype beats; speed-up bound = the baseline's time / floor")
+    rates = "; ".join(_rate(when, rate) for when, rate in zip(("before", "after"), roofline["rates"], strict=True))
+    return (f"roofline: dense rate {roofline['best_flops_per_s'] / 1e9:.1f} GFLOP/s, the fastest call of a GEMM and a "
+            f"3x3 convolution measured before and after the systems ({rates}); floor = the run's network FLOPs at "
+            "that rate; speed-up bound = the fastest baseline's time / floor (see bench.roofline for what they bound)")
+
+
+def _rate(when: str, rate: dict[str, Any]) -> str:
+    if "error" in rate:
+        return f"{when}: {rate['error']}"
+    gemm, conv = rate["gemm"], rate["conv"]
+    return (f"{when}: {gemm['size']}^3 GEMM {gemm['best_flops_per_s'] / 1e9:.1f}, conv "
+            f"{'x'.join(map(str, conv['shape']))} {conv['best_flops_per_s'] / 1e9:.1f}")
 
 
 def write_json(results: dict[str, Any], path: str | Path) -> None:

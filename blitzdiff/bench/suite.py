@@ -8,8 +8,8 @@ blitzdiff.profiling. Every system gets the same initial noise and conditioning (
 non-eager system (a compile error, say) is recorded with its error and the run goes on. The run uses the torch
 thread count of bench.threads (one that leaves the cores other work occupies) and ends with its warnings: unstable
 configurations, an oversubscribed CPU, too few repeats to judge, a latency that fell as the steps grew. Last it
-measures the device's GEMM rate and counts each configuration's network FLOPs (bench.roofline): the time no system
-doing that arithmetic could beat.
+sets each configuration's network FLOPs against the device's dense rate, measured before and after the systems
+(bench.roofline): the run's floor, and a warning when a system beat it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler
 from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, Measurement, measure, run_record
-from .roofline import floor_ms, gemm_rate, run_flops
+from .roofline import dense_rate, floor_ms, run_flops
 from .threads import CpuThreads
 from .workload import sample_inputs
 
@@ -147,6 +147,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         rows: list[dict[str, Any]] = []
         # The split first: profiling ranges need the plain eager loop, i.e. the pipeline before any compile().
         step_split = job.step_split() if "eager" in modes else None
+        rate_before = job.dense_rate()  # the machine as the thread rule saw it
         max_graphs = len({(batch, steps) for _, batch, steps in configurations})  # keep every build in the stats
         for mode in modes:
             name, build = f"blitzdiff-{mode}", partial(blitzdiff_sample, pipe, sampler, mode, max_graphs,
@@ -158,7 +159,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         for baseline in baselines:
             systems.append(job.guarded(baseline, partial(diffusers_sample, pipe, sampler, baseline), rows))
         record = run_record(device)  # inside: the device record holds the run's thread count
-        roofline = job.roofline(rows)  # inside: the GEMM rate at the run's thread count
+        roofline = job.roofline(rows, rate_before)  # inside: the dense rate at the run's thread count
     add_speedups(rows)
     meta = {**record, "threads": threads.record(), "model": pipe.name, "sampler": sampler, "dtype": config.dtype,
             "guidance_scale": guidance, "latent_shape": list(pipe.latent_shape(None, None)),
@@ -168,7 +169,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             "unstable_bounds": {"rel_iqr": UNSTABLE_REL_IQR, "max_over_min": UNSTABLE_MAX_OVER_MIN},
             "timing": "wall clock per sampling run, device synchronized before and after; the first call (build) "
                       "and one warm-up call (peak memory) untimed; median, quartiles, min and max of the repeats"}
-    warnings = [*threads.warnings(), *measurement_warnings(rows, config.repeats)]
+    warnings = [*threads.warnings(), *measurement_warnings(rows, config.repeats), *roofline_warnings(rows, roofline)]
     return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split, "roofline": roofline,
             "warnings": warnings}
 
@@ -267,19 +268,32 @@ class Job:
                 "median": split_summary(result), "per_step": per_step_rows(result)}
 
 
-    def roofline(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """The device's GEMM rate and, per (batch, steps) measured, the run's network FLOPs and floor (bench.roofline);
-        each row gets its achieved network FLOP/s. The counter's or the GEMM's error instead, if one fails."""
+    def dense_rate(self) -> dict[str, Any]:
+        """bench.roofline.dense_rate on the pipeline's device and dtype, or its error."""
         try:
-            gemm = gemm_rate(self.pipe.device, self.pipe.dtype)
-            runs = {(r["batch"], r["steps"]): run_flops(self.pipe, self.sampler, r["batch"], r["steps"], self.guidance)
-                    for r in rows}
+            return dense_rate(self.pipe.device, self.pipe.dtype)
         except Exception as error:  # one figure among many: the timings stand without it
             return {"error": error_line(error)}
+
+    def roofline(self, rows: list[dict[str, Any]], before: dict[str, Any]) -> dict[str, Any]:
+        """The dense rate measured `before` the systems and now, and per (batch, steps) measured the run's network
+        FLOPs and floor at the faster of the two (bench.roofline); each row gets its achieved network FLOP/s. An
+        error instead when neither rate or the FLOP count could be measured."""
+        rates = [before, self.dense_rate()]
+        measured = [rate for rate in rates if "error" not in rate]
+        if not measured:
+            return {"error": rates[-1]["error"], "rates": rates}
+        rate = max(measured, key=lambda r: r["best_flops_per_s"])
+        try:
+            runs = {(r["batch"], r["steps"]): run_flops(self.pipe, self.sampler, r["batch"], r["steps"], self.guidance)
+                    for r in rows}
+        except Exception as error:  # as above
+            return {"error": error_line(error), "rates": rates}
         for row in rows:
             row["network_flops_per_s"] = runs[row["batch"], row["steps"]] / (row["median_ms"] / 1e3)
-        return {"gemm": gemm, "runs": [{"batch": batch, "steps": steps, "flops": flops,
-                                        "floor_ms": floor_ms(flops, gemm)} for (batch, steps), flops in runs.items()]}
+        return {"rates": rates, "best_flops_per_s": rate["best_flops_per_s"],
+                "runs": [{"batch": batch, "steps": steps, "flops": flops, "floor_ms": floor_ms(flops, rate)}
+                         for (batch, steps), flops in runs.items()]}
 
 
 def result_row(system: str, kind: str, batch: int, steps: int, m: Measurement) -> dict[str, Any]:
@@ -316,6 +330,18 @@ def measurement_warnings(rows: list[dict[str, Any]], repeats: int) -> list[str]:
         found.append(f"repeats: {repeats} timed run per configuration, so no spread to judge the figures by: use "
                      "--repeats 5 or more for figures")
     return found
+
+
+def roofline_warnings(rows: list[dict[str, Any]], roofline: dict[str, Any]) -> list[str]:
+    """A system faster than the floor: the dense rate was measured low (disturbed), so the floors are not floors."""
+    if "error" in roofline:
+        return []
+    rate = roofline["best_flops_per_s"]
+    beaten = {(r["system"], r["batch"], r["steps"]): r for r in rows if r["network_flops_per_s"] > rate}
+    return [f"roofline: {system} batch {batch}, {steps} steps ran the network at {r['network_flops_per_s'] / 1e9:.1f} "
+            f"GFLOP/s, above the measured dense rate ({rate / 1e9:.1f}): that rate was measured low (a disturbed "
+            "measurement or a faster kernel), so this run's floors and speed-up bounds are not bounds"
+            for (system, batch, steps), r in beaten.items()]
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
