@@ -5,6 +5,7 @@ Options a builder accepts are its keyword arguments (e.g. DDIM's `eta`, LCM's cu
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import threading
@@ -31,9 +32,17 @@ BUILDERS: dict[str, str] = {
 }
 
 
+@functools.cache
 def builder(class_name: str) -> Callable[..., Plan]:
     module, function = BUILDERS[class_name].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+
+
+@functools.cache
+def accepted_options(class_name: str) -> frozenset[str]:
+    """The options the class's builder takes: its keyword arguments besides config and steps (read once: the
+    signature costs more than looking a plan up in the cache)."""
+    return frozenset(inspect.signature(builder(class_name)).parameters) - {"config", "steps"}
 
 
 _CACHE_SIZE = 64
@@ -69,8 +78,7 @@ def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Pl
     if steps > limit:
         raise ValueError(f"steps={steps} exceeds the training schedule (num_train_timesteps={limit}); "
                          f"allowed: 1..{limit}")
-    build = builder(config.class_name)
-    accepted = set(inspect.signature(build).parameters) - {"config", "steps"}
+    accepted = accepted_options(config.class_name)
     extra = sorted(k for k, v in options.items() if v is not None and k not in accepted)
     if extra:
         raise ValueError(f"{config.name} does not take option(s) {extra}; it takes: {sorted(accepted) or 'none'}")
@@ -80,7 +88,8 @@ def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Pl
         if key in _plans:
             _plans.move_to_end(key)
             return _plans[key]
-    plan = build(config, steps, **options)  # outside the lock: two threads may both build a new key, same plan
+    # outside the lock: two threads may both build a new key, same plan
+    plan = builder(config.class_name)(config, steps, **options)
     with _plans_lock:
         _plans[key] = plan
         _plans.move_to_end(key)
