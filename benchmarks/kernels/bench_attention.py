@@ -76,7 +76,7 @@ def main() -> None:
                         help="torch CPU threads (default: blitzdiff bench's rule, the cores the load leaves)")
     parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     parser.add_argument("--no-compile", action="store_true",
-                        help="accepted for run_all.sh, which passes it to every benchmark (no compile rows here)")
+                        help="skip the compile(ref) row (GPU only; slow to build)")
     args = parser.parse_args()
     if args.quick:
         args.repeats = 3
@@ -89,7 +89,7 @@ def main() -> None:
             print("CPU run: PyTorch's SDPA only; the Triton and CUDA kernels' figures need a GPU (run this there)")
         print(f"{'shape':>16} {'B,H,Lq,Lk,D':>20} {'dtype':>9} {'variant':>15} {'ms':>9} {'TFLOP/s':>8} "
               f"{'ref/this':>8}")
-        rows = variants(device, compile_ref=not args.quick)
+        rows = variants(device, compile_ref=not (args.quick or args.no_compile))
         shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if on_gpu else CPU_SHAPES
         for shape_name, (b, h, lq, lk, d) in shapes.items():
             flops = 4 * b * h * lq * lk * d

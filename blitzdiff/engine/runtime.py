@@ -104,7 +104,7 @@ def check_options(mode: str, buckets: Sequence[int], max_graphs: int, compile_lo
                          f"{device}; on CPU use 'compile' or 'eager'")
     if not buckets or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets):
         raise ValueError(f"buckets must be a non-empty sequence of ints >= 1, got {buckets!r}")
-    if not isinstance(max_graphs, int) or max_graphs < 1:
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
     return tuple(sorted(set(buckets)))
 

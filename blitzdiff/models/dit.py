@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import adaln_modulate, attention, timestep_embedding
+from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from .layers import TimestepEmbedding  # DiT's t_embedder.mlp: linear_1 -> SiLU -> linear_2
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
@@ -201,6 +202,8 @@ class AdaLayerNormZero(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with separate q / k / v projections (diffusers' split of DiT's fused qkv)."""
+
+    KERNEL_BACKENDS: ClassVar[tuple[str, ...]] = ATTENTION_BACKENDS  # what set_backend may give it
 
     def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
         super().__init__()

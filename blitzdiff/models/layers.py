@@ -7,7 +7,8 @@ so a diffusers checkpoint loads with `load_state_dict(strict=True)` and no key m
 `attention.py` (BasicTransformerBlock, FeedForward), `activations.py` (GEGLU), `transformers/transformer_2d.py`
 (continuous input) and `unets/unet_2d_blocks.py` (the down / mid / up block containers). Only the inference math is
 kept: no dropout, attention masks, processors or gradient checkpointing. Modules that call a `blitzdiff.kernels`
-op hold `self.backend` (which `blitzdiff.models.set_backend` sets).
+op hold `self.backend` (which `blitzdiff.models.set_backend` sets) and, when one of their ops lacks some backend,
+`KERNEL_BACKENDS`: the ones all of them take.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import attention, group_norm, timestep_embedding
+from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 
 # (channels, layer index within its block) -> the attention module after that layer's resnet
 AttentionFactory = Callable[[int, int], nn.Module]
@@ -210,6 +212,8 @@ class Attention(nn.Module):
 
     cross_attention_dim: the context's width for cross-attention (None: self-attention over x).
     """
+
+    KERNEL_BACKENDS: ClassVar[tuple[str, ...]] = ATTENTION_BACKENDS  # what set_backend may give it (GroupNorm has more)
 
     def __init__(self, query_dim: int, *, heads: int, dim_head: int, cross_attention_dim: int | None = None,
                  bias: bool = False, norm_num_groups: int | None = None, eps: float = 1e-5,

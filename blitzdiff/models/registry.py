@@ -58,10 +58,18 @@ def default_backend(device: torch.device | str) -> str:
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Make every module of `model` that calls a kernel (has a `backend` attribute) use `backend`; returns `model`."""
+    """Make every module of `model` that calls a kernel (has a `backend` attribute) use `backend`; returns `model`.
+    ValueError, with nothing changed, when some module's kernels lack it (its KERNEL_BACKENDS: e.g. attention has
+    no "cpu" kernel)."""
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; backends are {', '.join(ALL_BACKENDS)}")
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = backend
+    modules = [module for module in model.modules() if hasattr(module, "backend")]
+    refusing = {f"{type(m).__module__}.{type(m).__qualname__}": m.KERNEL_BACKENDS for m in modules
+                if backend not in getattr(m, "KERNEL_BACKENDS", ALL_BACKENDS)}
+    if refusing:
+        takes = "; ".join(f"{name} takes {', '.join(allowed)}" for name, allowed in refusing.items())
+        raise ValueError(f"kernel backend {backend!r} is not available for every layer of {type(model).__name__}: "
+                         f"{takes}. 'auto' picks, per op, the fastest backend built for the tensors")
+    for module in modules:
+        module.backend = backend
     return model

@@ -251,8 +251,9 @@ def test_bad_options_are_refused():
         pipe.compile("eager", buckets=(0, 2))
     with pytest.raises(ValueError, match="compile_loop=True needs mode='compile'"):
         pipe.compile("eager", compile_loop=True)
-    with pytest.raises(ValueError, match="max_graphs must be an int >= 1"):
-        pipe.compile("eager", max_graphs=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"max_graphs must be an int >= 1, got {bad}"):
+            pipe.compile("eager", max_graphs=bad)
 
 
 @pytest.mark.parametrize("mode", [None, "eager"])

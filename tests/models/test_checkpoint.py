@@ -489,6 +489,11 @@ def test_set_backend_and_registry(saved):
     assert all(m.backend == "triton" for m in with_backend)
     with pytest.raises(ValueError, match=r"unknown kernel backend 'fast'; backends are ref, triton, cuda, cpu"):
         set_backend(model, "fast")
+    # attention has no C++ CPU kernel: refused up front, every layer left as it was
+    with pytest.raises(ValueError, match=r"kernel backend 'cpu' is not available for every layer of DiT: "
+                                         r"blitzdiff.models.dit.Attention takes ref, triton, cuda, auto"):
+        set_backend(model, "cpu")
+    assert all(m.backend == "triton" for m in with_backend)
     with pytest.raises(ValueError, match=r"unsupported model class 'UNet3DConditionModel'; supported"):
         model_class("UNet3DConditionModel")
     for name in MODEL_CLASSES:
