@@ -267,7 +267,6 @@ class Job:
         return {**record, "clock": "device time" if result.on_device else "wall time",
                 "median": split_summary(result), "per_step": per_step_rows(result)}
 
-
     def dense_rate(self) -> dict[str, Any]:
         """bench.roofline.dense_rate on the pipeline's device and dtype, or its error."""
         try:
