@@ -7,6 +7,8 @@ fallbacks (post-processing, a half-precision network output, a channels-last sta
 loop stays sync-free and batch-invariant, and the runtime fuses where its loop runs in Python only.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -171,3 +173,36 @@ def test_tensor_guidance_scales_are_applied_by_the_kernel(scale, kernel_guides):
     got = run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu")
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert len(calls) == (0 if kernel_guides else len(plan.stages))
+
+
+@pytest.mark.parametrize(("name", "guidance"),
+                         [("dpmpp_2m", 1.0), ("dpmpp_2m", 3.0), ("ddim", torch.tensor([2.0, 3.0]))])
+def test_a_compiled_loop_updates_each_stage_in_one_inductor_kernel(name, guidance):
+    """Where the loop is traced (compile_loop) the stages keep the plain ops and inductor fuses them: between two
+    network GEMMs (extern calls) one generated kernel does a stage's guidance, preconditioning and update and the
+    next network input; guided, one more kernel builds the first [x; x] input."""
+    from torch._inductor.utils import run_and_get_code
+
+    config = resolve(name, NO_CLIP)
+    plan = build_plan(config, 3)
+    kind, constants = parameterization(config)
+    weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)) / 4
+
+    def gemm_network(x, t, y):  # x [B', 4, 4, 4]: one matmul, as a network's layers are to inductor
+        return (x.reshape(-1, 16) @ weight).reshape(x.shape) + y[:, None, None, None]
+
+    def loop(x, seeds):
+        y = torch.ones(x.shape[0])
+        denoiser = Denoiser(gemm_network, plan, kind, batch=x.shape[0], device=x.device, cond={"y": y},
+                            uncond={"y": -y}, guidance_scale=guidance, **constants)
+        return run_plan(plan, denoiser, x, seeds, postprocessing(config), "ref", step_backend="ref")
+
+    x, seeds = torch.randn(2, 4, 4, 4), seed_tensor(0, 2, torch.device("cpu"))
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(loop, fullgraph=True, dynamic=False), x, seeds)
+    source = "\n".join(code)
+    kernels = re.findall(r"^\s+cpp_fused_\w+\(", source, re.MULTILINE)
+    assert len(re.findall(r"extern_kernels\.\w+\(", source)) == len(plan.stages)  # the network's GEMMs
+    guided = not (isinstance(guidance, float) and guidance == 1.0)
+    assert len(kernels) == len(plan.stages) + guided
+    torch.testing.assert_close(out, loop(x, seeds), rtol=1e-5, atol=1e-5)
