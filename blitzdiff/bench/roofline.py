@@ -72,7 +72,9 @@ def _timed_rate(run, flops: int, device: torch.device) -> dict[str, float]:
 def dense_rate(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """The device's dense rate in `dtype` at torch's current thread count: a GEMM (torch.mm, n x n x n) and a 3x3
     convolution (channels-last, stride 1, same padding), each timed alone; `best_flops_per_s` is the faster kernel's
-    fastest call (on the 2-core CPU target oneDNN's convolution beats MKL's GEMM: ~220 against ~190 GFLOP/s)."""
+    fastest call (on the 2-core CPU target oneDNN's convolution beats MKL's GEMM: ~220 against ~190 GFLOP/s). Both
+    run under torch's backend flags as the network does (on CUDA in float32: cuDNN's TF32 convolutions by default,
+    so the rate, like the network's convolutions, is TF32's)."""
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
