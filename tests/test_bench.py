@@ -234,8 +234,11 @@ def test_defaults_skip_cuda_only_modes_off_cuda_and_options_resolve():
     (["--modes", "compile", "--sampler", "plms"], "unknown sampler 'plms'"),  # refused before any system runs
     (["--modes", "compile", "--guidance", "3"], "needs a conditional model"),
     (["--threads", "0"], "threads must be an int >= 1"),
+    (["--kernels", "cpu"], "kernel backend 'cpu' is not available for every layer of UNet2DModel: "
+                           "blitzdiff.models.layers.Attention takes ref, triton, cuda, auto"),
 ])
-def test_cli_errors_are_one_line(args, message, capsys):
+def test_cli_errors_are_one_line(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench_suite.Job, "step_split", lambda self: pytest.fail("profiled before refusing"))
     assert main(["bench", "--model", "unet-digits", "--quick", *args]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

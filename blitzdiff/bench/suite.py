@@ -24,6 +24,7 @@ import torch
 
 from ..engine.config import resolve
 from ..engine.loading import load
+from ..models import check_backend
 from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler
@@ -142,6 +143,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             raise ValueError(f"{pipe.name}'s scheduler class has no blitzdiff sampler: pass --sampler")
         guidance = pipe.default_guidance_scale if config.guidance is None else config.guidance
         check_job(pipe, sampler, guidance)
+        if config.kernels is not None:  # refused now, not after the step split
+            check_backend(pipe.model, config.kernels)
         configurations = Job.configurations(config)
         job = Job(pipe, sampler, guidance, config, log, total=(len(modes) + len(baselines)) * len(configurations))
         rows: list[dict[str, Any]] = []

@@ -57,10 +57,9 @@ def default_backend(device: torch.device | str) -> str:
     return "auto" if torch.device(device).type == "cuda" else "ref"
 
 
-def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Make every module of `model` that calls a kernel (has a `backend` attribute) use `backend`; returns `model`.
-    ValueError, with nothing changed, when some module's kernels lack it (its KERNEL_BACKENDS: e.g. attention has
-    no "cpu" kernel)."""
+def check_backend(model: nn.Module, backend: str) -> list[nn.Module]:
+    """The modules of `model` that call a kernel (have a `backend` attribute); ValueError when `backend` is unknown
+    or some of them lack it (a module's KERNEL_BACKENDS: e.g. attention has no "cpu" kernel)."""
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; backends are {', '.join(ALL_BACKENDS)}")
     modules = [module for module in model.modules() if hasattr(module, "backend")]
@@ -70,6 +69,13 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
         takes = "; ".join(f"{name} takes {', '.join(allowed)}" for name, allowed in refusing.items())
         raise ValueError(f"kernel backend {backend!r} is not available for every layer of {type(model).__name__}: "
                          f"{takes}. 'auto' picks, per op, the fastest backend built for the tensors")
+    return modules
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Make every module of `model` that calls a kernel use `backend`; returns `model`. ValueError, with nothing
+    changed, when check_backend refuses it."""
+    modules = check_backend(model, backend)
     for module in modules:
         module.backend = backend
     return model
