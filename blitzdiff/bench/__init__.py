@@ -4,7 +4,7 @@
     measure.py   how: build call, warm-up with the memory probe, synchronized timed repeats, spread; run record
     workload.py  the same noise and conditioning for every system
     baseline.py  diffusers' model class, scheduler and pipeline loop on blitzdiff's checkpoint
-    roofline.py  a run's network FLOPs against the device's GEMM rate: the floor no system beats
+    roofline.py  a run's network FLOPs against the device's measured dense rate: its floor and speed-up bound
     threads.py   the torch thread count a run uses (one that leaves the cores other work occupies), the load around it
     report.py    text tables (median, range, IQR), warnings and JSON
     plots.py     latency vs steps, throughput vs batch, min-max error bars (matplotlib, PNG)
