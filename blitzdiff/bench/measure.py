@@ -38,9 +38,9 @@ PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 MEMORY_METHODS = {
     "cuda_max_memory_allocated": "torch.cuda.max_memory_allocated after reset_peak_memory_stats (tensors only, not "
                                  "the caching allocator's reserve); the rise excludes weights and live inputs",
-    "rss_hwm_reset": "the process's peak RSS (VmHWM), reset through /proc/self/clear_refs before the call; memory "
-                     "malloc kept from earlier calls is reused, so the rise is often 0 and the peak includes "
-                     "whatever the process holds",
+    "rss_hwm_reset": "the process's peak RSS (VmHWM), reset through /proc/self/clear_refs before the call, after "
+                     "malloc_trim hands malloc's free pages back (glibc); the peak includes whatever the process "
+                     "holds, and memory held between calls (a runtime's buffers, oneDNN's caches) is not re-counted",
     "ru_maxrss_delta": "getrusage's ru_maxrss, never reset: its rise over the call is a lower bound (0 when an "
                        "earlier peak of the process was higher)",
 }
@@ -117,7 +117,9 @@ class PeakMemory:
     """Context manager: peak memory of the enclosed code, by memory_method(device) (see MEMORY_METHODS).
 
     On CPU the process's peak RSS is monotonic, so it is reset first where Linux allows (writing 5 to
-    /proc/self/clear_refs resets VmHWM); elsewhere the growth of ru_maxrss is the best available figure."""
+    /proc/self/clear_refs resets VmHWM); elsewhere the growth of ru_maxrss is the best available figure. Before the
+    reset, malloc's free pages go back to the kernel: a call that reuses freed heap memory (kept resident by glibc
+    after earlier calls) would otherwise raise no RSS at all."""
 
     def __init__(self, device: torch.device):
         self.device, self.method = device, memory_method(device)
@@ -128,6 +130,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._before = torch.cuda.memory_allocated(self.device)
         elif self.method == "rss_hwm_reset":
+            _release_free_heap()
             PROC_CLEAR_REFS.write_text("5")
             self._before = _proc_status_bytes("VmRSS")
         else:
@@ -152,6 +155,20 @@ def _can_reset_peak_rss() -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def _release_free_heap() -> None:
+    """glibc's malloc_trim(0): return every arena's free pages to the kernel (a no-op without glibc)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -287,8 +287,9 @@ class Job:
             return {"error": rates[-1]["error"], "rates": rates}
         rate = max(measured, key=lambda r: r["best_flops_per_s"])
         try:
-            runs = {(r["batch"], r["steps"]): run_flops(self.pipe, self.sampler, r["batch"], r["steps"], self.guidance)
-                    for r in rows}
+            measured_runs = dict.fromkeys((r["batch"], r["steps"]) for r in rows)  # once each, not once per system
+            runs = {(batch, steps): run_flops(self.pipe, self.sampler, batch, steps, self.guidance)
+                    for batch, steps in measured_runs}
         except Exception as error:  # as above
             return {"error": error_line(error), "rates": rates}
         for row in rows:
