@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kernels", choices=ALL_BACKENDS, default=None,
                        help="blitzdiff modes with the network's kernels on this backend (Pipeline.compile(kernels="
                        "...)); default: the model's own, ref")
+    bench.add_argument("--no-control", action="store_true", help="do not measure blitzdiff-eager again after the "
+                       "other systems (the control: how far two measurements of one system differ in this run)")
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.add_argument("--plots", help="write latency-vs-steps and throughput-vs-batch PNGs into this folder")
     bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "
@@ -414,7 +416,7 @@ def run_bench(args) -> None:
         quick=args.quick, model=args.model, sampler=args.sampler, device=args.device, dtype=args.dtype,
         modes=args.modes, batches=args.batches, steps=args.steps, throughput_steps=args.throughput_steps,
         latency_batch=args.latency_batch, guidance=args.guidance, repeats=args.repeats, baseline=args.baseline,
-        threads=args.threads, channels_last=args.channels_last, kernels=args.kernels)
+        threads=args.threads, channels_last=args.channels_last, kernels=args.kernels, control=not args.no_control)
     results = bench.run_bench(config)
     print("\n" + bench.format_results(results))
     if args.json:

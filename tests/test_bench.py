@@ -53,7 +53,9 @@ def test_bench_json_rows_fields_speedups_and_plots(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "diffusers / eager" in printed and "blitzdiff-graph: skipped" in printed
-    assert [line[:5] for line in printed.splitlines() if line.startswith("[")] == [f"[{i}/8]" for i in range(1, 9)]
+    # 2 systems and the control (eager again) x 4 configurations
+    progress = [line[:line.index("]") + 1] for line in printed.splitlines() if line.startswith("[")]
+    assert progress == [f"[{i:>2}/12]" for i in range(1, 13)]
     results = json.loads(report.read_text())
 
     meta = results["meta"]
@@ -423,6 +425,45 @@ def test_run_bench_warns_loudly(machine, torch_threads, monkeypatch, times, load
         assert "WARNING" not in report
     # latency cells: median 10.2, quartiles 10.1 and 17.6, so IQR 7.5 / 10.2 = 74%
     assert ("10.20 [10.00-25.00] ±74%!" in report) is (expected[:1] == ["unstable"])
+
+
+def drifting(after_calls: int, factor: float):
+    """A stand-in for measure.measure: 10 ms per run, `factor` times that from call `after_calls` on."""
+    calls = []
+
+    def fake(run, device, repeats):
+        calls.append(None)
+        ms = 10.0 * (factor if len(calls) > after_calls else 1.0)
+        return Measurement(ms, (ms,) * repeats, 0, 0)
+
+    return fake
+
+
+@pytest.mark.parametrize(("factor", "warned"), [(1.0, False), (1.05, False), (1.3, True)])
+def test_control_measures_eager_again_and_warns_on_drift(machine, torch_threads, monkeypatch, factor, warned):
+    # quick: eager and diffusers, 3 measured (batch, steps) each; the control's 3 come after them, `factor` slower
+    torch_threads(2)
+    machine(2, 0.0)
+    monkeypatch.setattr(bench_suite, "measure", drifting(6, factor))
+    results = run_bench(bench_config(quick=True, model="unet-digits", threads=None), log=lambda line: None)
+    control = results["control"]
+    first = {(r["kind"], r["batch"], r["steps"]): r["median_ms"] for r in results["rows"]
+             if r["system"] == "blitzdiff-eager"}
+    assert {(r["kind"], r["batch"], r["steps"]) for r in control["rows"]} == set(first)
+    assert all(r["first_ms"] == first[r["kind"], r["batch"], r["steps"]] == 10.0 for r in control["rows"])
+    assert all(r["again_ms"] == pytest.approx(10.0 * factor) for r in control["rows"])
+    assert control["max_deviation"] == pytest.approx(factor - 1)
+    assert {r["system"] for r in results["rows"]} == {"blitzdiff-eager", "diffusers"}  # the control is no system
+    assert any(w.startswith("control: blitzdiff-eager measured again") for w in results["warnings"]) is warned
+    assert f"speed-ups within {factor - 1:.0%} of 1 are within this run's drift" in format_results(results)
+
+
+def test_no_control_without_a_second_system_or_when_turned_off(monkeypatch):
+    monkeypatch.setattr(bench_suite, "measure", synthetic((10.0, 10.0, 10.0)))
+    for options in ({"baseline": ["none"]}, {"control": False}):
+        results = run_bench(bench_config(quick=True, model="unet-digits", **options), log=lambda line: None)
+        assert results["control"] is None and "control:" not in format_results(results)
+    assert bench_config(quick=True, model="unet-digits").control is True
 
 
 def test_bench_config_takes_the_cli_names():

@@ -109,6 +109,7 @@ def format_results(results: dict[str, Any]) -> str:
                      f"runs; {meta['memory']['method']}\n" + _memory_table(results))
     parts.append("build, s (first call minus steady state, summed over configurations; the runtime's own build_s "
                  "in brackets): " + ", ".join(_build(s) for s in results["systems"] if s["status"] == "ok"))
+    parts.append(_control_line(results.get("control")))
     parts.append(_split_line(results["step_split"]))
     parts.append(_roofline_line(results.get("roofline")))
     notes = [f"{s['name']}: {s['status']} ({s.get('reason') or s.get('error')})" for s in results["systems"]
@@ -141,6 +142,17 @@ def _memory_table(results: dict[str, Any]) -> str:
              for r in rows}
     batches = list(dict.fromkeys(r["batch"] for r in rows))
     return format_table(["batch", *systems], [[str(b), *(cells.get((s, b), "-") for s in systems)] for b in batches])
+
+
+def _control_line(control: dict[str, Any] | None) -> str:
+    if control is None:
+        return ""
+    if "error" in control:
+        return f"control: {control['system']} not measured again ({control['error']})"
+    ratios = [r["ratio"] for r in control["rows"]]
+    return (f"control: {control['system']} measured again after every other system took {min(ratios):.2f}-"
+            f"{max(ratios):.2f}x its first medians: speed-ups within {control['max_deviation']:.0%} of 1 are within "
+            "this run's drift")
 
 
 def _split_line(split: dict[str, Any] | None) -> str:

@@ -7,7 +7,8 @@ median and spread of the timed repeats); for blitzdiff eager also the per-step n
 blitzdiff.profiling. Every system gets the same initial noise and conditioning (bench.workload). A failing
 non-eager system (a compile error, say) is recorded with its error and the run goes on. The run uses the torch
 thread count of bench.threads (one that leaves the cores other work occupies) and ends with its warnings: unstable
-configurations, an oversubscribed CPU, too few repeats to judge, a latency that fell as the steps grew. Last it
+configurations, an oversubscribed CPU, too few repeats to judge, a latency that fell as the steps grew, a control
+(blitzdiff eager measured again after every other system, Job.control) that moved beyond 10%. Last it
 sets each configuration's network FLOPs against the device's dense rate, measured before and after the systems
 (bench.roofline): the run's floor, and a warning when a system beat it.
 """
@@ -73,6 +74,7 @@ class BenchConfig:
     quick: bool = False
     channels_last: bool = False  # blitzdiff modes only: Pipeline.compile(channels_last=True)
     kernels: str | None = None  # blitzdiff modes only: Pipeline.compile(kernels=...); None keeps the model's (ref)
+    control: bool = True  # measure blitzdiff-eager again after every other system (Job.control)
 
 
 def bench_config(*, quick: bool = False, **options: Any) -> BenchConfig:
@@ -146,7 +148,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         if config.kernels is not None:  # refused now, not after the step split
             check_backend(pipe.model, config.kernels)
         configurations = Job.configurations(config)
-        job = Job(pipe, sampler, guidance, config, log, total=(len(modes) + len(baselines)) * len(configurations))
+        control = config.control and "eager" in modes and len(modes) + len(baselines) > 1
+        job = Job(pipe, sampler, guidance, config, log,
+                  total=(len(modes) + len(baselines) + control) * len(configurations))
         rows: list[dict[str, Any]] = []
         # The split first: profiling ranges need the plain eager loop, i.e. the pipeline before any compile().
         step_split = job.step_split() if "eager" in modes else None
@@ -161,6 +165,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
                 systems[-1]["runtime_stats"] = pipe.runtime_stats()
         for baseline in baselines:
             systems.append(job.guarded(baseline, partial(diffusers_sample, pipe, sampler, baseline), rows))
+        drift = job.control(rows, partial(blitzdiff_sample, pipe, sampler, "eager", max_graphs, config.channels_last,
+                                          config.kernels)) if control else None
         record = run_record(device)  # inside: the device record holds the run's thread count
         roofline = job.roofline(rows, rate_before)  # inside: the dense rate at the run's thread count
     add_speedups(rows)
@@ -172,9 +178,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             "unstable_bounds": {"rel_iqr": UNSTABLE_REL_IQR, "max_over_min": UNSTABLE_MAX_OVER_MIN},
             "timing": "wall clock per sampling run, device synchronized before and after; the first call (build) "
                       "and one warm-up call (peak memory) untimed; median, quartiles, min and max of the repeats"}
-    warnings = [*threads.warnings(), *measurement_warnings(rows, config.repeats), *roofline_warnings(rows, roofline)]
+    warnings = [*threads.warnings(), *measurement_warnings(rows, config.repeats), *roofline_warnings(rows, roofline),
+                *control_warnings(drift)]
     return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split, "roofline": roofline,
-            "warnings": warnings}
+            "control": drift, "warnings": warnings}
 
 
 def check_job(pipe, sampler: str, guidance: float) -> None:
@@ -255,6 +262,24 @@ class Job:
         except Exception as error:  # a benchmark records what failed and measures the rest
             self.log(f"{name}: failed ({error_line(error)}); recorded, continuing")
             return {"name": name, "status": "error", "error": error_line(error)}
+
+    def control(self, rows: list[dict[str, Any]], build: Callable[[], Sample]) -> dict[str, Any]:
+        """blitzdiff-eager measured again after every other system, on a fresh runtime: per configuration its
+        median over the first one's (`ratio`), and the largest |ratio - 1| (`max_deviation`). Two measurements of
+        one system differ by the run's drift and by where they ran (the first call after another system's runs
+        tends to be slower): a speed-up closer to 1 than that is not distinguishable from noise in this run."""
+        again: list[dict[str, Any]] = []
+        try:
+            self.sweep("blitzdiff-eager (control)", build(), again)
+        except Exception as error:  # as guarded: recorded, the measured rows stand
+            self.log(f"control: failed ({error_line(error)})")
+            return {"system": "blitzdiff-eager", "error": error_line(error)}
+        first = {(r["kind"], r["batch"], r["steps"]): r["median_ms"] for r in rows if r["system"] == "blitzdiff-eager"}
+        ratios = [{"kind": r["kind"], "batch": r["batch"], "steps": r["steps"],
+                   "first_ms": first[r["kind"], r["batch"], r["steps"]], "again_ms": r["median_ms"],
+                   "ratio": r["median_ms"] / first[r["kind"], r["batch"], r["steps"]]} for r in again]
+        return {"system": "blitzdiff-eager", "rows": ratios,
+                "max_deviation": max(abs(r["ratio"] - 1) for r in ratios)}
 
     def step_split(self) -> dict[str, Any]:
         """Network / solver / host ms per step (blitzdiff.profiling) of one run of the plain eager loop (the
@@ -345,6 +370,17 @@ def roofline_warnings(rows: list[dict[str, Any]], roofline: dict[str, Any]) -> l
             f"GFLOP/s, above the measured dense rate ({rate / 1e9:.1f}): that rate was measured low (a disturbed "
             "measurement or a faster kernel), so this run's floors and speed-up bounds are not bounds"
             for (system, batch, steps), r in beaten.items()]
+
+
+def control_warnings(control: dict[str, Any] | None) -> list[str]:
+    """The control measurement (Job.control) disagreeing with the first beyond UNSTABLE_REL_IQR."""
+    if control is None or "error" in control or control["max_deviation"] <= UNSTABLE_REL_IQR:
+        return []
+    worst = max(control["rows"], key=lambda r: abs(r["ratio"] - 1))
+    return [f"control: {control['system']} measured again after every other system took {worst['ratio']:.2f}x its "
+            f"first median ({worst['kind']} batch {worst['batch']}, {worst['steps']} steps; bound "
+            f"{UNSTABLE_REL_IQR:.0%}): the machine drifted during the run, so speed-ups within "
+            f"{control['max_deviation']:.0%} of 1 say nothing"]
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
