@@ -107,8 +107,15 @@ def test_report_gives_floor_and_speedup_bound_per_point():
     }
     text = format_results(results)
     best = text.split("fastest against fastest, throughput")[1].splitlines()[3].split()
-    # batch, fastest blitzdiff (name, ms), fastest baseline (name, ms), speed-up, floor, bound = baseline / floor
-    assert best[0] == "8" and best[4:] == ["diffusers-compile", "140.00", "ms", "1.17x", "100.00", "ms", "1.40x"]
+    # batch, fastest blitzdiff (name, ms), fastest baseline (name, ms), speed-up, beyond the control's drift (no
+    # control here), floor, bound = baseline / floor
+    assert best[0] == "8" and best[4:] == ["diffusers-compile", "140.00", "ms", "1.17x", "-", "100.00", "ms",
+                                           "1.40x"]
+    for deviation, beyond in ((0.2, "no"), (0.1, "yes")):  # the speed-up is 1.17x
+        results["control"] = {"system": "blitzdiff-eager", "rows": [{"ratio": 1 - deviation}, {"ratio": 1.0}],
+                              "max_deviation": deviation}
+        best = format_results(results).split("fastest against fastest, throughput")[1].splitlines()[3].split()
+        assert best[7:9] == ["1.17x", beyond]
     assert "dense rate 200.0 GFLOP/s" in text
     assert "before: 2048^3 GEMM 150.0, conv 8x128x32x32 200.0; after: RuntimeError: x" in text
 

@@ -168,7 +168,10 @@ def _release_free_heap() -> None:
 def _malloc_trim() -> Callable[[int], int] | None:
     import ctypes
 
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int  # int malloc_trim(size_t pad)
+    return trim
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -61,10 +61,13 @@ def _sweep_table(results: dict[str, Any], kind: str, varied: str, value: str) ->
 
 def _best_table(results: dict[str, Any], kind: str, varied: str) -> str:
     """Per point of the sweep: the fastest blitzdiff system against the fastest baseline (both by median), the
-    speed-up (the baseline's time / blitzdiff's) and, when the roofline was measured, the run's floor and the
-    largest speed-up over that baseline it allows (bench.roofline); "" when either side has no row."""
+    speed-up (the baseline's time / blitzdiff's), whether it is further from 1 than the control moved (suite.Job.
+    control; "-" without one) and, when the roofline was measured, the run's floor and the largest speed-up over
+    that baseline it allows (bench.roofline); "" when either side has no row."""
     rows = [r for r in results["rows"] if r["kind"] == kind]
     floors = {(r["batch"], r["steps"]): r["floor_ms"] for r in results.get("roofline", {}).get("runs", [])}
+    control = results.get("control") or {}
+    drift = control.get("max_deviation")  # None: no control measured (or it failed)
     table = []
     for point in dict.fromkeys(r[varied] for r in rows):
         here = [r for r in rows if r[varied] == point]
@@ -74,11 +77,13 @@ def _best_table(results: dict[str, Any], kind: str, varied: str) -> str:
             continue
         best, peer = (min(side, key=lambda r: r["median_ms"]) for side in (ours, theirs))
         floor = floors.get((best["batch"], best["steps"]))
+        speedup = peer["median_ms"] / best["median_ms"]
         table.append([str(point), f"{best['system']} {best['median_ms']:.2f} ms",
-                      f"{peer['system']} {peer['median_ms']:.2f} ms", f"{peer['median_ms'] / best['median_ms']:.2f}x",
+                      f"{peer['system']} {peer['median_ms']:.2f} ms", f"{speedup:.2f}x",
+                      "-" if drift is None else "yes" if abs(speedup - 1) > drift else "no",
                       "-" if floor is None else f"{floor:.2f} ms", "-" if floor is None
                       else f"{peer['median_ms'] / floor:.2f}x"])
-    headers = [varied, "fastest blitzdiff", "fastest baseline", "speed-up", "floor", "speed-up bound"]
+    headers = [varied, "fastest blitzdiff", "fastest baseline", "speed-up", "beyond drift", "floor", "speed-up bound"]
     return format_table(headers, table) if table else ""
 
 
