@@ -266,8 +266,8 @@ class Job:
     def control(self, rows: list[dict[str, Any]], build: Callable[[], Sample]) -> dict[str, Any]:
         """blitzdiff-eager measured again after every other system, on a fresh runtime: per configuration its
         median over the first one's (`ratio`), and the largest |ratio - 1| (`max_deviation`). Two measurements of
-        one system differ by the run's drift and by where they ran (the first call after another system's runs
-        tends to be slower): a speed-up closer to 1 than that is not distinguishable from noise in this run."""
+        one system differ by the machine's drift and noise over the run: a speed-up closer to 1 than that is not
+        distinguishable from them in this run."""
         again: list[dict[str, Any]] = []
         try:
             self.sweep("blitzdiff-eager (control)", build(), again)
