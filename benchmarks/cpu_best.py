@@ -1,6 +1,7 @@
 """blitzdiff's CPU modes against diffusers' best CPU modes, one `blitzdiff bench` run per model, same process per model:
 unet-digits, dit-digits and a 6.5 M-parameter 32x32 UNet2D (random weights, written here as a diffusers folder),
-DPM-Solver++(2M) 10 steps, batches 1 and 8, weights channels-last on both sides where it is an option.
+DPM-Solver++(2M) 10 steps, batches 1 and 8, weights channels-last on both sides where it is an option; after the
+sweeps every system is timed again call by call in rotating order (bench --interleave).
 
     python benchmarks/cpu_best.py --out benchmarks/results/cpu_best [--threads 2] [--repeats 5]
 
@@ -62,7 +63,7 @@ def main() -> None:
             command = [sys.executable, "-m", "blitzdiff", "bench", "--model", model, "--sampler", "dpmpp_2m",
                        "--modes", *MODES, "--baseline", *BASELINES, "--batches", "1", "8", "--steps", "10",
                        "--throughput-steps", "10", "--threads", str(args.threads), "--repeats", str(args.repeats),
-                       "--channels-last", "--json", str(args.out / f"{name}.json")]
+                       "--channels-last", "--interleave", "--json", str(args.out / f"{name}.json")]
             wait_for_quiet()
             print(f"$ {' '.join(command)}", flush=True)
             subprocess.run(command, check=True)

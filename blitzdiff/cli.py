@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "...)); default: the model's own, ref")
     bench.add_argument("--no-control", action="store_true", help="do not measure blitzdiff-eager again after the "
                        "other systems (the control: how far two measurements of one system differ in this run)")
+    bench.add_argument("--interleave", action="store_true", help="after the sweeps, time every system again, one "
+                       "call each per round in rotating order (--repeats rounds per batch and step count), and give "
+                       "speed-ups from calls made seconds apart; every system stays in memory until the end")
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.add_argument("--plots", help="write latency-vs-steps and throughput-vs-batch PNGs into this folder")
     bench.add_argument("--quick", action="store_true", help="CI-sized smoke run: batches 1 2, steps 1 2, throughput "

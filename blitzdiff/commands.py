@@ -204,7 +204,8 @@ def run_bench(args) -> None:
         quick=args.quick, model=args.model, sampler=args.sampler, device=args.device, dtype=args.dtype,
         modes=args.modes, batches=args.batches, steps=args.steps, throughput_steps=args.throughput_steps,
         latency_batch=args.latency_batch, guidance=args.guidance, repeats=args.repeats, baseline=args.baseline,
-        threads=args.threads, channels_last=args.channels_last, kernels=args.kernels, control=not args.no_control)
+        threads=args.threads, channels_last=args.channels_last, kernels=args.kernels, control=not args.no_control,
+        interleave=args.interleave)
     results = bench.run_bench(config)
     print("\n" + bench.format_results(results))
     if args.json:

@@ -6,10 +6,12 @@ thread rule on faked cores and load. Timings are recorded, never asserted."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -44,6 +46,7 @@ ROW_FIELDS = {"system", "kind", "batch", "steps", "min_ms", "q25_ms", "median_ms
 THREAD_FIELDS = {"count", "requested", "rule", "torch_default", "usable_cores", "load_before", "load_after",
                  "others_load_after", "own_busy_threads", "wall_s"}
 CPU = torch.device("cpu")
+bench_measure = importlib.import_module("blitzdiff.bench.measure")  # blitzdiff.bench.measure is the function
 
 
 def test_bench_json_rows_fields_speedups_and_plots(tmp_path, capsys):
@@ -471,3 +474,67 @@ def test_bench_config_takes_the_cli_names():
     assert (config.baseline, config.threads) == (("diffusers",), 1)
     with pytest.raises(ValueError, match=r"unknown bench option\(s\) \['baselines'\]; allowed: model, .*baseline"):
         bench_config(baselines=["diffusers"])
+
+
+def test_interleaved_speedups_see_through_drift_that_fools_the_sweeps(machine, torch_threads, monkeypatch):
+    # Stand-in systems on a fake clock that slows 2% per call: diffusers truly takes 1.3x eager's time. The sweeps
+    # (eager's calls first, diffusers' later) credit eager with the drift; the interleaved rounds must not.
+    torch_threads(2)
+    machine(2, 0.0)
+    clock, calls, order = [0.0], [0], []
+
+    def system(name: str, cost_ms: float):
+        def sample(n, *, steps, **inputs):
+            calls[0] += 1
+            order.append(name)
+            clock[0] += cost_ms * 1.02 ** calls[0] / 1e3
+        return sample
+
+    monkeypatch.setattr(bench_measure, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench_suite, "blitzdiff_sample", lambda pipe, sampler, mode, **options: system(mode, 10.0))
+    monkeypatch.setattr(bench_suite, "diffusers_sample", lambda pipe, sampler, baseline: system(baseline, 13.0))
+    results = run_bench(bench_config(quick=True, model="unet-digits", repeats=4, threads=None, interleave=True),
+                        log=lambda line: None)
+    sweeps = {r["system"]: r["median_ms"] for r in results["rows"] if (r["batch"], r["steps"]) == (2, 2)}
+    assert sweeps["diffusers"] / sweeps["blitzdiff-eager"] > 1.3 * 1.1  # the drift the sweeps took for speed
+    interleaved = results["interleaved"]
+    assert [(c["batch"], c["steps"]) for c in interleaved["configurations"]] == [(1, 2), (2, 2), (1, 1)]
+    for configuration in interleaved["configurations"]:
+        [ratio] = configuration["ratios"]
+        assert (ratio["system"], ratio["baseline"]) == ("blitzdiff-eager", "diffusers")
+        assert ratio["q25"] <= ratio["median"] <= ratio["q75"]
+        assert ratio["median"] == pytest.approx(1.3, rel=0.025)
+        assert set(configuration["median_ms"]) == {"blitzdiff-eager", "diffusers"}
+    # the rounds alternate, the first system rotating: eager first, then diffusers, ... (12 rounds of 2 calls)
+    rounds = order[-24:]
+    assert [rounds[i] for i in range(0, 24, 2)] == ["eager", "diffusers"] * 6
+    assert "interleaved: every system timed again" in format_results(results)
+    assert "1.3" in format_results(results).split("interleaved:")[1]
+
+
+def test_interleave_keeps_each_runtime_apart_and_records_a_failure(monkeypatch):
+    # real eager sampling (tiny sizes; the sweeps' measure a stand-in) and a baseline that fails when interleaved
+    monkeypatch.setattr(bench_suite, "measure", synthetic((10.0, 10.0, 10.0)))
+
+    def failing(pipe, sampler, baseline):
+        def sample(n, *, steps, **inputs):
+            raise RuntimeError("out of memory")
+        return sample
+
+    monkeypatch.setattr(bench_suite, "diffusers_sample", failing)
+    loaded, load = [], bench_suite.load
+    monkeypatch.setattr(bench_suite, "load", lambda *args, **kwargs: loaded.append(load(*args, **kwargs)) or loaded[0])
+    kept, interleave = [], bench_suite.Job.interleaved
+    monkeypatch.setattr(bench_suite.Job, "interleaved", lambda job: kept.append(dict(job.alive)) or interleave(job))
+    results = run_bench(bench_config(quick=True, model="unet-digits", interleave=True), log=lambda line: None)
+    interleaved = results["interleaved"]
+    assert interleaved["errors"] == {"diffusers": "RuntimeError: out of memory"}
+    first, *rest = interleaved["configurations"]
+    assert len(first["times_ms"]["blitzdiff-eager"]) == 3 and "diffusers" not in first["times_ms"]
+    assert all(set(c["times_ms"]) == {"blitzdiff-eager"} and c["ratios"] == [] for c in rest)
+    assert "diffusers: failed while interleaved (RuntimeError: out of memory)" in format_results(results)
+    [alive] = kept
+    eager = alive["blitzdiff-eager"].pipe  # the mode's own copy of the pipeline: same network, own runtime
+    assert eager is not loaded[0] and eager.model is loaded[0].model
+    assert eager.runtime.mode == "eager" and loaded[0].runtime is None
+    assert bench_config(quick=True).interleave is False

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..profiling import format_table  # columns: first left-aligned, the others right-aligned
 from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, device_label
-from .suite import BASELINES
+from .suite import BASELINES, fastest_pair
 
 
 def systems_measured(results: dict[str, Any]) -> list[str]:
@@ -87,6 +87,27 @@ def _best_table(results: dict[str, Any], kind: str, varied: str) -> str:
     return format_table(headers, table) if table else ""
 
 
+def _interleaved_table(interleaved: dict[str, Any]) -> str:
+    """Per interleaved configuration: its fastest blitzdiff system against its fastest baseline (medians over the
+    rounds) and the median and quartiles of their per-round speed-ups (suite.Job.interleaved)."""
+    table = []
+    for configuration in interleaved["configurations"]:
+        best = fastest_pair(configuration)
+        if best is None:
+            continue
+        medians = configuration["median_ms"]
+        table.append([str(configuration["batch"]), str(configuration["steps"]),
+                      f"{best['system']} {medians[best['system']]:.2f} ms",
+                      f"{best['baseline']} {medians[best['baseline']]:.2f} ms",
+                      f"{best['median']:.2f}x", f"{best['q25']:.2f}-{best['q75']:.2f}x"])
+    headers = ["batch", "steps", "fastest blitzdiff", "fastest baseline", "speed-up", "rounds' quartiles"]
+    lines = [format_table(headers, table)] if table else []
+    lines += [f"{name}: failed while interleaved ({error})" for name, error in interleaved["errors"].items()]
+    return (f"interleaved: every system timed again, one call each per round, {interleaved['rounds']} rounds, the "
+            "order rotated; speed-up = the median over the rounds of the baseline's time / blitzdiff's in the same "
+            "round (ms: medians over the rounds; all pairs in the JSON)\n" + "\n".join(lines)) if lines else ""
+
+
 def format_results(results: dict[str, Any]) -> str:
     """The whole report: header (device, threads, load), throughput and latency tables (median, range, IQR) with
     speed-ups, build times, peak memory, the per-step split, the systems that were skipped or failed, and last the
@@ -110,6 +131,8 @@ def format_results(results: dict[str, Any]) -> str:
             (f"throughput at {meta['throughput_steps']} steps", "throughput", "batch"),
             (f"latency at batch {meta['latency_batch']}", "latency", "steps"))]
         parts += [f"fastest against fastest, {title} (ms per run)\n{table}" for title, table in best if table]
+        if results.get("interleaved"):
+            parts.append(_interleaved_table(results["interleaved"]))
         parts.append(f"peak memory, MiB: the peak (its rise above the memory in use before the run), throughput "
                      f"runs; {meta['memory']['method']}\n" + _memory_table(results))
     parts.append("build, s (first call minus steady state, summed over configurations; the runtime's own build_s "

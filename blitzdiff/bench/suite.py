@@ -10,13 +10,17 @@ thread count of bench.threads (one that leaves the cores other work occupies) an
 configurations, an oversubscribed CPU, too few repeats to judge, a latency that fell as the steps grew, a control
 (blitzdiff eager measured again after every other system, Job.control) that moved beyond 10%. Last it
 sets each configuration's network FLOPs against the device's dense rate, measured before and after the systems
-(bench.roofline): the run's floor, and a warning when a system beat it.
+(bench.roofline): the run's floor, and a warning when a system beat it. With `interleave`, every system stays
+alive after its sweep and all of them are then timed again call by call, in rotating order (Job.interleaved): the
+speed-ups of that phase compare calls made seconds apart, not sweeps made minutes apart.
 """
 
 from __future__ import annotations
 
+import copy
+import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from itertools import pairwise
 from typing import Any
@@ -29,7 +33,7 @@ from ..models import check_backend
 from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler
-from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, Measurement, measure, run_record
+from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, Measurement, measure, run_record, timed_ms
 from .roofline import dense_rate, floor_ms, run_flops
 from .threads import CpuThreads
 from .workload import sample_inputs
@@ -75,6 +79,7 @@ class BenchConfig:
     channels_last: bool = False  # blitzdiff modes only: Pipeline.compile(channels_last=True)
     kernels: str | None = None  # blitzdiff modes only: Pipeline.compile(kernels=...); None keeps the model's (ref)
     control: bool = True  # measure blitzdiff-eager again after every other system (Job.control)
+    interleave: bool = False  # then time every system again, alternated call by call (Job.interleaved)
 
 
 def bench_config(*, quick: bool = False, **options: Any) -> BenchConfig:
@@ -163,11 +168,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             name, build = f"blitzdiff-{mode}", partial(runtime, mode)
             # eager is the reference: its errors are not caught
             systems.append(job.sweep(name, build(), rows) if mode == "eager" else job.guarded(name, build, rows))
-            if systems[-1]["status"] == "ok":
-                systems[-1]["runtime_stats"] = pipe.runtime_stats()
         for baseline in baselines:
             systems.append(job.guarded(baseline, partial(diffusers_sample, pipe, sampler, baseline), rows))
         drift = job.control(rows, partial(runtime, "eager")) if control else None
+        interleaved = job.interleaved() if config.interleave else None
         record = run_record(device)  # inside: the device record holds the run's thread count
         roofline = job.roofline(rows, rate_before)  # inside: the dense rate at the run's thread count
     add_speedups(rows)
@@ -182,7 +186,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     warnings = [*threads.warnings(), *measurement_warnings(rows, config.repeats), *roofline_warnings(rows, roofline),
                 *control_warnings(drift)]
     return {"meta": meta, "systems": systems, "rows": rows, "step_split": step_split, "roofline": roofline,
-            "control": drift, "warnings": warnings}
+            "control": drift, "interleaved": interleaved, "warnings": warnings}
 
 
 def check_job(pipe, sampler: str, guidance: float) -> None:
@@ -194,20 +198,29 @@ def check_job(pipe, sampler: str, guidance: float) -> None:
                       inputs.get("negative_encoder_hidden_states"), guidance)
 
 
+@dataclass
+class BlitzdiffSample:
+    """A Sample by `pipe.sample` (raw output, no progress bar) with `sampler`."""
+
+    pipe: Any
+    sampler: str
+
+    def __call__(self, n: int, *, steps: int, **inputs: Any) -> torch.Tensor:
+        return self.pipe.sample(n, steps=steps, sampler=self.sampler, output_type="raw", progress=False, **inputs)
+
+
 def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int, channels_last: bool = False,
-                     kernels: str | None = None) -> Sample:
-    """pipe.sample's raw output, after switching the pipeline to runtime `mode` (a fresh runtime: nothing built) and,
-    unless None, its network to the kernel backend `kernels`."""
+                     kernels: str | None = None) -> BlitzdiffSample:
+    """Sampling through runtime `mode` (a fresh runtime: nothing built), on a shallow copy of `pipe`: the network is
+    shared (switched, unless None, to the kernel backend `kernels`), the runtime is the copy's own, so several
+    systems can stay alive side by side and `pipe` keeps its own runtime."""
     options = {"max_graphs": max_graphs, "channels_last": channels_last, "kernels": kernels}
+    target = copy.copy(pipe)
     if mode == "compile-loop":
-        pipe.compile(mode="compile", compile_loop=True, **options)
+        target.compile(mode="compile", compile_loop=True, **options)
     else:
-        pipe.compile(mode=mode, **options)
-
-    def sample(n: int, *, steps: int, **inputs: Any) -> torch.Tensor:
-        return pipe.sample(n, steps=steps, sampler=sampler, output_type="raw", progress=False, **inputs)
-
-    return sample
+        target.compile(mode=mode, **options)
+    return BlitzdiffSample(target, sampler)
 
 
 def diffusers_sample(pipe, sampler: str, baseline: str) -> Sample:
@@ -232,6 +245,7 @@ class Job:
     log: Callable[[str], None]
     total: int
     done: int = 0
+    alive: dict[str, Sample] = field(default_factory=dict)  # interleave: each measured system, for Job.interleaved
 
     @staticmethod
     def configurations(config: BenchConfig) -> list[tuple[str, int, int]]:
@@ -239,9 +253,10 @@ class Job:
         return ([("throughput", b, config.throughput_steps) for b in config.batches]
                 + [("latency", config.latency_batch, s) for s in config.steps])
 
-    def sweep(self, name: str, sample: Sample, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def sweep(self, name: str, sample: Sample, rows: list[dict[str, Any]], keep: bool = True) -> dict[str, Any]:
         """Measure `sample` on every configuration, appending one row each (a configuration met twice, e.g. the
-        throughput batch equal to the latency batch, is measured once); returns the system's record."""
+        throughput batch equal to the latency batch, is measured once); returns the system's record (with a blitzdiff
+        runtime's stats). With config.interleave (and `keep`) the sample stays alive for Job.interleaved."""
         measured: dict[tuple[int, int], Measurement] = {}
         build_s = 0.0
         for kind, batch, steps in self.configurations(self.config):
@@ -253,7 +268,12 @@ class Job:
             rows.append(result_row(name, kind, batch, steps, measured[batch, steps]))
             self.done += 1
             self.log(f"[{self.done:>{len(str(self.total))}}/{self.total}] {describe_row(rows[-1])}")
-        return {"name": name, "status": "ok", "build_s": build_s}
+        if self.config.interleave and keep:
+            self.alive[name] = sample
+        record: dict[str, Any] = {"name": name, "status": "ok", "build_s": build_s}
+        if isinstance(sample, BlitzdiffSample):
+            record["runtime_stats"] = sample.pipe.runtime_stats()
+        return record
 
     def guarded(self, name: str, build: Callable[[], Sample], rows: list[dict[str, Any]]) -> dict[str, Any]:
         """sweep(name, build(), rows), with any failure recorded as the system's error (rows measured before it
@@ -271,7 +291,7 @@ class Job:
         distinguishable from them in this run."""
         again: list[dict[str, Any]] = []
         try:
-            self.sweep("blitzdiff-eager (control)", build(), again)
+            self.sweep("blitzdiff-eager (control)", build(), again, keep=False)
         except Exception as error:  # as guarded: recorded, the measured rows stand
             self.log(f"control: failed ({error_line(error)})")
             return {"system": "blitzdiff-eager", "error": error_line(error)}
@@ -283,6 +303,36 @@ class Job:
                            "again_ms": r["median_ms"], "ratio": r["median_ms"] / first_ms})
         return {"system": "blitzdiff-eager", "rows": ratios,
                 "max_deviation": max(abs(r["ratio"] - 1) for r in ratios)}
+
+    def interleaved(self) -> dict[str, Any]:
+        """Every system the sweeps measured (built and warmed up there) timed once per round, config.repeats rounds
+        per measured (batch, steps), the order rotated round by round (round r starts with the r-th system, mod their
+        number): per configuration each system's times and median, and for each blitzdiff system against each
+        baseline the median and quartiles of the per-round ratios (the baseline's time / blitzdiff's, both from the
+        same round, seconds apart). A drift of the machine slower than a round moves both sides of a ratio alike,
+        which minutes apart, as the sweeps are, it does not. A system that fails here is dropped from the rest,
+        its error recorded."""
+        names, errors = list(self.alive), {}
+        configurations = []
+        for batch, steps in dict.fromkeys((b, s) for _, b, s in self.configurations(self.config)):
+            inputs = sample_inputs(self.pipe, batch, self.guidance)
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for r in range(self.config.repeats if names else 0):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    try:
+                        times[name].append(timed_ms(partial(self.alive[name], batch, steps=steps, **inputs),
+                                                    self.pipe.device))
+                    except Exception as error:  # as guarded: recorded, the others go on
+                        errors[name] = error_line(error)
+                names = [name for name in names if name not in errors]
+            measured = {name: times[name] for name in names}
+            configurations.append({"batch": batch, "steps": steps, "times_ms": measured,
+                                   "median_ms": {name: statistics.median(t) for name, t in measured.items()},
+                                   "ratios": round_ratios(measured)})
+            if configurations[-1]["ratios"]:
+                self.log(f"[interleaved] {describe_interleaved(configurations[-1])}")
+        return {"rounds": self.config.repeats, "order": "rotated by one system per round",
+                "configurations": configurations, "errors": errors}
 
     def step_split(self) -> dict[str, Any]:
         """Network / solver / host ms per step (blitzdiff.profiling) of one run of the plain eager loop (the
@@ -325,6 +375,38 @@ class Job:
         return {"rates": rates, "best_flops_per_s": rate["best_flops_per_s"],
                 "runs": [{"batch": batch, "steps": steps, "flops": flops, "floor_ms": floor_ms(flops, rate)}
                          for (batch, steps), flops in runs.items()]}
+
+
+def round_ratios(times: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """For each blitzdiff system against each baseline in `times` (ms per round, round by round): the median and
+    quartiles of the per-round speed-ups, the baseline's time / the blitzdiff system's."""
+    ratios = []
+    for ours in (name for name in times if name.startswith("blitzdiff-")):
+        for baseline in (name for name in times if name in BASELINES):
+            per_round = sorted(b / o for o, b in zip(times[ours], times[baseline], strict=True))
+            q25, median, q75 = (statistics.quantiles(per_round, n=4, method="inclusive") if len(per_round) > 1
+                                else per_round * 3)
+            ratios.append({"system": ours, "baseline": baseline, "median": median, "q25": q25, "q75": q75})
+    return ratios
+
+
+def fastest_pair(configuration: dict[str, Any]) -> dict[str, Any] | None:
+    """Of an interleaved configuration: the ratio of its fastest blitzdiff system against its fastest baseline (by
+    their medians over the rounds), or None when a side has no system."""
+    medians = configuration["median_ms"]
+    pairs = configuration["ratios"]
+    if not pairs:
+        return None
+    ours = min({r["system"] for r in pairs}, key=medians.__getitem__)
+    theirs = min({r["baseline"] for r in pairs}, key=medians.__getitem__)
+    return next(r for r in pairs if (r["system"], r["baseline"]) == (ours, theirs))
+
+
+def describe_interleaved(configuration: dict[str, Any]) -> str:
+    best, medians = fastest_pair(configuration), configuration["median_ms"]
+    return (f"batch {configuration['batch']} steps {configuration['steps']}: {len(medians)} systems alternated, "
+            f"fastest {best['system']} {medians[best['system']]:.2f} ms against {best['baseline']} "
+            f"{medians[best['baseline']]:.2f} ms: {best['median']:.2f}x [{best['q25']:.2f}-{best['q75']:.2f}]")
 
 
 def result_row(system: str, kind: str, batch: int, steps: int, m: Measurement) -> dict[str, Any]:
