@@ -23,6 +23,7 @@ from .commands import (
 from .engine.config import SAMPLERS
 from .engine.loading import DEFAULT_MODEL, EMBEDDED
 from .kernels._backends import ALL_BACKENDS
+from .malloc import tune_malloc_once
 from .models import PRESETS
 
 
@@ -244,6 +245,7 @@ COMMANDS = {"sample": run_sample, "pack": run_pack, "info": run_info, "eval": ru
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc_once()  # this process samples: keep its freed activations for the next step (blitzdiff.malloc)
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:

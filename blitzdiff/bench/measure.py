@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..malloc import malloc_record, release_free_heap
+
 # A configuration is unstable when its relative IQR exceeds UNSTABLE_REL_IQR or its slowest repeat is more than
 # UNSTABLE_MAX_OVER_MIN times its fastest (a steady CPU or GPU run stays within a few %).
 UNSTABLE_REL_IQR = 0.10
@@ -130,7 +132,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._before = torch.cuda.memory_allocated(self.device)
         elif self.method == "rss_hwm_reset":
-            _release_free_heap()
+            release_free_heap()
             PROC_CLEAR_REFS.write_text("5")
             self._before = _proc_status_bytes("VmRSS")
         else:
@@ -155,23 +157,6 @@ def _can_reset_peak_rss() -> bool:
     except (OSError, ValueError):
         return False
     return True
-
-
-def _release_free_heap() -> None:
-    """glibc's malloc_trim(0): return every arena's free pages to the kernel (a no-op without glibc)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    import ctypes
-
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int  # int malloc_trim(size_t pad)
-    return trim
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -228,7 +213,9 @@ def versions() -> dict[str, str | None]:
 
 
 def run_record(device: torch.device) -> dict[str, Any]:
-    """The exact command line, the date (UTC), the device and the versions: what every result file carries."""
+    """The exact command line, the date (UTC), the device, the versions and the malloc settings (blitzdiff.malloc):
+    what every result file carries."""
     return {"command": list(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device_record(device), "versions": versions(),
-            "memory": {"method": memory_method(device), "meaning": MEMORY_METHODS[memory_method(device)]}}
+            "memory": {"method": memory_method(device), "meaning": MEMORY_METHODS[memory_method(device)]},
+            "malloc": malloc_record()}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..kernels.gaussian_noise import MAX_STREAM
+from ..malloc import tune_malloc_once
 from ..models import load_model, set_backend
 from .config import resolve
 from .denoiser import is_guided
@@ -293,6 +294,8 @@ class Pipeline:
         if eta is not None:
             eta = finite_number("eta", eta, minimum=0.0)
         device = self.device
+        if device.type == "cpu":
+            tune_malloc_once()  # the loop's activations stay resident from step to step (blitzdiff.malloc)
         seed_values = seed_tensor(seeds, n, device)
         shape = self.latent_shape(height, width)
         if noise is None:
