@@ -10,6 +10,8 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -387,9 +389,9 @@ def test_the_runs_own_threads_are_not_counted_as_other_load(machine, torch_threa
     # A 10-minute run keeping both cores busy lifts the load average to ~2 by itself (2 * (1 - e^-10) = 2.0):
     # only what is left beyond it is other work.
     clock = iter([0.0, 600.0])  # perf_counter at enter and exit
-    cpu = iter([0.0, 1200.0])  # process_time: 2 busy threads over the 600 s
+    cpu = iter([0.0, 1200.0])  # own_cpu_seconds: 2 busy threads over the 600 s
     monkeypatch.setattr(blitzdiff.bench.threads, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(blitzdiff.bench.threads, "process_time", lambda: next(cpu))
+    monkeypatch.setattr(blitzdiff.bench.threads, "own_cpu_seconds", lambda: next(cpu))
     torch_threads(2)
     machine(2, 0.0, load_after)
     with CpuThreads() as threads:
@@ -397,6 +399,15 @@ def test_the_runs_own_threads_are_not_counted_as_other_load(machine, torch_threa
     assert threads.record()["own_busy_threads"] == 2.0
     assert threads.others_load_after() == pytest.approx(load_after - 2 * (1 - np.exp(-10)))
     assert bool(threads.warnings()) is warned
+
+
+def test_the_runs_child_processes_count_as_its_own_work(torch_threads):
+    # a script timing fresh processes (benchmarks/bench_cpu_malloc.py) is busy in its children, not in itself
+    torch_threads(2)
+    busy = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    with CpuThreads(1) as threads:
+        subprocess.run([sys.executable, "-c", busy], check=True)
+    assert threads.record()["own_busy_threads"] > 0.5
 
 
 def synthetic(times: tuple[float, ...]):

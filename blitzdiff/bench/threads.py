@@ -9,8 +9,9 @@ was oversubscribed all the same (CpuThreads.warnings).
 
 The load is the 1-minute load average (os.getloadavg: runnable and waiting threads, an exponential average with a
 60 s time constant). After a run it includes the run itself: the others' share is estimated by taking out this
-process's own contribution, its average busy threads p (CPU time / wall time over the run) weighted as the average
-weights the last T seconds: others = load_after - p * (1 - exp(-T / 60)). The load before a run counts every busy
+process's own contribution, its average busy threads p (CPU time / wall time over the run; the CPU time of the child
+processes it waited for counts as its own: a script that times fresh processes) weighted as the average weights the
+last T seconds: others = load_after - p * (1 - exp(-T / 60)). The load before a run counts every busy
 thread, this process's own earlier work included (a Python session that has just run something else).
 """
 
@@ -26,6 +27,12 @@ import torch
 THREAD_RULE = ("threads = usable cores - the 1-minute load average before the run rounded (halves up), at least 1, "
                "at most torch's default (its physical-core count, or OMP_NUM_THREADS)")
 LOAD_TIME_CONSTANT_S = 60.0  # of the 1-minute load average
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of the child processes it has waited for."""
+    times = os.times()
+    return process_time() + times.children_user + times.children_system
 
 
 def usable_cores() -> int:
@@ -70,12 +77,12 @@ class CpuThreads:
         self.torch_default, self.cores, self.load_before = torch.get_num_threads(), usable_cores(), load_average()
         self.count = self.requested or rule_threads(self.cores, self.load_before, self.torch_default)
         torch.set_num_threads(self.count)
-        self._start = perf_counter(), process_time()
+        self._start = perf_counter(), own_cpu_seconds()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.wall_s = perf_counter() - self._start[0]
-        self.own_threads = (process_time() - self._start[1]) / self.wall_s if self.wall_s > 0 else 0.0
+        self.own_threads = (own_cpu_seconds() - self._start[1]) / self.wall_s if self.wall_s > 0 else 0.0
         self.load_after = load_average()
         torch.set_num_threads(self.torch_default)
 
