@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from functools import cache
 from typing import Any
 
@@ -28,6 +29,7 @@ OPT_OUT = "BLITZDIFF_MALLOC"  # =system: malloc is left as it is
 
 _applied: dict[str, Any] = {"tuned": False, "reason": "tune_malloc() not called"}
 _attempted = False  # tune_malloc_once ran
+_once = threading.Lock()  # a server's threads may sample at once
 
 
 @cache
@@ -66,13 +68,16 @@ def tune_malloc_once() -> None:
     """tune_malloc() the first time this is called in the process, unless the environment says BLITZDIFF_MALLOC=system
     (then malloc_record() says so): what the CLI and a CPU Pipeline's sampling call."""
     global _applied, _attempted
-    if _attempted:
+    if _attempted:  # every later sampling run: one read, no lock
         return
-    _attempted = True
-    if os.environ.get(OPT_OUT) == "system":
-        _applied = {"tuned": False, "reason": f"{OPT_OUT}=system"}
-    else:
-        tune_malloc()
+    with _once:
+        if _attempted:
+            return
+        if os.environ.get(OPT_OUT) == "system":
+            _applied = {"tuned": False, "reason": f"{OPT_OUT}=system"}
+        else:
+            tune_malloc()
+        _attempted = True
 
 
 def malloc_record() -> dict[str, Any]:
