@@ -39,6 +39,7 @@ from blitzdiff.bench.suite import measurement_warnings, planned_systems, result_
 from blitzdiff.bench.threads import rule_threads
 from blitzdiff.cli import main
 from blitzdiff.engine.pipeline import Pipeline
+from blitzdiff.malloc import malloc_record
 from blitzdiff.models.presets import build_random
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -72,6 +73,8 @@ def test_bench_json_rows_fields_speedups_and_plots(tmp_path, capsys):
     assert meta["unstable_bounds"] == {"rel_iqr": 0.1, "max_over_min": 1.5}
     assert {"torch", "diffusers", "triton", "blitzdiff", "python"} <= set(meta["versions"])
     assert meta["memory"]["method"] == memory_method(CPU) and meta["repeats"] == 3
+    assert meta["malloc"] == malloc_record() and meta["malloc"]["tuned"] is True  # the CLI tuned it
+    assert "malloc tuned (mmap threshold 32 MiB, trim threshold 1024 MiB)" in printed
     status = {s["name"]: s["status"] for s in results["systems"]}
     assert status == {"blitzdiff-graph": "skipped", "blitzdiff-eager": "ok", "diffusers": "ok"}  # quick defaults
     runtime = next(s for s in results["systems"] if s["name"] == "blitzdiff-eager")["runtime_stats"]

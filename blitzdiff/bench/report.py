@@ -119,7 +119,7 @@ def format_results(results: dict[str, Any]) -> str:
              f"diffusers {meta['versions']['diffusers']}\n"
              f"{threads['count']} torch thread{'s' if threads['count'] != 1 else ''} "
              f"({'as requested' if threads['requested'] else 'by the load rule'}) "
-             f"on {threads['usable_cores']} usable cores, load average {loads} before/after\n"
+             f"on {threads['usable_cores']} usable cores, load average {loads} before/after; {_malloc(meta)}\n"
              f"cells: median [min-max] ±IQR/median of {meta['repeats']} timed runs after a warm-up call; ! unstable "
              f"(IQR > {UNSTABLE_REL_IQR:.0%} of the median or slowest / fastest > {UNSTABLE_MAX_OVER_MIN:g})"]
     if results["rows"]:
@@ -143,6 +143,16 @@ def format_results(results: dict[str, Any]) -> str:
     notes = [f"{s['name']}: {s['status']} ({s.get('reason') or s.get('error')})" for s in results["systems"]
              if s["status"] != "ok"]
     return "\n\n".join(part for part in [*parts, "\n".join(notes), format_warnings(results["warnings"])] if part)
+
+
+def _malloc(meta: dict[str, Any]) -> str:
+    record = meta.get("malloc")  # absent from results written before blitzdiff.malloc
+    if record is None:
+        return "malloc not recorded"
+    if record["tuned"]:
+        return (f"malloc tuned (mmap threshold {record['mmap_threshold'] // 2**20} MiB, trim threshold "
+                f"{record['trim_threshold'] // 2**20} MiB)")
+    return f"malloc as the system set it ({record['reason']})"
 
 
 def format_warnings(warnings: list[str]) -> str:
