@@ -3,12 +3,13 @@
 PyTorch's CPU tensors come from malloc. With glibc's defaults a block above the mmap threshold (128 KiB at first,
 then raised to the largest block freed so far) is mmap'd and unmapped again on free, and free memory at the top of
 the heap beyond the trim threshold (twice the mmap threshold) goes back to the kernel. A sampling loop frees and
-allocates the same activations at every step, so its tensors keep arriving as fresh zero-filled pages: page faults
-on every step (205 per step of a 4 MiB add, none once tuned: tests/test_malloc.py). `tune_malloc()` sets both
+allocates the same activations at every step, so its tensors can arrive as fresh zero-filled pages at every step:
+page faults (a step of three 4 MiB tensors: ~3000 with the starting threshold held, ~3000 or none with the adjusting
+defaults, by the heap's layout at start; none once tuned: tests/test_malloc.py). `tune_malloc()` sets both
 thresholds (mallopt), which also stops glibc's adjusting them: blocks up to 32 MiB come from the heap and freed
 memory stays with the process for the next step. The cost: the process keeps its peak heap instead of handing
 freed pages back (malloc_trim(0) still does), as a caching allocator would. Measured in fresh processes
-(benchmarks/cpu_malloc.py, README "CPU: the allocator"). Process-wide, so never applied on import: the CLI and the
+(benchmarks/bench_cpu_malloc.py, README "CPU: the allocator"). Process-wide, so never applied on import: the CLI and the
 first sampling run of a CPU Pipeline apply it (tune_malloc_once), unless BLITZDIFF_MALLOC=system.
 """
 
