@@ -26,6 +26,8 @@ from pathlib import Path
 from _timing import QUICK_HELP, cpu_threads  # benchmarks/ is on sys.path when run as a script
 from cpu_best import write_unet32
 
+from blitzdiff.bench.interleave import rotated
+
 VARIANTS = {"glibc defaults": {"BLITZDIFF_MALLOC": "system"}, "tuned": {}, "onnxruntime": {}}
 # One process: the default path's steady state. argv: model, batch, steps, runs, threads, mode.
 CHILD = """
@@ -90,7 +92,7 @@ def main() -> None:
             for batch in args.batches:
                 results: dict[str, list[dict]] = {v: [] for v in variants}
                 for r in range(args.rounds):
-                    for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+                    for variant in rotated(variants, r):
                         results[variant].append(run_process(model, batch, args.steps, args.runs, count, variant))
                 for variant in variants:
                     times = [p["median_ms"] for p in results[variant]]

@@ -18,7 +18,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
@@ -66,7 +66,7 @@ class Measurement:
         """min_ms, q25_ms, median_ms, q75_ms, max_ms of the repeats (quartiles interpolated linearly between the
         sorted times, numpy's default; one repeat: all equal), rel_iqr = (q75 - q25) / median, max_over_min."""
         times = sorted(self.times_ms)
-        q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+        q25, _, q75 = quartiles(times)
         median = self.median_ms
         return {"min_ms": times[0], "q25_ms": q25, "median_ms": median, "q75_ms": q75, "max_ms": times[-1],
                 "rel_iqr": (q75 - q25) / median, "max_over_min": times[-1] / times[0]}
@@ -81,6 +81,20 @@ class Measurement:
     def build_s(self) -> float:
         """What the first call cost beyond a steady-state call: graph capture / compilation / first-use setup."""
         return max(self.first_call_ms - self.median_ms, 0.0) / 1e3
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(q25, median, q75) of `values`, interpolated linearly between the sorted values (numpy's default); one value:
+    all three equal it."""
+    ordered = sorted(values)
+    q25, median, q75 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
+    return q25, median, q75
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (a failed system's record)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..profiling import format_table  # columns: first left-aligned, the others right-aligned
+from .interleave import fastest_pair
 from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, device_label
-from .suite import BASELINES, fastest_pair
+from .suite import BASELINES
 
 
 def systems_measured(results: dict[str, Any]) -> list[str]:
@@ -89,7 +90,7 @@ def _best_table(results: dict[str, Any], kind: str, varied: str) -> str:
 
 def _interleaved_table(interleaved: dict[str, Any]) -> str:
     """Per interleaved configuration: its fastest blitzdiff system against its fastest baseline (medians over the
-    rounds) and the median and quartiles of their per-round speed-ups (suite.Job.interleaved)."""
+    rounds) and the median and quartiles of their per-round speed-ups (bench.interleave)."""
     table = []
     for configuration in interleaved["configurations"]:
         best = fastest_pair(configuration)

@@ -18,7 +18,6 @@ speed-ups of that phase compare calls made seconds apart, not sweeps made minute
 from __future__ import annotations
 
 import copy
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -33,7 +32,15 @@ from ..models import check_backend
 from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler
-from .measure import UNSTABLE_MAX_OVER_MIN, UNSTABLE_REL_IQR, Measurement, measure, run_record, timed_ms
+from .interleave import interleave
+from .measure import (
+    UNSTABLE_MAX_OVER_MIN,
+    UNSTABLE_REL_IQR,
+    Measurement,
+    error_line,
+    measure,
+    run_record,
+)
 from .roofline import dense_rate, floor_ms, run_flops
 from .threads import CpuThreads
 from .workload import sample_inputs
@@ -228,11 +235,6 @@ def diffusers_sample(pipe, sampler: str, baseline: str) -> Sample:
                             channels_last=baseline.endswith("channels-last")).sample
 
 
-def error_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 @dataclass
 class Job:
     """One bench run's fixed parts: the pipeline, sampler, guidance scale, config and progress log (one line per
@@ -305,34 +307,11 @@ class Job:
                 "max_deviation": max(abs(r["ratio"] - 1) for r in ratios)}
 
     def interleaved(self) -> dict[str, Any]:
-        """Every system the sweeps measured (built and warmed up there) timed once per round, config.repeats rounds
-        per measured (batch, steps), the order rotated round by round (round r starts with the r-th system, mod their
-        number): per configuration each system's times and median, and for each blitzdiff system against each
-        baseline the median and quartiles of the per-round ratios (the baseline's time / blitzdiff's, both from the
-        same round, seconds apart). A drift of the machine slower than a round moves both sides of a ratio alike,
-        which minutes apart, as the sweeps are, it does not. A system that fails here is dropped from the rest,
-        its error recorded."""
-        names, errors = list(self.alive), {}
-        configurations = []
-        for batch, steps in dict.fromkeys((b, s) for _, b, s in self.configurations(self.config)):
-            inputs = sample_inputs(self.pipe, batch, self.guidance)
-            times: dict[str, list[float]] = {name: [] for name in names}
-            for r in range(self.config.repeats if names else 0):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    try:
-                        times[name].append(timed_ms(partial(self.alive[name], batch, steps=steps, **inputs),
-                                                    self.pipe.device))
-                    except Exception as error:  # as guarded: recorded, the others go on
-                        errors[name] = error_line(error)
-                names = [name for name in names if name not in errors]
-            measured = {name: times[name] for name in names}
-            configurations.append({"batch": batch, "steps": steps, "times_ms": measured,
-                                   "median_ms": {name: statistics.median(t) for name, t in measured.items()},
-                                   "ratios": round_ratios(measured)})
-            if configurations[-1]["ratios"]:
-                self.log(f"[interleaved] {describe_interleaved(configurations[-1])}")
-        return {"rounds": self.config.repeats, "order": "rotated by one system per round",
-                "configurations": configurations, "errors": errors}
+        """Every system the sweeps kept (self.alive) timed again, config.repeats rounds per measured (batch, steps),
+        one call each per round in rotating order (bench.interleave)."""
+        points = list(dict.fromkeys((b, s) for _, b, s in self.configurations(self.config)))
+        return interleave(self.alive, points, partial(sample_inputs, self.pipe, guidance_scale=self.guidance),
+                          self.config.repeats, self.pipe.device, self.log)
 
     def step_split(self) -> dict[str, Any]:
         """Network / solver / host ms per step (blitzdiff.profiling) of one run of the plain eager loop (the
@@ -375,38 +354,6 @@ class Job:
         return {"rates": rates, "best_flops_per_s": rate["best_flops_per_s"],
                 "runs": [{"batch": batch, "steps": steps, "flops": flops, "floor_ms": floor_ms(flops, rate)}
                          for (batch, steps), flops in runs.items()]}
-
-
-def round_ratios(times: dict[str, list[float]]) -> list[dict[str, Any]]:
-    """For each blitzdiff system against each baseline in `times` (ms per round, round by round): the median and
-    quartiles of the per-round speed-ups, the baseline's time / the blitzdiff system's."""
-    ratios = []
-    for ours in (name for name in times if name.startswith("blitzdiff-")):
-        for baseline in (name for name in times if name in BASELINES):
-            per_round = sorted(b / o for o, b in zip(times[ours], times[baseline], strict=True))
-            q25, median, q75 = (statistics.quantiles(per_round, n=4, method="inclusive") if len(per_round) > 1
-                                else per_round * 3)
-            ratios.append({"system": ours, "baseline": baseline, "median": median, "q25": q25, "q75": q75})
-    return ratios
-
-
-def fastest_pair(configuration: dict[str, Any]) -> dict[str, Any] | None:
-    """Of an interleaved configuration: the ratio of its fastest blitzdiff system against its fastest baseline (by
-    their medians over the rounds), or None when a side has no system."""
-    medians = configuration["median_ms"]
-    pairs = configuration["ratios"]
-    if not pairs:
-        return None
-    ours = min({r["system"] for r in pairs}, key=medians.__getitem__)
-    theirs = min({r["baseline"] for r in pairs}, key=medians.__getitem__)
-    return next(r for r in pairs if (r["system"], r["baseline"]) == (ours, theirs))
-
-
-def describe_interleaved(configuration: dict[str, Any]) -> str:
-    best, medians = fastest_pair(configuration), configuration["median_ms"]
-    return (f"batch {configuration['batch']} steps {configuration['steps']}: {len(medians)} systems alternated, "
-            f"fastest {best['system']} {medians[best['system']]:.2f} ms against {best['baseline']} "
-            f"{medians[best['baseline']]:.2f} ms: {best['median']:.2f}x [{best['q25']:.2f}-{best['q75']:.2f}]")
 
 
 def result_row(system: str, kind: str, batch: int, steps: int, m: Measurement) -> dict[str, Any]:
