@@ -34,7 +34,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("guidance_scale"), py::arg("terms"), py::arg("coefs"), py::arg("threads") = 1,
         py::arg("guidance_rows") = 0, py::arg("row_size") = 0, py::call_guard<py::gil_scoped_release>(),
         "denoised = c_skip*point + c_out*(u + w*(c - u)) (or out), x_next = sum coefs[k]*terms[k] (0: denoised); "
-        "on up to `threads` threads. w: guidance_scale, or float32 guidance_rows[i / row_size] where non-null.");
+        "on up to `threads` threads. w: guidance_scale, or float32 guidance_rows[i / row_size] where non-null; "
+        "denoised = 0: not stored.");
   m.def("adaln_modulate_cpu", &blitzdiff::adaln_modulate_cpu, py::arg("out"), py::arg("x"), py::arg("shift"),
         py::arg("scale"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"), py::arg("eps"),
         py::arg("dtype"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),

@@ -13,7 +13,8 @@
 // "bfloat16"); pointers arrive as integers (Tensor.data_ptr()) so the module never links to torch. The outputs
 // must not overlap any input; inputs may alias each other. Half types compute in float32, the others in their
 // own precision; the D_0 term reads the denoised value as stored (rounded to dtype). The CPU kernel splits large
-// calls over up to `threads` threads (parallel.h) in whole chunks: the same bits for any count. Bad arguments throw
+// calls over up to `threads` threads (parallel.h) in whole chunks: the same bits for any count, and takes
+// denoised == 0 (not stored: the loop's stages whose estimate no later stage reads). Bad arguments throw
 // std::invalid_argument (ValueError in Python), CUDA failures std::runtime_error.
 #pragma once
 
@@ -41,9 +42,9 @@ void solver_step_cuda(std::uintptr_t denoised, std::uintptr_t x_next, std::uintp
 #endif
 
 // Throws std::invalid_argument unless n >= 0, terms and coefs have the same length <= kMaxSolverStepTerms and,
-// for n > 0, the output, out and point pointers are non-null.
+// for n > 0, the output, out and point pointers are non-null (denoised may be null where denoised_optional).
 void check_solver_step_args(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point,
                             std::int64_t n, const std::vector<std::uintptr_t>& terms,
-                            const std::vector<double>& coefs);
+                            const std::vector<double>& coefs, bool denoised_optional = false);
 
 }  // namespace blitzdiff

@@ -59,7 +59,7 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
   const std::size_t count = terms.size();
   T coef[kMaxSolverStepTerms];
   for (std::size_t k = 0; k < count; ++k) coef[k] = static_cast<T>(coefs[k]);
-  T g_buf[kChunk];
+  T g_buf[kChunk], d_buf[kChunk];  // d_buf: the chunk's denoised values when they are not stored
   for (std::int64_t start = begin; start < end; start += kChunk) {
     const std::int64_t len = std::min(kChunk, end - start);
     const T* g = o + start;
@@ -74,7 +74,7 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
       }
       g = g_buf;
     }
-    T* d = den + start;
+    T* d = den != nullptr ? den + start : d_buf;
     if (c_skip != 0.0) {
       precondition(d, p + start, g, skip, cout, len);
     } else {
@@ -119,7 +119,7 @@ BLITZDIFF_CLONES void step_f64(std::uintptr_t denoised, std::uintptr_t x_next, s
 
 void check_solver_step_args(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point,
                             std::int64_t n, const std::vector<std::uintptr_t>& terms,
-                            const std::vector<double>& coefs) {
+                            const std::vector<double>& coefs, bool denoised_optional) {
   if (n < 0) throw std::invalid_argument("solver_step: n must be >= 0, got " + std::to_string(n));
   if (terms.size() != coefs.size()) {
     throw std::invalid_argument("solver_step: " + std::to_string(terms.size()) + " terms but " +
@@ -129,8 +129,10 @@ void check_solver_step_args(std::uintptr_t denoised, std::uintptr_t x_next, std:
     throw std::invalid_argument("solver_step: at most " + std::to_string(kMaxSolverStepTerms) + " terms, got " +
                                 std::to_string(terms.size()));
   }
-  if (n > 0 && (denoised == 0 || x_next == 0 || out == 0 || point == 0)) {
-    throw std::invalid_argument("solver_step: denoised, x_next, out and point must be non-null pointers");
+  if (n > 0 && ((denoised == 0 && !denoised_optional) || x_next == 0 || out == 0 || point == 0)) {
+    throw std::invalid_argument(denoised_optional
+                                    ? "solver_step: x_next, out and point must be non-null pointers"
+                                    : "solver_step: denoised, x_next, out and point must be non-null pointers");
   }
 }
 
@@ -139,7 +141,7 @@ void solver_step_cpu(std::uintptr_t denoised, std::uintptr_t x_next, std::uintpt
                      double guidance_scale, const std::vector<std::uintptr_t>& terms,
                      const std::vector<double>& coefs, std::int64_t threads, std::uintptr_t guidance_rows,
                      std::int64_t row_size) {
-  check_solver_step_args(denoised, x_next, out, point, n, terms, coefs);
+  check_solver_step_args(denoised, x_next, out, point, n, terms, coefs, /*denoised_optional=*/true);
   check_threads("solver_step_cpu", threads);
   if (guidance_rows != 0 && (row_size < 1 || n % row_size != 0)) {
     throw std::invalid_argument("solver_step_cpu: with guidance_rows, row_size must be >= 1 and divide n (" +

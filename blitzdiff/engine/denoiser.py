@@ -104,12 +104,10 @@ class Denoiser:
         c = self.scalars[k]
         x_in = x if c.c_in == 1.0 else x * c.c_in
         if self.guided:
-            out = self.fn(torch.cat([x_in, x_in]), self.timesteps[k], **self.cond)
-        else:
-            out = self.fn(x_in, self.timesteps[k], **self.cond)
-        rows = x.shape[0] * (2 if self.guided else 1)
-        if out.shape[0] != rows or out.shape[1:] != x.shape[1:]:
-            raise ValueError(f"the network returned shape {tuple(out.shape)} for input {(rows, *x.shape[1:])}; it "
+            x_in = torch.cat([x_in, x_in])
+        out = self.fn(x_in, self.timesteps[k], **self.cond)
+        if out.shape != x_in.shape:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x_in.shape)}; it "
                              "must return a prediction shaped like its input (split off learned-variance channels)")
         return out
 

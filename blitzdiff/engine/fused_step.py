@@ -64,6 +64,7 @@ class FusedStage(NamedTuple):  # a tuple: built for every stage of a plan, at a 
     coefs: tuple[float, ...]
     kernel: Callable  # blitzdiff._C.solver_step_cpu, looked up once per plan
     noise: bool  # whether a term reads fresh noise (the caller draws it)
+    store: bool  # whether a later stage reads this stage's denoised estimate; if not, it is never written
 
 
 def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> list[FusedStage | None]:
@@ -78,16 +79,32 @@ def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> 
 
 def _fused_stages(plan: Plan, scalars: Sequence) -> list[FusedStage | None]:
     kernel = native("solver_step", "cpu").solver_step_cpu
+    read = _read_later(plan)
     stages: list[FusedStage | None] = []
-    for stage, c in zip(plan.stages, scalars, strict=True):
+    for stage, c, store in zip(plan.stages, scalars, read, strict=True):
         # D_raw (the estimate before post-processing) only appears in plans with post-processing, not fused
         terms = None if stage.update is None or stage.update.raw != 0.0 else _terms(stage.update)
         if terms is None or len(terms) > MAX_TERMS:
             stages.append(None)
             continue
         sources, coefs = zip(*terms, strict=True) if terms else ((), ())
-        stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, kernel, ("noise", 0) in sources))
+        stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, kernel, ("noise", 0) in sources, store))
     return stages
+
+
+def _read_later(plan: Plan) -> list[bool]:
+    """Per stage k, whether a later stage's point or update reads its denoised estimate D_k: stage m's point sees
+    D_{m-1-j} as its denoised[j] and D_{m-1} as its D_raw (before m's own joins the history), m's update D_{m-j}
+    (and its own D_raw, which the kernel reads as it computes it)."""
+    read = [False] * len(plan.stages)
+    for m, stage in enumerate(plan.stages):
+        for c, newest in ((stage.point, m - 1), (stage.update, m)):
+            if c is None:
+                continue
+            for j, coef in [*enumerate(c.denoised), (0, c.raw)]:
+                if coef != 0.0 and newest - j != m:
+                    read[newest - j] = True
+    return read
 
 
 def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
@@ -101,37 +118,47 @@ def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
 
 def run_fused(
     step: FusedStage, denoiser: Denoiser, out: torch.Tensor, x: torch.Tensor, point: torch.Tensor,
-    history: Sequence[torch.Tensor], points: Sequence[torch.Tensor], noise: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+    history: Sequence[torch.Tensor | None], points: Sequence[torch.Tensor], noise: torch.Tensor | None,
+    plain: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """(denoised, x_next) of a fused stage from the network output `out` (Denoiser.network's), or None when a tensor
     does not suit the kernel: another dtype or device than x (e.g. a half-precision network output), or not
-    contiguous (e.g. a channels-last initial state); the caller then runs the stage unfused. history / points: the
-    loop's, oldest first, before this stage's entries; x, point, noise: [B, ...] on the CPU, x float32 or float64
-    (resolve_step_backend). Per call this does no more than the checks that keep the kernel's pointers valid: it
-    runs once per stage of every eager sampling loop."""
-    named = {"x": x, "point": point, "noise": noise}
-    # None stands for the new denoised estimate (the kernel's null pointer)
-    terms = [None if name == "new" else named[name] if j == 0 else (history if name == "history" else points)[-j]
-             for name, j in step.sources]
+    contiguous (e.g. a channels-last initial state); the caller then runs the stage unfused. denoised is None where
+    no later stage reads it (step.store). history / points: the loop's, oldest first, before this stage's entries;
+    x, point, noise: [B, ...] on the CPU, x float32 or float64 (resolve_step_backend). plain: the caller knows x,
+    point, noise and the histories to be contiguous of x's dtype (PlanRun tracks it), so only `out` is checked.
+    Per call this does no more than the checks that keep the kernel's pointers valid: it runs once per stage of
+    every eager sampling loop."""
     dtype = x.dtype
-    if out.device != x.device:
+    if out.dtype is not dtype or not out.is_contiguous() or not out.is_cpu:
         return None
-    for t in (out, point, *terms):
-        if t is not None and (t.dtype is not dtype or not t.is_contiguous()):
+    if not plain and (not x.is_contiguous() or point.dtype is not dtype or not point.is_contiguous()):
+        return None
+    pointers = []  # the terms' data in the kernel's order; 0: the new denoised estimate (the kernel's null pointer)
+    for name, j in step.sources:  # a loop, not comprehensions: this runs at every stage (Python 3.11 pays a call each)
+        if name == "new":
+            pointers.append(0)
+            continue
+        term = x if name == "x" else point if name == "point" else noise if name == "noise" else \
+            (history if name == "history" else points)[-j]
+        if not plain and (term.dtype is not dtype or not term.is_contiguous()):
             return None
+        pointers.append(term.data_ptr())
     scale, rows, row_size = denoiser.guidance_scale, 0, 0
     guided = denoiser.guided
     if guided and not isinstance(scale, Real):  # a tensor: per sample [B] or one 0-d scale, read by the kernel
-        if scale.dtype is torch.float32 and scale.device == x.device and scale.numel() in (1, x.shape[0]) and \
+        if scale.dtype is torch.float32 and scale.is_cpu and scale.numel() in (1, x.shape[0]) and \
                 scale.is_contiguous():
             rows, row_size = scale.data_ptr(), x.numel() // scale.numel()
         else:  # another dtype or device: the Denoiser's ops, then an unguided kernel call
             out, guided = denoiser.guide(out), False
-    denoised, x_next = torch.empty_like(x), torch.empty_like(x)  # contiguous, as x is
+    # contiguous, as x is; an estimate no later stage reads is not stored (None in the loop's history)
+    denoised, x_next = torch.empty_like(x) if step.store else None, torch.empty_like(x)
     step.kernel(
-        denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(), x.numel(), guided,
+        0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(),
+        x.numel(), guided,
         _DTYPES[dtype], step.c_skip, step.c_out, float(scale) if guided and not rows else 1.0,
-        [0 if t is None else t.data_ptr() for t in terms], step.coefs, torch.get_num_threads(), rows, row_size)
+        pointers, step.coefs, torch.get_num_threads(), rows, row_size)
     return denoised, x_next
 
 

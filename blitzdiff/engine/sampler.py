@@ -7,7 +7,6 @@ runs one stage at a time (one CUDA graph per step, blitzdiff.engine.runtime); `r
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -16,7 +15,7 @@ import torch
 from .denoiser import Denoiser
 from .fused_step import FusedStage, draw_noise, fused_stages, resolve_step_backend, run_fused
 from .noise import gaussian
-from .plan import Combination, Plan
+from .plan import Combination, Plan, Stage
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # (point [B, ...], stage index) -> denoised [B, ...]
 Postprocess = Callable[[torch.Tensor], torch.Tensor]  # x0 -> clipped / thresholded x0
@@ -24,7 +23,6 @@ Postprocess = Callable[[torch.Tensor], torch.Tensor]  # x0 -> clipped / threshol
 # torch.profiler.record_function range (blitzdiff.profiling); None in the fast paths.
 Scope = Callable[[int, str], AbstractContextManager]
 FUSED_RANGE = "blitzdiff::fused_step"  # what a profile calls a fused stage's kernel call
-_NO_SCOPE = contextlib.nullcontext()  # reusable: one for every stage of every loop without a scope
 
 
 def combine(
@@ -80,42 +78,61 @@ class PlanRun:
         self.depth = plan.history
         fuse = resolve_step_backend(step_backend, x.device, x.dtype) == "cpu" and isinstance(denoise, Denoiser)
         self.fused = fused_stages(plan, denoise, postprocess) if fuse else [None] * len(plan.stages)
+        # Whether every tensor the loop holds (x, histories, points, noise) is contiguous of x's dtype, so that a
+        # fused stage checks only the network's output: true of the kernel's outputs (like x) and of `combine`'s
+        # ops on such tensors; a stage run by the Denoiser's ops (on an output of any layout or dtype) rechecks.
+        self.plain = fuse and x.is_contiguous()
 
     def _combine(self, c: Combination, stream: int) -> torch.Tensor:
         return combine(c, self.x, self.history, self.points, self.raw, self.seeds, stream, self.noise_backend)
 
     def stage(self, k: int) -> None:
         """Run stage k: evaluate the denoiser at its point, then update the state."""
-        stage, depth, fused = self.plan.stages[k], self.depth, self.fused[k]
-        with self._scope(k, "solver"):
-            point = self.x if stage.point is None else self._combine(stage.point, 2 * k)
-        with self._scope(k, "network"):
-            out = self.denoise(point, k) if fused is None else self.denoise.network(point, k)
-        with self._scope(k, "solver"):
-            result = None if fused is None else self._run_fused(fused, k, out, point)
-            if result is not None:
-                self.raw, x_next = result
-            else:  # unfused, or a network output the kernel does not take: the Denoiser's ops
-                self.raw = out if fused is None else self.denoise.precondition(self.denoise.guide(out), point, k)
-                x_next = None
-            clean = self.raw if self.postprocess is None else self.postprocess(self.raw)
-            self.history = [*self.history, clean][-depth:]
-            self.points = [*self.points, point][-depth:]
-            if stage.update is not None:
-                self.x = x_next if x_next is not None else self._combine(stage.update, 2 * k + 1)
+        stage, fused, scope = self.plan.stages[k], self.fused[k], self.scope
+        if scope is None:  # the fast path: no context managers (a few hundred ns a stage in an eager loop)
+            point = self._point(stage, k)
+            self._update(stage, k, fused, self._network(point, k, fused), point)
+            return
+        with scope(k, "solver"):
+            point = self._point(stage, k)
+        with scope(k, "network"):
+            out = self._network(point, k, fused)
+        with scope(k, "solver"):
+            self._update(stage, k, fused, out, point)
+
+    def _point(self, stage: Stage, k: int) -> torch.Tensor:
+        return self.x if stage.point is None else self._combine(stage.point, 2 * k)
+
+    def _network(self, point: torch.Tensor, k: int, fused: FusedStage | None) -> torch.Tensor:
+        """The denoised estimate, or for a fused stage the raw network output it takes."""
+        return self.denoise(point, k) if fused is None else self.denoise.network(point, k)
+
+    def _update(self, stage: Stage, k: int, fused: FusedStage | None, out: torch.Tensor, point: torch.Tensor) -> None:
+        result = None if fused is None else self._run_fused(fused, k, out, point)
+        if result is not None:
+            self.raw, x_next = result
+        else:  # unfused, or a network output the kernel does not take: the Denoiser's ops
+            self.raw = out if fused is None else self.denoise.precondition(self.denoise.guide(out), point, k)
+            x_next = None
+        clean = self.raw if self.postprocess is None else self.postprocess(self.raw)
+        depth = self.depth
+        self.history = [*self.history, clean][-depth:]
+        self.points = [*self.points, point][-depth:]
+        if stage.update is not None:
+            self.x = x_next if x_next is not None else self._combine(stage.update, 2 * k + 1)
+        if result is None and self.plain:
+            dtype = point.dtype
+            self.plain = all(t.dtype is dtype and t.is_contiguous() for t in (clean, self.x))
 
     def _run_fused(self, step: FusedStage, k: int, out: torch.Tensor,
                    point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(denoised, x_next) of stage k by one kernel call (history and points not yet holding stage k's)."""
         noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if step.noise else None
         if self.scope is None:
-            return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise)
+            return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise, self.plain)
         # profiled: the kernel is not a torch op, so it gets a range of its own that the op tables list
         with torch.profiler.record_function(FUSED_RANGE):
-            return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise)
-
-    def _scope(self, k: int, part: str) -> AbstractContextManager:
-        return _NO_SCOPE if self.scope is None else self.scope(k, part)
+            return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise, self.plain)
 
     def output(self) -> torch.Tensor:
         """The final sample [B, ...] (after every stage ran)."""

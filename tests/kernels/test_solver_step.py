@@ -472,3 +472,30 @@ def test_cpu_per_sample_guidance_rows(dtype):
     with pytest.raises(ValueError, match=r"row_size must be >= 1 and divide n \(4500\), got 7"):
         solver_step_cpu(denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), x.data_ptr(), x.numel(), True,
                         "float32", 1.0, 1.0, 1.0, [], [], 1, scales.data_ptr(), 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_denoised_zero_is_not_stored_and_x_next_is_unchanged(dtype):
+    """denoised = 0: the loop's stages whose estimate no later stage reads. x_next has the same bits as with the
+    estimate stored (the D_0 term reads it from the chunk's buffer instead), over several chunks and threads."""
+    from blitzdiff._C import solver_step_cpu
+
+    n = 2 * 256 * 1024 + 77
+    gen = torch.Generator().manual_seed(2)
+    out = torch.randn(2 * n, generator=gen, dtype=dtype)  # guided: [uncond; cond]
+    x, h = (torch.randn(n, generator=gen, dtype=dtype) for _ in range(2))
+    name = str(dtype).removeprefix("torch.")
+    terms, coefs = [x.data_ptr(), 0, h.data_ptr()], [0.9, 0.3, 0.1]
+    denoised, stored = torch.empty_like(x), torch.empty_like(x)
+    solver_step_cpu(denoised.data_ptr(), stored.data_ptr(), out.data_ptr(), x.data_ptr(), n, True, name, 1.1, -0.2,
+                    2.5, terms, coefs, 2)
+    for threads in (1, 2):
+        x_next = torch.full_like(x, float("nan"))
+        solver_step_cpu(0, x_next.data_ptr(), out.data_ptr(), x.data_ptr(), n, True, name, 1.1, -0.2, 2.5, terms,
+                        coefs, threads)
+        assert torch.equal(x_next, stored)
+    want = solver_step_ref(out.view(2, n), x[None], None, [h[None]], [], None, 1.1, -0.2, 2.5, 0.9, [0.3, 0.1], [],
+                           0.0)
+    torch.testing.assert_close(stored[None], want[1])
+    with pytest.raises(ValueError, match="x_next, out and point must be non-null"):
+        solver_step_cpu(0, 0, out.data_ptr(), x.data_ptr(), n, True, name, 1.1, -0.2, 2.5, terms, coefs, 1)

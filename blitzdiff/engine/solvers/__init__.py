@@ -52,6 +52,8 @@ _plans_lock = threading.Lock()  # Pipelines sample from many threads (tests/engi
 
 def _frozen(value: Any) -> Any:
     """A hashable stand-in for config / option values (lists, dicts, arrays)."""
+    if value is None or isinstance(value, (str, int, float)):  # most fields: skip the failing hasattr lookups
+        return value
     if isinstance(value, dict) or hasattr(value, "items"):
         return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
