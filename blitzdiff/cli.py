@@ -245,8 +245,8 @@ COMMANDS = {"sample": run_sample, "pack": run_pack, "info": run_info, "eval": ru
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_malloc_once()  # this process samples: keep its freed activations for the next step (blitzdiff.malloc)
     try:
+        tune_malloc_once()  # this process samples: keep its freed activations for the next step (blitzdiff.malloc)
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
         rank = f" (rank {os.environ['RANK']})" if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ \

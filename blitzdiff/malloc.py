@@ -26,7 +26,8 @@ MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit (DEFAULT_MMAP
 TRIM_THRESHOLD = 2**30
 # glibc's own environment settings of the same thresholds: a process started with them keeps them
 GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-OPT_OUT = "BLITZDIFF_MALLOC"  # =system: malloc is left as it is
+OPT_OUT = "BLITZDIFF_MALLOC"  # =system: malloc is left as it is; =tuned (or unset, or empty): the default
+OPT_OUT_VALUES = ("tuned", "system")
 
 _applied: dict[str, Any] = {"tuned": False, "reason": "tune_malloc() not called"}
 _attempted = False  # tune_malloc_once ran
@@ -67,14 +68,19 @@ def tune_malloc() -> dict[str, Any]:
 
 def tune_malloc_once() -> None:
     """tune_malloc() the first time this is called in the process, unless the environment says BLITZDIFF_MALLOC=system
-    (then malloc_record() says so): what the CLI and a CPU Pipeline's sampling call."""
+    (then malloc_record() says so): what the CLI and a CPU Pipeline's sampling call. Another value of it is a
+    ValueError (every call until it is fixed), not silently the default."""
     global _applied, _attempted
     if _attempted:  # every later sampling run: one read, no lock
         return
     with _once:
         if _attempted:
             return
-        if os.environ.get(OPT_OUT) == "system":
+        choice = os.environ.get(OPT_OUT) or "tuned"
+        if choice not in OPT_OUT_VALUES:
+            raise ValueError(f"{OPT_OUT}={choice!r} is not understood; allowed: tuned (the default: blitzdiff sets "
+                             "malloc's thresholds), system (malloc is left as it is)")
+        if choice == "system":
             _applied = {"tuned": False, "reason": f"{OPT_OUT}=system"}
         else:
             tune_malloc()

@@ -94,3 +94,29 @@ def test_the_cli_tunes_malloc_unless_told_not_to(monkeypatch, opt_out, called):
         monkeypatch.setenv(OPT_OUT, opt_out)
     assert cli.main(["info", "unet-digits"]) == 0
     assert bool(calls) is called
+
+
+@pytest.mark.parametrize("value", ["System", "off", "1"])
+def test_an_unknown_opt_out_value_is_an_error_not_the_default(monkeypatch, value):
+    calls = []
+    monkeypatch.setattr(malloc, "tune_malloc", lambda: calls.append(None))
+    monkeypatch.setattr(malloc, "_attempted", False)
+    monkeypatch.setattr(malloc, "_applied", malloc.malloc_record())
+    monkeypatch.setenv(OPT_OUT, value)
+    with pytest.raises(ValueError, match=rf"BLITZDIFF_MALLOC='{value}' is not understood; allowed: tuned .*, system"):
+        malloc.tune_malloc_once()
+    assert not calls and not malloc._attempted  # nothing tuned; the next call checks again
+    monkeypatch.setenv(OPT_OUT, "tuned")
+    malloc.tune_malloc_once()
+    assert calls == [None]
+
+
+
+def test_the_cli_reports_an_unknown_opt_out_value_on_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(malloc, "_attempted", False)
+    monkeypatch.setattr(malloc, "_applied", malloc.malloc_record())
+    monkeypatch.setenv(OPT_OUT, "off")
+    assert cli.main(["info", "unet-digits"]) == 2
+    assert capsys.readouterr().err == ("blitzdiff info: error: BLITZDIFF_MALLOC='off' is not understood; allowed: "
+                                       "tuned (the default: blitzdiff sets malloc's thresholds), system (malloc is "
+                                       "left as it is)\n")
