@@ -6,8 +6,10 @@ model-input scaling, prediction-type conversion and the solver update (and, for 
 
     python benchmarks/bench_scheduler_overhead.py [--steps 50] [--repeats 15] [--threads N] [--json out.json] [--quick]
 
-Reports the median over repeats (after warm-up) of microseconds per step, for each sampler and shape, and the
-ratio diffusers / blitzdiff.
+Per sampler and shape, after one warm-up call of each, `repeats` rounds time one run of each loop, the order
+swapped every round (a drift of the machine moves both sides of a round alike). Reports each loop's median
+microseconds per step over the rounds and the speed-up diffusers / blitzdiff as the median of the per-round ratios,
+with their quartiles.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import time
 
 import torch
-from _timing import QUICK_HELP, cpu_threads, median_seconds  # benchmarks/ is on sys.path when run as a script
+from _timing import QUICK_HELP, cpu_threads  # benchmarks/ is on sys.path when run as a script
 
 import blitzdiff
+from blitzdiff.bench.interleave import rotated
+from blitzdiff.bench.measure import quartiles
 from blitzdiff.engine.config import resolve
 from blitzdiff.engine.denoiser import Denoiser
 from blitzdiff.engine.functional import parameterization, postprocessing
@@ -76,10 +82,24 @@ def diffusers_loop(sampler: str, class_name: str, shape, steps: int):
     return run
 
 
+def interleaved_us(loops: list, steps: int, rounds: int) -> list[list[float]]:
+    """Per loop, its µs per step in each of `rounds` rounds; one warm-up call each first, then one timed call of
+    each loop per round, the order rotated by one per round."""
+    for run in loops:
+        run()
+    times: list[list[float]] = [[] for _ in loops]
+    for r in range(rounds):
+        for i in rotated(range(len(loops)), r):
+            start = time.perf_counter()
+            loops[i]()
+            times[i].append((time.perf_counter() - start) / steps * 1e6)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (one run of each loop per round)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: blitzdiff bench's rule, the cores the load leaves)")
     parser.add_argument("--samplers", nargs="+", default=list(CASES), choices=list(CASES))
@@ -94,23 +114,28 @@ def main() -> None:
     with cpu_threads(args.threads) as threads:
         print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
               f"torch {torch.__version__}, diffusers {diffusers.__version__}, blitzdiff {blitzdiff.__version__}; "
-              f"{args.steps} steps, median of {args.repeats}, noise backend {args.noise_backend}")
-        print(f"{'sampler':<16} {'shape':<18} {'blitzdiff us/step':>18} {'diffusers us/step':>18} {'ratio':>7}")
+              f"{args.steps} steps, {args.repeats} interleaved rounds, noise backend {args.noise_backend}")
+        print(f"{'sampler':<16} {'shape':<18} {'blitzdiff us/step':>18} {'diffusers us/step':>18} "
+              f"{'ratio [rounds quartiles]':>26}")
         rows = []
         for name in args.samplers:
             sampler, class_name = CASES[name]
             for shape_name, shape in (QUICK_SHAPES if args.quick else SHAPES).items():
-                ours = median_seconds(blitzdiff_loop(sampler, shape, args.steps, args.noise_backend), args.repeats)
-                ours = ours / args.steps * 1e6
-                theirs = median_seconds(diffusers_loop(sampler, class_name, shape, args.steps), args.repeats)
-                theirs = theirs / args.steps * 1e6
-                rows.append({"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": ours,
-                             "diffusers_us_per_step": theirs, "ratio": theirs / ours})
-                print(f"{name:<16} {shape_name:<18} {ours:>18.1f} {theirs:>18.1f} {theirs / ours:>6.1f}x")
+                loops = [blitzdiff_loop(sampler, shape, args.steps, args.noise_backend),
+                         diffusers_loop(sampler, class_name, shape, args.steps)]
+                ours, theirs = interleaved_us(loops, args.steps, args.repeats)
+                q25, ratio, q75 = quartiles([b / a for a, b in zip(ours, theirs, strict=True)])
+                rows.append({"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": statistics.median(ours),
+                             "diffusers_us_per_step": statistics.median(theirs), "ratio": ratio, "ratio_q25": q25,
+                             "ratio_q75": q75, "blitzdiff_us_rounds": ours, "diffusers_us_rounds": theirs})
+                print(f"{name:<16} {shape_name:<18} {statistics.median(ours):>18.1f} "
+                      f"{statistics.median(theirs):>18.1f} {ratio:>10.1f}x [{q25:.1f}-{q75:.1f}]")
     if args.json:
         meta = {"device": "cpu", "threads": threads.record(), "torch": torch.__version__,
                 "diffusers": diffusers.__version__, "steps": args.steps, "repeats": args.repeats,
-                "noise_backend": args.noise_backend}
+                "noise_backend": args.noise_backend,
+                "method": "rounds: one timed run of each loop per round, order rotated; ratio = median of the "
+                          "per-round ratios (ratio_q25 / ratio_q75 their quartiles)"}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "warnings": threads.warnings()}, f, indent=2)
 
