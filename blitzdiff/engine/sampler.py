@@ -70,6 +70,9 @@ class PlanRun:
     def __init__(self, plan: Plan, denoise: Denoise, x: torch.Tensor, seeds: torch.Tensor,
                  postprocess: Postprocess | None = None, noise_backend: str = "ref", scope: Scope | None = None,
                  step_backend: str = "ref"):
+        if seeds.device != x.device:  # the noise follows the seeds' device; the fused kernels read raw pointers
+            raise ValueError(f"seeds are on {seeds.device} but the state x is on {x.device}; put both on one device "
+                             "(blitzdiff.engine.noise.seed_tensor(seeds, batch, x.device))")
         self.plan, self.denoise, self.x, self.seeds = plan, denoise, x, seeds
         self.postprocess, self.noise_backend, self.scope = postprocess, noise_backend, scope
         self.history: list[torch.Tensor] = []  # post-processed denoised estimates, newest last

@@ -274,3 +274,11 @@ def test_a_compiled_loop_updates_each_stage_in_one_inductor_kernel(name, guidanc
     exact = loop(x.double(), seeds)
     err, eager_err = ((r.double() - exact).abs().max().item() for r in (out, loop(x, seeds)))
     assert err <= 2 * eager_err + torch.finfo(torch.float32).eps * exact.abs().max().item(), (err, eager_err)
+
+
+def test_seeds_on_another_device_than_the_state_are_named():
+    """The noise lands on the seeds' device, and a fused stage passes its pointer to a CPU kernel: refused up front."""
+    plan, denoiser, x, seeds, post = parts("euler_ancestral", 1.0)
+    for backend in ("ref", "cpu"):
+        with pytest.raises(ValueError, match=r"seeds are on meta but the state x is on cpu; put both on one device"):
+            run_plan(plan, denoiser, x, seeds.to("meta"), post, step_backend=backend)
