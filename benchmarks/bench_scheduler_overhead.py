@@ -18,14 +18,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 from _timing import QUICK_HELP, cpu_threads  # benchmarks/ is on sys.path when run as a script
 
 import blitzdiff
-from blitzdiff.bench.interleave import rotated
-from blitzdiff.bench.measure import quartiles
+from blitzdiff.bench.interleave import interleave
 from blitzdiff.engine.config import resolve
 from blitzdiff.engine.denoiser import Denoiser
 from blitzdiff.engine.functional import parameterization, postprocessing
@@ -82,18 +80,18 @@ def diffusers_loop(sampler: str, class_name: str, shape, steps: int):
     return run
 
 
-def interleaved_us(loops: list, steps: int, rounds: int) -> list[list[float]]:
-    """Per loop, its µs per step in each of `rounds` rounds; one warm-up call each first, then one timed call of
-    each loop per round, the order rotated by one per round."""
-    for run in loops:
-        run()
-    times: list[list[float]] = [[] for _ in loops]
-    for r in range(rounds):
-        for i in rotated(range(len(loops)), r):
-            start = time.perf_counter()
-            loops[i]()
-            times[i].append((time.perf_counter() - start) / steps * 1e6)
-    return times
+def interleaved_us(ours, theirs, steps: int, rounds: int) -> tuple[list[float], list[float], dict]:
+    """(our µs per step per round, theirs, the per-round ratio's median and quartiles): one warm-up run of each,
+    then bench's interleaving (blitzdiff.bench.interleave: one timed run of each loop per round, order rotated)."""
+    ours(), theirs()
+    result = interleave({"blitzdiff-loop": lambda batch, steps: ours(), "diffusers": lambda batch, steps: theirs()},
+                        [(1, steps)], lambda batch: {}, rounds, torch.device("cpu"), log=lambda line: None)
+    if result["errors"]:
+        raise RuntimeError(f"a loop failed: {result['errors']}")
+    (configuration,) = result["configurations"]
+    per_step = {name: [ms * 1e3 / steps for ms in times] for name, times in configuration["times_ms"].items()}
+    (ratio,) = configuration["ratios"]
+    return per_step["blitzdiff-loop"], per_step["diffusers"], ratio
 
 
 def main() -> None:
@@ -121,15 +119,17 @@ def main() -> None:
         for name in args.samplers:
             sampler, class_name = CASES[name]
             for shape_name, shape in (QUICK_SHAPES if args.quick else SHAPES).items():
-                loops = [blitzdiff_loop(sampler, shape, args.steps, args.noise_backend),
-                         diffusers_loop(sampler, class_name, shape, args.steps)]
-                ours, theirs = interleaved_us(loops, args.steps, args.repeats)
-                q25, ratio, q75 = quartiles([b / a for a, b in zip(ours, theirs, strict=True)])
-                rows.append({"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": statistics.median(ours),
-                             "diffusers_us_per_step": statistics.median(theirs), "ratio": ratio, "ratio_q25": q25,
-                             "ratio_q75": q75, "blitzdiff_us_rounds": ours, "diffusers_us_rounds": theirs})
-                print(f"{name:<16} {shape_name:<18} {statistics.median(ours):>18.1f} "
-                      f"{statistics.median(theirs):>18.1f} {ratio:>10.1f}x [{q25:.1f}-{q75:.1f}]")
+                ours, theirs, ratio = interleaved_us(
+                    blitzdiff_loop(sampler, shape, args.steps, args.noise_backend),
+                    diffusers_loop(sampler, class_name, shape, args.steps), args.steps, args.repeats)
+                row = {"sampler": name, "shape": list(shape), "blitzdiff_us_per_step": statistics.median(ours),
+                       "diffusers_us_per_step": statistics.median(theirs), "ratio": ratio["median"],
+                       "ratio_q25": ratio["q25"], "ratio_q75": ratio["q75"], "blitzdiff_us_rounds": ours,
+                       "diffusers_us_rounds": theirs}
+                rows.append(row)
+                print(f"{name:<16} {shape_name:<18} {row['blitzdiff_us_per_step']:>18.1f} "
+                      f"{row['diffusers_us_per_step']:>18.1f} {row['ratio']:>10.1f}x "
+                      f"[{row['ratio_q25']:.1f}-{row['ratio_q75']:.1f}]")
     if args.json:
         meta = {"device": "cpu", "threads": threads.record(), "torch": torch.__version__,
                 "diffusers": diffusers.__version__, "steps": args.steps, "repeats": args.repeats,
