@@ -1,11 +1,14 @@
 // CPU kernel for the fused solver step; see solver_step.h for the contract.
 //
-// Cache-blocked: the n elements are walked in chunks of kChunk, and within a chunk each term is one flat loop
-// (restrict pointers, no branches) that GCC / Clang vectorize at -O3. Every input is read from memory once and
-// every output written once; the per-term partial sums stay in L1. The term order and the two-operation form of
-// each step (acc + coef * t) follow the sampling loop's torch ops, so float64 agrees with it to rounding.
+// Cache-blocked: the n elements are walked in chunks of kChunk. Within a chunk, guidance and preconditioning are each
+// one flat loop (restrict pointers, no branches) that GCC / Clang vectorize at -O3, and the update is a single pass
+// summing every term per element (a loop unrolled for each term count). Every input is read from memory once and
+// every output written once; guided and denoised values stay in L1 when not stored. The term order and the
+// two-operation form of each step (acc + coef * t) follow the sampling loop's torch ops, so float64 agrees with it to
+// rounding.
 #include <algorithm>
 #include <stdexcept>
+#include <utility>
 
 #include "parallel.h"
 #include "solver_step.h"
@@ -40,9 +43,30 @@ BLITZDIFF_INLINE void scale(T* __restrict__ d, const T* __restrict__ g, T c_out,
   for (std::int64_t i = 0; i < len; ++i) d[i] = g[i] * c_out;
 }
 
-template <typename T>
-BLITZDIFF_INLINE void axpy(T* __restrict__ acc, const T* __restrict__ t, T coef, std::int64_t len) {
-  for (std::int64_t i = 0; i < len; ++i) acc[i] = acc[i] + coef * t[i];
+// x_next = sum_k coef[k] * t[k] over one chunk in a single pass (K loads and one store per element), K a compile-
+// time count so that the term loop unrolls inside the vectorized element loop. The sum keeps the loop's order and
+// two-operation form, (0 + c_0 t_0) + c_1 t_1 + ..., the same bits as one axpy pass per term.
+template <typename T, int K>
+BLITZDIFF_INLINE void accumulate(T* __restrict__ acc, const T* const* terms, const T* coefs, std::int64_t len) {
+  const T* __restrict__ t[K > 0 ? K : 1];
+  T c[K > 0 ? K : 1];
+  for (int k = 0; k < K; ++k) {
+    t[k] = terms[k];
+    c[k] = coefs[k];
+  }
+  for (std::int64_t i = 0; i < len; ++i) {
+    T a = T(0);  // 0 + coef * t == coef * t: the loop's first term, bit for bit
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) a = a + c[k] * t[k][i];
+    acc[i] = a;
+  }
+}
+
+template <typename T, int... Ks>
+BLITZDIFF_INLINE void accumulate_n(std::integer_sequence<int, Ks...>, std::size_t count, T* acc, const T* const* terms,
+                                   const T* coefs, std::int64_t len) {
+  // one branch per count 0 .. kMaxSolverStepTerms, folded over the parameter pack
+  ((count == static_cast<std::size_t>(Ks) ? accumulate<T, Ks>(acc, terms, coefs, len) : void()), ...);
 }
 
 template <typename T>
@@ -80,12 +104,9 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
     } else {
       scale(d, g, cout, len);
     }
-    T* acc = next + start;
-    std::fill(acc, acc + len, T(0));  // 0 + coef * t == coef * t: the loop's first term, bit for bit
-    for (std::size_t k = 0; k < count; ++k) {
-      const T* t = terms[k] == 0 ? d : reinterpret_cast<const T*>(terms[k]) + start;
-      axpy(acc, t, coef[k], len);
-    }
+    const T* t[kMaxSolverStepTerms];
+    for (std::size_t k = 0; k < count; ++k) t[k] = terms[k] == 0 ? d : reinterpret_cast<const T*>(terms[k]) + start;
+    accumulate_n(std::make_integer_sequence<int, kMaxSolverStepTerms + 1>(), count, next + start, t, coef, len);
   }
 }
 

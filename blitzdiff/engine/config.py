@@ -8,6 +8,7 @@ that belong to another known diffusers scheduler are dropped (as from_config dro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -118,12 +119,37 @@ SAMPLERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
 DEFAULT_SAMPLER = "dpmpp_2m"
 
 
+def frozen(value: Any) -> Any:
+    """A hashable stand-in for config / option values (lists, dicts, arrays)."""
+    if value is None or isinstance(value, (str, int, float)):  # most fields: skip the failing hasattr lookups
+        return value
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return tuple(sorted((k, frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        return tuple(frozen(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
+    return value
+
+
+def _immutable(value: Any) -> Any:
+    """Lists, tuples and arrays (numpy, torch) as tuples of their Python values; anything else as it is."""
+    if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, (str, int, float))):
+        return tuple(_immutable(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
+    return value
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """A diffusers scheduler class with every one of its fields resolved (defaults filled in)."""
 
     class_name: str
     fields: Mapping[str, Any]
+    key: tuple = dataclasses.field(init=False, repr=False, compare=False)  # (class_name, fields), hashable: plan caches
+
+    def __post_init__(self) -> None:
+        # Sequence values (trained_betas, ...) become tuples, so that the key, computed once here, stays the fields'.
+        fields = MappingProxyType({k: _immutable(v) for k, v in self.fields.items()})
+        object.__setattr__(self, "fields", fields)
+        object.__setattr__(self, "key", (self.class_name, frozen(fields)))
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -107,6 +107,18 @@ def _read_later(plan: Plan) -> list[bool]:
     return read
 
 
+def keeps_histories(plan: Plan) -> bool:
+    """Whether a stage reads an earlier stage's denoised estimate or evaluation point (multistep samplers): the loop
+    must then keep them. A point combination's P_j is P_{m-1-j}; an update's P_j, j >= 1, is P_{m-j}. Once per plan."""
+
+    def reads_earlier_point(stage) -> bool:
+        point = stage.point is not None and any(coef != 0.0 for coef in stage.point.points)
+        return point or (stage.update is not None and any(coef != 0.0 for coef in stage.update.points[1:]))
+
+    return plan.memo("keeps_histories",
+                     lambda: any(_read_later(plan)) or any(reads_earlier_point(s) for s in plan.stages))
+
+
 def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
     """The live terms of an update (without D_raw) in `combine`'s order; P_0 is the evaluation point."""
     terms = [(("x", 0), c.x)]

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from .denoiser import Denoiser
-from .fused_step import FusedStage, draw_noise, fused_stages, resolve_step_backend, run_fused
+from .fused_step import FusedStage, draw_noise, fused_stages, keeps_histories, resolve_step_backend, run_fused
 from .noise import gaussian
 from .plan import Combination, Plan, Stage
 
@@ -85,57 +85,65 @@ class PlanRun:
         # fused stage checks only the network's output: true of the kernel's outputs (like x) and of `combine`'s
         # ops on such tensors; a stage run by the Denoiser's ops (on an output of any layout or dtype) rechecks.
         self.plain = fuse and x.is_contiguous()
+        # Whether a fused stage must record its estimate and point: not where no stage reads an earlier stage's
+        # (DDIM, Euler, ...; a stage run by the Denoiser's ops records its own, which its update reads).
+        self.histories = fuse and keeps_histories(plan)
 
     def _combine(self, c: Combination, stream: int) -> torch.Tensor:
         return combine(c, self.x, self.history, self.points, self.raw, self.seeds, stream, self.noise_backend)
 
     def stage(self, k: int) -> None:
         """Run stage k: evaluate the denoiser at its point, then update the state."""
-        stage, fused, scope = self.plan.stages[k], self.fused[k], self.scope
-        if scope is None:  # the fast path: no context managers (a few hundred ns a stage in an eager loop)
-            point = self._point(stage, k)
-            self._update(stage, k, fused, self._network(point, k, fused), point)
-            return
+        stage, fused = self.plan.stages[k], self.fused[k]
+        if self.scope is not None:
+            return self._scoped_stage(stage, k, fused)
+        # the fast path, flat: no context managers, few calls (an eager loop pays each at every stage)
+        point = self.x if stage.point is None else self._combine(stage.point, 2 * k)
+        if fused is None:
+            return self._record(stage, k, self.denoise(point, k), point)
+        out = self.denoise.network(point, k)
+        noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
+        result = run_fused(fused, self.denoise, out, self.x, point, self.history, self.points, noise, self.plain)
+        if result is None:  # a network output the kernel does not take: the Denoiser's ops
+            return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
+        self.raw, self.x = result
+        if self.histories:
+            self.history = [*self.history, self.raw][-self.depth:]
+            self.points = [*self.points, point][-self.depth:]
+
+    def _scoped_stage(self, stage: Stage, k: int, fused: FusedStage | None) -> None:
+        """stage(k) with the profiler's ranges: the point and update as "solver", the network call as "network"."""
+        scope = self.scope
         with scope(k, "solver"):
-            point = self._point(stage, k)
+            point = self.x if stage.point is None else self._combine(stage.point, 2 * k)
         with scope(k, "network"):
-            out = self._network(point, k, fused)
+            out = self.denoise(point, k) if fused is None else self.denoise.network(point, k)
         with scope(k, "solver"):
-            self._update(stage, k, fused, out, point)
+            if fused is None:
+                return self._record(stage, k, out, point)
+            noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
+            # the kernel is not a torch op, so it gets a range of its own that the op tables list
+            with torch.profiler.record_function(FUSED_RANGE):
+                result = run_fused(fused, self.denoise, out, self.x, point, self.history, self.points, noise,
+                                   self.plain)
+            if result is None:
+                return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
+            self.raw, self.x = result
+            self.history = [*self.history, self.raw][-self.depth:]
+            self.points = [*self.points, point][-self.depth:]
 
-    def _point(self, stage: Stage, k: int) -> torch.Tensor:
-        return self.x if stage.point is None else self._combine(stage.point, 2 * k)
-
-    def _network(self, point: torch.Tensor, k: int, fused: FusedStage | None) -> torch.Tensor:
-        """The denoised estimate, or for a fused stage the raw network output it takes."""
-        return self.denoise(point, k) if fused is None else self.denoise.network(point, k)
-
-    def _update(self, stage: Stage, k: int, fused: FusedStage | None, out: torch.Tensor, point: torch.Tensor) -> None:
-        result = None if fused is None else self._run_fused(fused, k, out, point)
-        if result is not None:
-            self.raw, x_next = result
-        else:  # unfused, or a network output the kernel does not take: the Denoiser's ops
-            self.raw = out if fused is None else self.denoise.precondition(self.denoise.guide(out), point, k)
-            x_next = None
-        clean = self.raw if self.postprocess is None else self.postprocess(self.raw)
-        depth = self.depth
-        self.history = [*self.history, clean][-depth:]
-        self.points = [*self.points, point][-depth:]
+    def _record(self, stage: Stage, k: int, raw: torch.Tensor, point: torch.Tensor) -> None:
+        """The end of a stage run by the Denoiser's and `combine`'s ops, from its denoised estimate `raw`."""
+        self.raw = raw
+        clean = raw if self.postprocess is None else self.postprocess(raw)
+        self.history = [*self.history, clean][-self.depth:]
+        self.points = [*self.points, point][-self.depth:]
         if stage.update is not None:
-            self.x = x_next if x_next is not None else self._combine(stage.update, 2 * k + 1)
-        if result is None and self.plain:
+            self.x = self._combine(stage.update, 2 * k + 1)
+        if self.plain:
             dtype = point.dtype
-            self.plain = all(t.dtype is dtype and t.is_contiguous() for t in (clean, self.x))
-
-    def _run_fused(self, step: FusedStage, k: int, out: torch.Tensor,
-                   point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(denoised, x_next) of stage k by one kernel call (history and points not yet holding stage k's)."""
-        noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if step.noise else None
-        if self.scope is None:
-            return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise, self.plain)
-        # profiled: the kernel is not a torch op, so it gets a range of its own that the op tables list
-        with torch.profiler.record_function(FUSED_RANGE):
-            return run_fused(step, self.denoise, out, self.x, point, self.history, self.points, noise, self.plain)
+            self.plain = clean.dtype is dtype and clean.is_contiguous() and self.x.dtype is dtype and \
+                self.x.is_contiguous()
 
     def output(self) -> torch.Tensor:
         """The final sample [B, ...] (after every stage ran)."""

@@ -121,6 +121,25 @@ def test_an_estimate_a_later_point_reads_is_stored():
     torch.testing.assert_close(run_plan(plan, denoiser, x, seeds, step_backend="cpu"),
                                run_plan(plan, denoiser, x, seeds, step_backend="ref"), rtol=1e-12, atol=1e-12)
 
+@pytest.mark.parametrize("reads", ["update", "point"])
+def test_an_earlier_point_read_alone_keeps_the_histories(reads):
+    """A fused loop keeps no histories where no stage reads an earlier estimate or point (DDIM, Euler, ...). No
+    shipped sampler reads an earlier point without an earlier estimate: hand-made plans whose stage 2 reads P_1 alone,
+    in its update (points[1]) or in its point (points[0] there: the point of the stage before)."""
+    level = [(0.3, 0.954), (0.6, 0.8), (0.9, 0.436)]  # (alpha, sigma) per stage
+    late = {"update": Combination(x=0.5, denoised=(0.3,), points=(0.0, 0.25))} if reads == "update" else \
+        {"point": Combination(x=0.7, points=(0.3,)), "update": Combination(x=0.5, denoised=(0.3,))}
+    stages = (Stage(900.0, *level[0], update=Combination(x=0.9, denoised=(0.1,))),
+              Stage(500.0, *level[1], update=Combination(x=0.8, denoised=(0.2,))),
+              Stage(100.0, *level[2], **late))
+    plan = Plan(stages)
+    denoiser = Denoiser(network, plan, "epsilon", batch=2, device=torch.device("cpu"), cond={"y": torch.tensor([3, 7])})
+    x, seeds = torch.randn(2, 3, 4, 4, dtype=torch.float64), seed_tensor(0, 2, torch.device("cpu"))
+    assert not any(f.store for f in fused_stages(plan, denoiser, None))  # no estimate is read: points alone
+    torch.testing.assert_close(run_plan(plan, denoiser, x, seeds, step_backend="cpu"),
+                               run_plan(plan, denoiser, x, seeds, step_backend="ref"), rtol=1e-12, atol=1e-12)
+
+
 def test_post_processing_runs_unfused():
     plan, denoiser, x, seeds, _ = parts("ddim", 1.0)
     post = postprocessing(resolve("ddim"))  # clip_sample: between the network and the update

@@ -1,6 +1,7 @@
 """Plan.memo: what a loop derives from its plan is computed once per plan and shared by later runs, and never kept
 while torch traces (a traced value, e.g. with a symbolic batch, belongs to the graph)."""
 
+import pytest
 import torch
 
 from blitzdiff.engine.config import resolve
@@ -34,3 +35,17 @@ def test_nothing_is_kept_while_tracing():
 
     assert torch.compile(traced, fullgraph=True)(torch.ones(2)).tolist() == [2.0, 2.0]
     assert plan.memo("traced", lambda: 5.0) == 5.0  # computed now, eagerly: the traced call kept nothing
+
+
+@pytest.mark.parametrize("kind", ["list", "numpy", "tensor"])
+def test_a_plan_follows_its_config_not_a_list_mutated_after_it(kind):
+    """A config's plan-cache key is computed once, from the fields it holds: a sequence (trained_betas) is copied into
+    a tuple, so changing the caller's list afterwards changes neither the config nor the plan it looks up."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    given = {"list": betas.tolist(), "numpy": betas.numpy().copy(), "tensor": betas.clone()}[kind]
+    config = resolve("ddim", {"trained_betas": given})
+    given[0] = 0.5  # the caller's object, changed after resolve
+    assert config.fields["trained_betas"] == tuple(betas.tolist())
+    assert build_plan(config, 10) == build_plan(resolve("ddim", {"trained_betas": betas.tolist()}), 10)
+    altered = resolve("ddim", {"trained_betas": [0.5, *betas.tolist()[1:]]})
+    assert config.key != altered.key and build_plan(altered, 10) != build_plan(config, 10)

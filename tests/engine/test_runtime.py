@@ -123,7 +123,9 @@ def test_repeated_calls_hold_no_memory(mode):
     tensors, rss = live_tensors(), rss_bytes()
     for _ in range(100):
         run(pipe, 3, sampler="euler_ancestral")
-    assert live_tensors() == tensors  # no tensor outlives its call (e.g. per-evaluation flags kept across runs)
+    # no tensor outlives its call (e.g. per-evaluation flags kept across runs). Not ==: an earlier test's tensors
+    # may be released meanwhile (seen after tests/test_profiling.py and test_threads.py were collected: -4 to -6)
+    assert live_tensors() <= tensors
     assert rss_bytes() - rss < 32 * 2**20
 
 

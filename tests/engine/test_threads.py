@@ -121,12 +121,12 @@ def test_plan_cache_lookup_and_eviction_in_two_threads(monkeypatch):
     # finding the key and moving it to the end, thread B builds a 65th plan, which evicts the oldest. Without the
     # cache's lock B evicts steps=1 under A (KeyError); with it B waits and evicts steps=2.
     config = resolve("ddim", {})
-    build, fields = builder(config.class_name), solvers._frozen(config.fields)
-    key = (config.class_name, fields, 1, ())  # build_plan's cache key: (class, fields, steps, options)
+    build = builder(config.class_name)
+    key = (config.key, 1, ())  # build_plan's cache key: ((class, fields), steps, options)
     cache = PausingLookups(key)
     monkeypatch.setattr(solvers, "_plans", cache)
     for steps in range(1, 65):
-        cache[(config.class_name, fields, steps, ())] = build(config, steps)
+        cache[(config.key, steps, ())] = build(config, steps)
     errors: list[BaseException] = []
 
     def look_up() -> None:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..config import SchedulerConfig
+from ..config import SchedulerConfig, frozen
 from ..inputs import positive_int
 from ..plan import Plan
 
@@ -50,17 +50,6 @@ _plans: OrderedDict[tuple, Plan] = OrderedDict()  # LRU: a plan is a pure functi
 _plans_lock = threading.Lock()  # Pipelines sample from many threads (tests/engine/test_threads.py)
 
 
-def _frozen(value: Any) -> Any:
-    """A hashable stand-in for config / option values (lists, dicts, arrays)."""
-    if value is None or isinstance(value, (str, int, float)):  # most fields: skip the failing hasattr lookups
-        return value
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        return tuple(_frozen(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
-    return value
-
-
 def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Plan:
     """The plan for `steps` steps of the configured sampler. Options the sampler does not take are an error.
 
@@ -85,7 +74,7 @@ def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Pl
     if extra:
         raise ValueError(f"{config.name} does not take option(s) {extra}; it takes: {sorted(accepted) or 'none'}")
     options = {k: v for k, v in options.items() if v is not None}
-    key = (config.class_name, _frozen(config.fields), steps, _frozen(options))
+    key = (config.key, steps, frozen(options))
     with _plans_lock:
         if key in _plans:
             _plans.move_to_end(key)
