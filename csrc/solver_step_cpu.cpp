@@ -17,8 +17,11 @@ namespace blitzdiff {
 namespace {
 
 constexpr std::int64_t kChunk = 1024;  // 8 KiB of float64 per array: all the chunk's streams fit in L1
-constexpr std::int64_t kChunksPerThread = 256;  // 262144 elements (about 0.2 ms on one core): a thread start (tens of us)
-                                                // pays off only past that (2-core AMD EPYC: 8x4x64x64 is faster on one)
+constexpr std::int64_t kChunksPerThread = 32;  // 32768 elements (~5 us on one core). Measured with the OpenMP
+                                                // workers awake, as right after a network's ops or an earlier
+                                                // stage (Xeon, 2 threads, 2-term update): 65536 elements 6.9 vs
+                                                // 10.0 us, 131072: 12.3 vs 22.4 us; asleep (20 ms idle) a wake-up
+                                                // costs ~50 us. An AMD EPYC once measured 8x4x64x64 faster on one.
 
 // Inlined into each vector-width clone below, so that each clone compiles the loops for its own target.
 #if defined(__GNUC__)

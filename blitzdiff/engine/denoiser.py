@@ -144,6 +144,8 @@ def is_guided(guidance_scale: float | Sequence[float] | torch.Tensor) -> bool:
     """Whether a scale runs classifier-free guidance: a number unless it is 1; anything else always (a tensor: a device
     scalar a CUDA graph reads or one scale per sample; a list of per-sample scales, which inputs.guidance_values
     returns only when they differ)."""
+    if type(guidance_scale) in (float, int):  # the common case, without the ABC check below (~0.3 us)
+        return guidance_scale != 1.0
     return not isinstance(guidance_scale, Real) or guidance_scale != 1.0
 
 

@@ -22,7 +22,6 @@ the "ref" path.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -73,7 +72,7 @@ def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> 
     if postprocess is not None:
         return [None] * len(plan.stages)
     # once per plan and scalars (Plan.memo): plans are shared by every run of a sampler. Not per guidance scale,
-    # which run_fused reads from the Denoiser: a server's requests may bring any number of scales.
+    # which run_constants reads from the Denoiser: a server's requests may bring any number of scales.
     return plan.memo(("fused_stages", denoiser.scalars_key), lambda: _fused_stages(plan, denoiser.scalars))
 
 
@@ -128,19 +127,47 @@ def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
     return [(source, coef) for source, coef in terms if coef != 0.0]
 
 
+class RunConstants(NamedTuple):
+    """What every fused stage of one run passes the kernel besides its tensors and terms (run_constants)."""
+
+    n: int  # elements of the state x
+    dtype: str  # the kernel's name for x's dtype
+    threads: int
+    guided: bool  # whether the kernel applies guidance (out = [uncond; cond])
+    scale: float  # a number scale (guided, rows == 0), else 1
+    rows: int  # the data pointer of a float32 CPU scale tensor the kernel reads per sample, else 0
+    row_size: int  # elements per scale: x.numel() // scale.numel()
+    guide_first: bool  # a scale of another dtype or device: the Denoiser's ops guide, the kernel does the rest
+
+
+def run_constants(denoiser: Denoiser, x: torch.Tensor) -> RunConstants:
+    """The kernel's per-run arguments, for the state x (float32 / float64 on the CPU: resolve_step_backend). A tensor
+    scale is read by the kernel from memory at every call, so a run keeps its pointer, not its values."""
+    scale, rows, row_size, guided, guide_first = denoiser.guidance_scale, 0, 0, denoiser.guided, False
+    if guided and isinstance(scale, torch.Tensor):  # per sample [B] or one 0-d scale
+        if scale.dtype is torch.float32 and scale.is_cpu and scale.numel() in (1, x.shape[0]) and \
+                scale.is_contiguous():
+            rows, row_size = scale.data_ptr(), x.numel() // scale.numel()
+        else:  # another dtype or device
+            guided, guide_first = False, True
+    number = float(scale) if guided and not rows else 1.0
+    return RunConstants(x.numel(), _DTYPES[x.dtype], torch.get_num_threads(), guided, number, rows, row_size,
+                        guide_first)
+
+
 def run_fused(
-    step: FusedStage, denoiser: Denoiser, out: torch.Tensor, x: torch.Tensor, point: torch.Tensor,
-    history: Sequence[torch.Tensor | None], points: Sequence[torch.Tensor], noise: torch.Tensor | None,
-    plain: bool = False,
+    step: FusedStage, run: RunConstants, denoiser: Denoiser, out: torch.Tensor, x: torch.Tensor,
+    point: torch.Tensor, history: Sequence[torch.Tensor | None], points: Sequence[torch.Tensor],
+    noise: torch.Tensor | None, plain: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """(denoised, x_next) of a fused stage from the network output `out` (Denoiser.network's), or None when a tensor
     does not suit the kernel: another dtype or device than x (e.g. a half-precision network output), or not
     contiguous (e.g. a channels-last initial state); the caller then runs the stage unfused. denoised is None where
-    no later stage reads it (step.store). history / points: the loop's, oldest first, before this stage's entries;
-    x, point, noise: [B, ...] on the CPU, x float32 or float64 (resolve_step_backend). plain: the caller knows x,
-    point, noise and the histories to be contiguous of x's dtype (PlanRun tracks it), so only `out` is checked.
-    Per call this does no more than the checks that keep the kernel's pointers valid: it runs once per stage of
-    every eager sampling loop."""
+    no later stage reads it (step.store). run: run_constants(denoiser, x) of the run's initial state (the states
+    after it keep its shape, dtype and device). history / points: the loop's, oldest first, before this stage's
+    entries; x, point, noise: [B, ...] on the CPU. plain: the caller knows x, point, noise and the histories to be
+    contiguous of x's dtype (PlanRun tracks it), so only `out` is checked. Per call this does no more than the checks
+    that keep the kernel's pointers valid: it runs once per stage of every eager sampling loop."""
     dtype = x.dtype
     if out.dtype is not dtype or not out.is_contiguous() or not out.is_cpu:
         return None
@@ -156,21 +183,13 @@ def run_fused(
         if not plain and (term.dtype is not dtype or not term.is_contiguous()):
             return None
         pointers.append(term.data_ptr())
-    scale, rows, row_size = denoiser.guidance_scale, 0, 0
-    guided = denoiser.guided
-    if guided and not isinstance(scale, Real):  # a tensor: per sample [B] or one 0-d scale, read by the kernel
-        if scale.dtype is torch.float32 and scale.is_cpu and scale.numel() in (1, x.shape[0]) and \
-                scale.is_contiguous():
-            rows, row_size = scale.data_ptr(), x.numel() // scale.numel()
-        else:  # another dtype or device: the Denoiser's ops, then an unguided kernel call
-            out, guided = denoiser.guide(out), False
+    if run.guide_first:
+        out = denoiser.guide(out)
     # contiguous, as x is; an estimate no later stage reads is not stored (None in the loop's history)
     denoised, x_next = torch.empty_like(x) if step.store else None, torch.empty_like(x)
-    step.kernel(
-        0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(),
-        x.numel(), guided,
-        _DTYPES[dtype], step.c_skip, step.c_out, float(scale) if guided and not rows else 1.0,
-        pointers, step.coefs, torch.get_num_threads(), rows, row_size)
+    step.kernel(0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(),
+                run.n, run.guided, run.dtype, step.c_skip, step.c_out, run.scale, pointers, step.coefs, run.threads,
+                run.rows, run.row_size)
     return denoised, x_next
 
 

@@ -13,7 +13,15 @@ from contextlib import AbstractContextManager
 import torch
 
 from .denoiser import Denoiser
-from .fused_step import FusedStage, draw_noise, fused_stages, keeps_histories, resolve_step_backend, run_fused
+from .fused_step import (
+    FusedStage,
+    draw_noise,
+    fused_stages,
+    keeps_histories,
+    resolve_step_backend,
+    run_constants,
+    run_fused,
+)
 from .noise import gaussian
 from .plan import Combination, Plan, Stage
 
@@ -88,6 +96,7 @@ class PlanRun:
         # Whether a fused stage must record its estimate and point: not where no stage reads an earlier stage's
         # (DDIM, Euler, ...; a stage run by the Denoiser's ops records its own, which its update reads).
         self.histories = fuse and keeps_histories(plan)
+        self.constants = run_constants(denoise, x) if fuse else None
 
     def _combine(self, c: Combination, stream: int) -> torch.Tensor:
         return combine(c, self.x, self.history, self.points, self.raw, self.seeds, stream, self.noise_backend)
@@ -103,7 +112,8 @@ class PlanRun:
             return self._record(stage, k, self.denoise(point, k), point)
         out = self.denoise.network(point, k)
         noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
-        result = run_fused(fused, self.denoise, out, self.x, point, self.history, self.points, noise, self.plain)
+        result = run_fused(fused, self.constants, self.denoise, out, self.x, point, self.history, self.points,
+                           noise, self.plain)
         if result is None:  # a network output the kernel does not take: the Denoiser's ops
             return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
         self.raw, self.x = result
@@ -124,8 +134,8 @@ class PlanRun:
             noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
             # the kernel is not a torch op, so it gets a range of its own that the op tables list
             with torch.profiler.record_function(FUSED_RANGE):
-                result = run_fused(fused, self.denoise, out, self.x, point, self.history, self.points, noise,
-                                   self.plain)
+                result = run_fused(fused, self.constants, self.denoise, out, self.x, point, self.history,
+                                   self.points, noise, self.plain)
             if result is None:
                 return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
             self.raw, self.x = result

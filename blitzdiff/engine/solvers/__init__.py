@@ -65,20 +65,23 @@ def build_plan(config: SchedulerConfig, steps: int | None, **options: Any) -> Pl
     elif steps is None:
         raise ValueError("steps is required (it may be left out only when explicit timesteps are given)")
     positive_int("steps", steps)
-    limit = config.num_train_timesteps
+    limit = config.fields["num_train_timesteps"]
     if steps > limit:
         raise ValueError(f"steps={steps} exceeds the training schedule (num_train_timesteps={limit}); "
                          f"allowed: 1..{limit}")
-    accepted = accepted_options(config.class_name)
-    extra = sorted(k for k, v in options.items() if v is not None and k not in accepted)
-    if extra:
-        raise ValueError(f"{config.name} does not take option(s) {extra}; it takes: {sorted(accepted) or 'none'}")
-    options = {k: v for k, v in options.items() if v is not None}
-    key = (config.key, steps, frozen(options))
+    if options:  # every call of a sampling loop looks its plan up: without options, nothing more to check
+        accepted = accepted_options(config.class_name)
+        extra = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+        if extra:
+            raise ValueError(f"{config.name} does not take option(s) {extra}; it takes: "
+                             f"{sorted(accepted) or 'none'}")
+        options = {k: v for k, v in options.items() if v is not None}
+    key = (config.key, steps, frozen(options) if options else ())
     with _plans_lock:
-        if key in _plans:
+        plan = _plans.get(key)
+        if plan is not None:
             _plans.move_to_end(key)
-            return _plans[key]
+            return plan
     # outside the lock: two threads may both build a new key, same plan
     plan = builder(config.class_name)(config, steps, **options)
     with _plans_lock:
