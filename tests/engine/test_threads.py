@@ -101,15 +101,15 @@ def test_threads_cuda_graphs(mode):
 
 
 class PausingLookups(OrderedDict):
-    """The plan LRU, with a pause after the first membership test of `key`: the window in which another thread may
-    evict that key, made long enough that it does."""
+    """The plan LRU, with a pause after the first lookup of `key` (build_plan's `get`): the window in which another
+    thread may evict that key before it is moved to the end, made long enough that it does."""
 
     def __init__(self, key):
         super().__init__()
         self.key, self.checked = key, threading.Event()
 
-    def __contains__(self, key) -> bool:
-        found = super().__contains__(key)
+    def get(self, key, default=None):
+        found = super().get(key, default)
         if key == self.key and not self.checked.is_set():
             self.checked.set()
             time.sleep(0.05)
