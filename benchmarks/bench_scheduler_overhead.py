@@ -9,7 +9,8 @@ model-input scaling, prediction-type conversion and the solver update (and, for 
 Per sampler and shape, after one warm-up call of each, `repeats` rounds time one run of each loop, the order
 swapped every round (a drift of the machine moves both sides of a round alike). Reports each loop's median
 microseconds per step over the rounds and the speed-up diffusers / blitzdiff as the median of the per-round ratios,
-with their quartiles.
+with their quartiles. The process's malloc is tuned first, as a blitzdiff Pipeline's first CPU run tunes it
+(blitzdiff.malloc; both loops share it; BLITZDIFF_MALLOC=system leaves glibc's defaults), and the JSON records it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from blitzdiff.engine.functional import parameterization, postprocessing
 from blitzdiff.engine.noise import NOISE_BACKENDS, resolve_noise_backend, seed_tensor
 from blitzdiff.engine.sampler import run_plan
 from blitzdiff.engine.solvers import build_plan
+from blitzdiff.malloc import malloc_record, tune_malloc_once
 
 CASES = {  # name -> (blitzdiff sampler, diffusers class)
     "ddim": ("ddim", "DDIMScheduler"),
@@ -109,6 +111,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.repeats = 4, 3
     import diffusers
+    tune_malloc_once()  # as a Pipeline's first CPU run: freed state tensors stay with the process
     with cpu_threads(args.threads) as threads:
         print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
               f"torch {torch.__version__}, diffusers {diffusers.__version__}, blitzdiff {blitzdiff.__version__}; "
@@ -133,7 +136,7 @@ def main() -> None:
     if args.json:
         meta = {"device": "cpu", "threads": threads.record(), "torch": torch.__version__,
                 "diffusers": diffusers.__version__, "steps": args.steps, "repeats": args.repeats,
-                "noise_backend": args.noise_backend,
+                "noise_backend": args.noise_backend, "malloc": malloc_record(),
                 "method": "rounds: one timed run of each loop per round, order rotated; ratio = median of the "
                           "per-round ratios (ratio_q25 / ratio_q75 their quartiles)"}
         with open(args.json, "w") as f:
