@@ -105,7 +105,8 @@ class Denoiser:
         x_in = x if c.c_in == 1.0 else x * c.c_in
         if self.guided:
             x_in = torch.cat([x_in, x_in])
-        out = self.fn(x_in, self.timesteps[k], **self.cond)
+        cond = self.cond
+        out = self.fn(x_in, self.timesteps[k], **cond) if cond else self.fn(x_in, self.timesteps[k])
         if out.shape != x_in.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x_in.shape)}; it "
                              "must return a prediction shaped like its input (split off learned-variance channels)")

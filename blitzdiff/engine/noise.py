@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels.gaussian_noise import BACKENDS, auto_backend, check_backend, gaussian_noise, gaussian_noise_ref
-from .inputs import seed_values
+from .inputs import MAX_SEED, seed_values
 
 NOISE_BACKENDS = ("auto", *BACKENDS)
 
@@ -21,10 +21,11 @@ NOISE_BACKENDS = ("auto", *BACKENDS)
 def seed_tensor(seeds: int | Sequence[int] | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
     """Seeds as an int64 tensor [batch] (blitzdiff.engine.inputs.seed_values: an int s means s, s+1, ...,
     s+batch-1; None means 0, 1, ..., batch-1; each in 0 .. 2**63 - 1)."""
-    values = seed_values(seeds, batch)
-    if (seeds is None or type(seeds) is int) and values[-1] < 2**63 - 1:  # consecutive: s .. s + batch - 1
-        return torch.arange(values[0], values[-1] + 1, dtype=torch.int64, device=device)  # cheaper than from a list
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    if seeds is None or type(seeds) is int:  # consecutive: s .. s + batch - 1, by arange (cheaper than from a list)
+        first = 0 if seeds is None else seeds
+        if 0 <= first and first + batch <= MAX_SEED:  # else seed_values names the problem
+            return torch.arange(first, first + batch, dtype=torch.int64, device=device)
+    return torch.tensor(seed_values(seeds, batch), dtype=torch.int64, device=device)
 
 
 def resolve_noise_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -78,7 +78,8 @@ class PlanRun:
     def __init__(self, plan: Plan, denoise: Denoise, x: torch.Tensor, seeds: torch.Tensor,
                  postprocess: Postprocess | None = None, noise_backend: str = "ref", scope: Scope | None = None,
                  step_backend: str = "ref"):
-        if seeds.device != x.device:  # the noise follows the seeds' device; the fused kernels read raw pointers
+        # the noise follows the seeds' device; the fused kernels read raw pointers
+        if not (seeds.is_cpu and x.is_cpu) and seeds.device != x.device:
             raise ValueError(f"seeds are on {seeds.device} but the state x is on {x.device}; put both on one device "
                              "(blitzdiff.engine.noise.seed_tensor(seeds, batch, x.device))")
         self.plan, self.denoise, self.x, self.seeds = plan, denoise, x, seeds

@@ -17,6 +17,7 @@ import torch
 import blitzdiff
 from blitzdiff.engine.inputs import integer_values, seed_values
 from blitzdiff.engine.loading import ASSETS, info
+from blitzdiff.engine.noise import seed_tensor
 
 from .test_runtime import tiny_model
 
@@ -95,6 +96,22 @@ def test_accepted_integer_forms():
     assert torch.isfinite(top).all()
     ddim_edge = pipe.sample(1, steps=4, sampler="ddim", eta=1.0, class_labels=1, output_type="raw", progress=False)
     assert torch.isfinite(ddim_edge).all()
+
+
+@pytest.mark.parametrize(("seeds", "batch"), [(None, 3), (0, 1), (7, 4), (2**63 - 2, 1), (2**63 - 3, 2), (2**63 - 1, 1),
+                                             ([5, 1, 9], 3), (np.int64(3), 2)])
+def test_seed_tensor_holds_the_seed_values(seeds, batch):
+    """seed_tensor takes consecutive seeds (an int, None) by arange, others from the list: the values either way,
+    up to the largest seed."""
+    tensor = seed_tensor(seeds, batch, torch.device("cpu"))
+    assert tensor.dtype == torch.int64 and tensor.tolist() == seed_values(seeds, batch)
+
+
+@pytest.mark.parametrize(("seeds", "message"), [(-1, r"seeds=-1: an int s"), (2**63 - 1, r"seeds=9223372036854775807"),
+                                                (True, r"seeds must be an int or a sequence")])
+def test_seed_tensor_refuses_what_seed_values_refuses(seeds, message):
+    with pytest.raises(ValueError, match=message):
+        seed_tensor(seeds, 2, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("device, message", [
