@@ -111,16 +111,7 @@ class PlanRun:
         point = self.x if stage.point is None else self._combine(stage.point, 2 * k)
         if fused is None:
             return self._record(stage, k, self.denoise(point, k), point)
-        out = self.denoise.network(point, k)
-        noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
-        result = run_fused(fused, self.constants, self.denoise, out, self.x, point, self.history, self.points,
-                           noise, self.plain)
-        if result is None:  # a network output the kernel does not take: the Denoiser's ops
-            return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
-        self.raw, self.x = result
-        if self.histories:
-            self.history = [*self.history, self.raw][-self.depth:]
-            self.points = [*self.points, point][-self.depth:]
+        self._update_fused(stage, k, fused, self.denoise.network(point, k), point)
 
     def _scoped_stage(self, stage: Stage, k: int, fused: FusedStage | None) -> None:
         """stage(k) with the profiler's ranges: the point and update as "solver", the network call as "network"."""
@@ -132,14 +123,22 @@ class PlanRun:
         with scope(k, "solver"):
             if fused is None:
                 return self._record(stage, k, out, point)
-            noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
-            # the kernel is not a torch op, so it gets a range of its own that the op tables list
+            self._update_fused(stage, k, fused, out, point)
+
+    def _update_fused(self, stage: Stage, k: int, fused: FusedStage, out: torch.Tensor, point: torch.Tensor) -> None:
+        """The update of a fused stage from the network output `out`: one kernel call where it takes `out`."""
+        noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
+        if self.scope is None:
+            result = run_fused(fused, self.constants, self.denoise, out, self.x, point, self.history, self.points,
+                               noise, self.plain)
+        else:  # profiled: the kernel is not a torch op, so it gets a range of its own that the op tables list
             with torch.profiler.record_function(FUSED_RANGE):
                 result = run_fused(fused, self.constants, self.denoise, out, self.x, point, self.history,
                                    self.points, noise, self.plain)
-            if result is None:
-                return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
-            self.raw, self.x = result
+        if result is None:  # a network output the kernel does not take: the Denoiser's ops
+            return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
+        self.raw, self.x = result
+        if self.histories:
             self.history = [*self.history, self.raw][-self.depth:]
             self.points = [*self.points, point][-self.depth:]
 
