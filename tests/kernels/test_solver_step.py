@@ -426,11 +426,12 @@ def test_gpu_stage_by_stage_equals_run_plan(backend, name):
     check_stage_by_stage(backend, name, 3.0)
 
 
-def test_cpu_threads_give_the_same_bits():
-    """solver_step_cpu splits calls past 256 chunks of 1024 over threads, in whole chunks: any count, same bits."""
+@pytest.mark.parametrize("n", [3 * 256 * 1024 + 1000, 2 * 32 * 1024 + 5])
+def test_cpu_threads_give_the_same_bits(n):
+    """solver_step_cpu splits calls of at least 32 chunks of 1024 per thread over threads, in whole chunks: any count,
+    same bits (three threads with a tail; two, just past the threshold)."""
     from blitzdiff._C import solver_step_cpu
 
-    n = 3 * 256 * 1024 + 1000  # room for three threads, with a tail
     gen = torch.Generator().manual_seed(0)
     out, x, h = (torch.randn(n, generator=gen) for _ in range(3))
     results = []
