@@ -119,9 +119,10 @@ BLITZDIFF_CPU_CLONES void fill(T* __restrict__ out, const std::int64_t* seeds, s
 
 // fill over every block, split over up to `threads` threads (parallel.h), each range at least kBlocksPerThread
 // blocks.
-constexpr std::int64_t kBlocksPerThread = 8;  // 4096 normals, ~17 us on one core. Xeon, 2 threads, the OpenMP
+constexpr std::int64_t kBlocksPerThread = 2;  // 1024 normals, ~4 us on one core. Xeon, 2 threads, the OpenMP
                                                // workers awake (as right after a network's ops or an earlier stage):
-                                               // 16384 normals 35 vs 67 us, 8192: 19 vs 35 us; 2 ms after: 38 vs 70.
+                                               // 2048 normals 5.4 vs 8.3 us, 3072: 7.6 vs 12.6, 16384: 35 vs 67;
+                                               // 2 ms after their last region: 9.1 vs 11.3, 11.6 vs 15.4, 38 vs 70.
 
 template <typename T>
 void fill_parallel(T* out, const std::int64_t* seeds, std::int64_t batch, std::int64_t count, std::uint32_t stream,
