@@ -197,10 +197,12 @@ def draw_noise(seeds: torch.Tensor, stream: int, like: torch.Tensor, backend: st
     """blitzdiff.engine.noise.gaussian(seeds, stream, like.shape[1:], like.dtype, backend=backend): the same bits,
     by a direct call of the "cpu" kernel where the op's per-call checks are known to pass (int64 seeds [B] and a
     float32 / float64 state on the CPU, a stream the plan numbered: 2k + 1 < 2**31), else through `gaussian`."""
-    if backend != "cpu" or seeds.dtype is not torch.int64 or seeds.device.type != "cpu" or not seeds.is_contiguous():
+    batch = like.shape[0]
+    if backend != "cpu" or seeds.dtype is not torch.int64 or not seeds.is_cpu or not seeds.is_contiguous() or \
+            seeds.shape[0] != batch:
         return gaussian(seeds, stream, like.shape[1:], like.dtype, backend=backend)
     out = torch.empty_like(like)  # contiguous: the fused path checked like (the state x)
-    native("gaussian_noise", "cpu").gaussian_noise_cpu(out.data_ptr(), seeds.data_ptr(), seeds.shape[0],
-                                                      out[0].numel(), stream, _DTYPES[out.dtype],
-                                                      torch.get_num_threads())
+    native("gaussian_noise", "cpu").gaussian_noise_cpu(out.data_ptr(), seeds.data_ptr(), batch,
+                                                      out.numel() // batch if batch else 0, stream,
+                                                      _DTYPES[out.dtype], torch.get_num_threads())
     return out

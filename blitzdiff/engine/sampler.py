@@ -82,6 +82,9 @@ class PlanRun:
         if not (seeds.is_cpu and x.is_cpu) and seeds.device != x.device:
             raise ValueError(f"seeds are on {seeds.device} but the state x is on {x.device}; put both on one device "
                              "(blitzdiff.engine.noise.seed_tensor(seeds, batch, x.device))")
+        if seeds.shape != (x.shape[0],):  # row i's noise is a function of seeds[i]: one seed per sample
+            raise ValueError(f"seeds must hold one seed per sample, shape ({x.shape[0]},) for the state x of shape "
+                             f"{tuple(x.shape)}, got {tuple(seeds.shape)} (blitzdiff.engine.noise.seed_tensor)")
         self.plan, self.denoise, self.x, self.seeds = plan, denoise, x, seeds
         self.postprocess, self.noise_backend, self.scope = postprocess, noise_backend, scope
         self.history: list[torch.Tensor] = []  # post-processed denoised estimates, newest last

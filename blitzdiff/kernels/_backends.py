@@ -7,7 +7,6 @@ All of it is decided per call from the inputs and what is installed, never at im
 import contextlib
 import importlib.util
 import os
-import sys
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -41,8 +40,6 @@ def backend_installed(backend: str) -> bool:
     "cuda"), or the triton package found."""
     if backend == "triton":
         return importlib.util.find_spec("triton") is not None
-    if backend == "cpu" and sys.modules.get("blitzdiff._C") is not None:  # imported: what native() would find
-        return True
     try:
         native("blitzdiff.kernels", backend)  # the op name only labels the error, which is not shown
     except RuntimeError:  # not built, or built without CUDA

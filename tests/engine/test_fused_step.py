@@ -301,3 +301,15 @@ def test_seeds_on_another_device_than_the_state_are_named():
     for backend in ("ref", "cpu"):
         with pytest.raises(ValueError, match=r"seeds are on meta but the state x is on cpu; put both on one device"):
             run_plan(plan, denoiser, x, seeds.to("meta"), post, step_backend=backend)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (2, 1), ()])
+def test_seeds_of_another_batch_than_the_state_are_named(shape):
+    """One seed per sample: a seed tensor of another length would have the kernels draw for rows the state does not
+    have (or, broadcast, give every sample one noise), so the loop refuses it before the first stage."""
+    plan, denoiser, x, seeds, post = parts("euler_ancestral", 1.0)
+    wrong = torch.zeros(shape, dtype=torch.int64)
+    for backend in ("ref", "cpu"):
+        with pytest.raises(ValueError, match=re.escape(f"seeds must hold one seed per sample, shape (2,) for the "
+                                                       f"state x of shape (2, 3, 6, 5), got {shape}")):
+            run_plan(plan, denoiser, x, wrong, post, "cpu", step_backend=backend)
