@@ -1,12 +1,14 @@
-"""The C++ CPU kernels (adaLN modulation, gated residual, timestep embedding) at 1 and 2 threads against `ref`, as
-they run inside a model: each timed burst of calls follows a matmul, so torch's OpenMP workers are awake or
-spinning.
+"""The C++ CPU kernels (adaLN modulation, gated residual, timestep embedding; the sampling loop's solver step and
+noise) at 1 and 2 threads against `ref`, as they run inside a model: each timed burst of calls follows a matmul, so
+torch's OpenMP workers are awake or spinning. The loop's kernels are called as the eager loop calls them
+(blitzdiff.engine.fused_step: blitzdiff._C directly, no op boundary), `ref` being their specification's torch ops.
 
     python benchmarks/cpu_kernel_threads.py [--rounds 30] [--json out.json]
 
 Prints the median µs per call of each (backend, thread count), alternated round by round in one process. The
 kernels split rows over torch's own OpenMP runtime (csrc/parallel.h) once a call is large enough; the embedded
-models' calls are below that size and stay on one thread.
+models' calls are below that size and stay on one thread. The loop's kernels split from 32768 elements (solver step)
+and 1024 normals (noise) per thread: the sizes here (one CIFAR image, one and eight SD latents) straddle both.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from _timing import device_name  # benchmarks/ is on sys.path when run as a script
 
+from blitzdiff import _C
 from blitzdiff.kernels import adaln_gated_residual, adaln_modulate, timestep_embedding
+from blitzdiff.kernels.gaussian_noise import gaussian_noise_ref
+from blitzdiff.kernels.solver_step import solver_step_ref
 
 VARIANTS = [("ref", 1), ("cpu", 1), ("ref", 2), ("cpu", 2)]
 CALLS = 5  # timed back to back after each matmul: one call is too short for this machine's timer and noise
@@ -39,7 +45,39 @@ def cases() -> dict[str, Callable[[str], torch.Tensor]]:
     for rows, dim in ((16, 256), (256, 320)):
         t = torch.linspace(0, 999, rows)
         found[f"timestep_embedding {rows}x{dim}"] = lambda b, t=t, d=dim: timestep_embedding(t, d, backend=b)
+    for n in (3072, 16384, 131072):  # 1x3x32x32, 1x4x64x64, 8x4x64x64
+        found[f"solver_step (Euler) {n}"] = loop_step(n, gen)
+        found[f"gaussian_noise {n}"] = loop_noise(n)
     return found
+
+
+def loop_step(n: int, gen: torch.Generator) -> Callable[[str], torch.Tensor]:
+    """An Euler stage's update, x_next = a x + b (c_skip x + c_out out), over n elements (the loop stores no
+    estimate), as run_fused calls the kernel; `ref` the specification."""
+    out, x = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    x_next = torch.empty(n)
+
+    def call(backend: str) -> torch.Tensor:
+        if backend == "ref":
+            return solver_step_ref(out, x, None, [], [], None, 1.1, -0.5, 1.0, 0.9, [0.1], [], 0.0)[1]
+        _C.solver_step_cpu(0, x_next.data_ptr(), out.data_ptr(), x.data_ptr(), n, False, "float32", 1.1, -0.5, 1.0,
+                           [x.data_ptr(), 0], [0.9, 0.1], torch.get_num_threads(), 0, 0)
+        return x_next
+
+    return call
+
+
+def loop_noise(n: int) -> Callable[[str], torch.Tensor]:
+    """One sample's noise of n normals, as draw_noise calls the kernel; `ref` the specification."""
+    seeds, out = torch.tensor([3]), torch.empty(n)
+
+    def call(backend: str) -> torch.Tensor:
+        if backend == "ref":
+            return gaussian_noise_ref(seeds, 5, (n,), torch.float32)
+        _C.gaussian_noise_cpu(out.data_ptr(), seeds.data_ptr(), 1, n, 5, "float32", torch.get_num_threads())
+        return out
+
+    return call
 
 
 def main() -> None:
@@ -70,7 +108,8 @@ def main() -> None:
         torch.set_num_threads(saved)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "rounds": args.rounds, "us_per_call": rows}, f, indent=1)
+            json.dump({"device": device_name(torch.device("cpu")).split(",")[0], "torch": torch.__version__,
+                       "rounds": args.rounds, "us_per_call": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

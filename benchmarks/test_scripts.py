@@ -99,5 +99,5 @@ def test_cpu_kernel_threads_runs(tmp_path):
                              str(report)], capture_output=True, text=True, timeout=300, cwd=HERE.parent)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     rows = json.loads(report.read_text())["us_per_call"]
-    assert len(rows) == 8 and all(set(row) == {"ref@1", "cpu@1", "ref@2", "cpu@2"} for row in rows.values())
+    assert len(rows) == 14 and all(set(row) == {"ref@1", "cpu@1", "ref@2", "cpu@2"} for row in rows.values())
     assert all(math.isfinite(us) and us > 0 for row in rows.values() for us in row.values())

@@ -119,10 +119,10 @@ BLITZDIFF_CPU_CLONES void fill(T* __restrict__ out, const std::int64_t* seeds, s
 
 // fill over every block, split over up to `threads` threads (parallel.h), each range at least kBlocksPerThread
 // blocks.
-constexpr std::int64_t kBlocksPerThread = 2;  // 1024 normals, ~4 us on one core. Xeon, 2 threads, the OpenMP
-                                               // workers awake (as right after a network's ops or an earlier stage):
-                                               // 2048 normals 5.4 vs 8.3 us, 3072: 7.6 vs 12.6, 16384: 35 vs 67;
-                                               // 2 ms after their last region: 9.1 vs 11.3, 11.6 vs 15.4, 38 vs 70.
+constexpr std::int64_t kBlocksPerThread = 2;  // 1024 normals, ~4 us on one core. Xeon, right after a matmul
+                                               // (benchmarks/cpu_kernel_threads.py): 3072 normals 11.7 us on 2
+                                               // threads vs 17.0 on 1, 16384: 39.9 vs 72.6; back to back, 2048:
+                                               // 5.4 vs 8.3 us.
 
 template <typename T>
 void fill_parallel(T* out, const std::int64_t* seeds, std::int64_t batch, std::int64_t count, std::uint32_t stream,

@@ -17,11 +17,11 @@ namespace blitzdiff {
 namespace {
 
 constexpr std::int64_t kChunk = 1024;  // 8 KiB of float64 per array: all the chunk's streams fit in L1
-constexpr std::int64_t kChunksPerThread = 32;  // 32768 elements (~5 us on one core). Measured with the OpenMP
-                                                // workers awake, as right after a network's ops or an earlier
-                                                // stage (Xeon, 2 threads, 2-term update): 65536 elements 6.9 vs
-                                                // 10.0 us, 131072: 12.3 vs 22.4 us; asleep (20 ms idle) a wake-up
-                                                // costs ~50 us. An AMD EPYC once measured 8x4x64x64 faster on one.
+constexpr std::int64_t kChunksPerThread = 32;  // 32768 elements (~5 us on one core). Xeon, 2-term update, right
+                                                // after a matmul (benchmarks/cpu_kernel_threads.py): 131072
+                                                // elements 20.2 us on 2 threads vs 33.7 on 1; back to back, 65536:
+                                                // 6.9 vs 10.0 us. Workers asleep (20 ms idle): ~50 us to wake. An
+                                                // AMD EPYC once measured 8x4x64x64 faster on one thread.
 
 // Inlined into each vector-width clone below, so that each clone compiles the loops for its own target.
 #if defined(__GNUC__)
