@@ -119,22 +119,26 @@ SAMPLERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
 DEFAULT_SAMPLER = "dpmpp_2m"
 
 
+def _python(value: Any) -> Any:
+    """Arrays, tensors and numpy scalars as their Python values (`tolist`: a list, or a scalar for 0-d ones)."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (str, int, float)) else value
+
+
 def frozen(value: Any) -> Any:
     """A hashable stand-in for config / option values (lists, dicts, arrays)."""
     if value is None or isinstance(value, (str, int, float)):  # most fields: skip the failing hasattr lookups
         return value
     if isinstance(value, dict) or hasattr(value, "items"):
         return tuple(sorted((k, frozen(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        return tuple(frozen(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
-    return value
+    value = _python(value)
+    return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _immutable(value: Any) -> Any:
-    """Lists, tuples and arrays (numpy, torch) as tuples of their Python values; anything else as it is."""
-    if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, (str, int, float))):
-        return tuple(_immutable(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
-    return value
+    """Lists, tuples and arrays (numpy, torch) as tuples of their Python values, numpy / 0-d scalars as Python
+    scalars; anything else as it is."""
+    value = _python(value)
+    return tuple(_immutable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Plan.memo: what a loop derives from its plan is computed once per plan and shared by later runs, and never kept
 while torch traces (a traced value, e.g. with a symbolic batch, belongs to the graph)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,13 @@ def test_a_plan_follows_its_config_not_a_list_mutated_after_it(kind):
     assert build_plan(config, 10) == build_plan(resolve("ddim", {"trained_betas": betas.tolist()}), 10)
     altered = resolve("ddim", {"trained_betas": [0.5, *betas.tolist()[1:]]})
     assert config.key != altered.key and build_plan(altered, 10) != build_plan(config, 10)
+
+
+@pytest.mark.parametrize("value", [np.float32(2e-4), torch.tensor(2e-4), np.float64(2e-4)])
+def test_numpy_and_tensor_scalars_in_a_config_are_their_python_values(value):
+    """A field given as a numpy or 0-d tensor scalar (as read from arrays) is kept as its Python value: the config and
+    its plan are those of that number (building the plan-cache key used to iterate over the scalar and fail)."""
+    config = resolve("ddim", {"beta_start": value})
+    plain = resolve("ddim", {"beta_start": float(value)})
+    assert config.fields["beta_start"] == float(value) and config.key == plain.key
+    assert build_plan(config, 10) == build_plan(plain, 10)
