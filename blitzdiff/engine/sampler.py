@@ -142,21 +142,24 @@ class PlanRun:
             return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
         self.raw, self.x = result
         if self.histories:
-            self.history = [*self.history, self.raw][-self.depth:]
-            self.points = [*self.points, point][-self.depth:]
+            self._remember(self.raw, point)
 
     def _record(self, stage: Stage, k: int, raw: torch.Tensor, point: torch.Tensor) -> None:
         """The end of a stage run by the Denoiser's and `combine`'s ops, from its denoised estimate `raw`."""
         self.raw = raw
         clean = raw if self.postprocess is None else self.postprocess(raw)
-        self.history = [*self.history, clean][-self.depth:]
-        self.points = [*self.points, point][-self.depth:]
+        self._remember(clean, point)
         if stage.update is not None:
             self.x = self._combine(stage.update, 2 * k + 1)
         if self.plain:
             dtype = point.dtype
             self.plain = clean.dtype is dtype and clean.is_contiguous() and self.x.dtype is dtype and \
                 self.x.is_contiguous()
+
+    def _remember(self, estimate: torch.Tensor | None, point: torch.Tensor) -> None:
+        """Append a stage's (post-processed) estimate and its point to the histories, keeping the newest `depth`."""
+        self.history = [*self.history, estimate][-self.depth:]
+        self.points = [*self.points, point][-self.depth:]
 
     def output(self) -> torch.Tensor:
         """The final sample [B, ...] (after every stage ran)."""
