@@ -144,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "diffusers-channels-last, diffusers-compile-channels-last (its weights channels-last), or none")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: the usable cores minus the rounded "
                        "load average, at least 1, at most torch's default; recorded in the JSON)")
-    bench.add_argument("--channels-last", action="store_true", help="blitzdiff modes with the network's weights "
-                       "channels-last (Pipeline.compile(channels_last=True)); baselines as loaded (diffusers' own: "
-                       "the diffusers-*-channels-last baselines)")
+    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="blitzdiff modes with the network's weights channels-last, or contiguous with "
+                       "--no-channels-last (blitzdiff.load(channels_last=...)); default: the device's (channels-last "
+                       "on the CPU). Baselines keep diffusers' contiguous weights (channels-last: the "
+                       "diffusers-*-channels-last baselines)")
     bench.add_argument("--kernels", choices=ALL_BACKENDS, default=None,
                        help="blitzdiff modes with the network's kernels on this backend (Pipeline.compile(kernels="
                        "...)); default: the model's own, ref")

@@ -405,7 +405,7 @@ def test_the_runs_own_threads_are_not_counted_as_other_load(machine, torch_threa
 
 
 def test_the_runs_child_processes_count_as_its_own_work(torch_threads):
-    # a script timing fresh processes (benchmarks/bench_cpu_malloc.py) is busy in its children, not in itself
+    # a script timing fresh processes (benchmarks/bench_cpu_default_path.py) is busy in its children, not in itself
     torch_threads(2)
     busy = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
     with CpuThreads(1) as threads:

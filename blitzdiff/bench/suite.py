@@ -28,7 +28,7 @@ import torch
 
 from ..engine.config import resolve
 from ..engine.loading import load
-from ..models import check_backend
+from ..models import check_backend, default_channels_last
 from ..profiling import profile_sampling, split_summary
 from ..profiling import step_split as per_step_rows
 from .baseline import DiffusersSampler
@@ -83,7 +83,7 @@ class BenchConfig:
     baseline: tuple[str, ...] | None = None
     threads: int | None = None
     quick: bool = False
-    channels_last: bool = False  # blitzdiff modes only: Pipeline.compile(channels_last=True)
+    channels_last: bool | None = None  # blitzdiff modes only: blitzdiff.load(channels_last=...); None: the device's
     kernels: str | None = None  # blitzdiff modes only: Pipeline.compile(kernels=...); None keeps the model's (ref)
     control: bool = True  # measure blitzdiff-eager again after every other system (Job.control)
     interleave: bool = False  # then time every system again, alternated call by call (Job.interleaved)
@@ -151,7 +151,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         log(threads.describe())
         for skipped in systems:
             log(f"{skipped['name']}: skipped ({skipped['reason']})")
-        pipe = load(config.model, device=device, dtype=config.dtype)
+        pipe = load(config.model, device=device, dtype=config.dtype, channels_last=config.channels_last)
         sampler = config.sampler or pipe.sampler_name
         if sampler is None:
             raise ValueError(f"{pipe.name}'s scheduler class has no blitzdiff sampler: pass --sampler")
@@ -169,8 +169,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         rate_before = job.dense_rate()  # the machine as the thread rule saw it
         max_graphs = len({(batch, steps) for _, batch, steps in configurations})  # keep every build in the stats
         # blitzdiff_sample with everything but the mode bound: the modes below and the control build through it
-        runtime = partial(blitzdiff_sample, pipe, sampler, max_graphs=max_graphs, channels_last=config.channels_last,
-                          kernels=config.kernels)
+        runtime = partial(blitzdiff_sample, pipe, sampler, max_graphs=max_graphs, kernels=config.kernels)
         for mode in modes:
             name, build = f"blitzdiff-{mode}", partial(runtime, mode)
             # eager is the reference: its errors are not caught
@@ -186,7 +185,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             "guidance_scale": guidance, "latent_shape": list(pipe.latent_shape(None, None)),
             "batches": list(config.batches), "steps": list(config.steps), "throughput_steps": config.throughput_steps,
             "latency_batch": config.latency_batch, "repeats": config.repeats, "quick": config.quick,
-            "channels_last": config.channels_last, "kernels": config.kernels or "ref",
+            "channels_last": default_channels_last(device) if config.channels_last is None else config.channels_last,
+            "kernels": config.kernels or "ref",
             "unstable_bounds": {"rel_iqr": UNSTABLE_REL_IQR, "max_over_min": UNSTABLE_MAX_OVER_MIN},
             "timing": "wall clock per sampling run, device synchronized before and after; the first call (build) "
                       "and one warm-up call (peak memory) untimed; median, quartiles, min and max of the repeats"}
@@ -216,12 +216,11 @@ class BlitzdiffSample:
         return self.pipe.sample(n, steps=steps, sampler=self.sampler, output_type="raw", progress=False, **inputs)
 
 
-def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int, channels_last: bool = False,
-                     kernels: str | None = None) -> BlitzdiffSample:
+def blitzdiff_sample(pipe, sampler: str, mode: str, max_graphs: int, kernels: str | None = None) -> BlitzdiffSample:
     """Sampling through runtime `mode` (a fresh runtime: nothing built), on a shallow copy of `pipe`: the network is
     shared (switched, unless None, to the kernel backend `kernels`), the runtime is the copy's own, so several
     systems can stay alive side by side and `pipe` keeps its own runtime."""
-    options = {"max_graphs": max_graphs, "channels_last": channels_last, "kernels": kernels}
+    options = {"max_graphs": max_graphs, "kernels": kernels}
     target = copy.copy(pipe)
     if mode == "compile-loop":
         target.compile(mode="compile", compile_loop=True, **options)

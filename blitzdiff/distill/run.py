@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -193,6 +194,7 @@ def save_student(folder: Path, student: nn.Module, pipe: Pipeline, source: Pipel
     config = {"_class_name": model_class, **student.config}
     (folder / component / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    tensors = {k: v.detach().float().cpu().clone() for k, v in student.state_dict().items()}  # no shared storage
+    tensors = {k: v.detach().float().cpu().clone(memory_format=torch.contiguous_format)  # safetensors: dense
+               for k, v in student.state_dict().items()}  # and no shared storage
     save_file(tensors, str(folder / component / WEIGHTS_NAME), metadata={"format": "pt"})
     return folder

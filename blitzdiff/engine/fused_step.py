@@ -161,16 +161,20 @@ def run_fused(
     noise: torch.Tensor | None, plain: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """(denoised, x_next) of a fused stage from the network output `out` (Denoiser.network's), or None when a tensor
-    does not suit the kernel: another dtype or device than x (e.g. a half-precision network output), or not
-    contiguous (e.g. a channels-last initial state); the caller then runs the stage unfused. denoised is None where
+    does not suit the kernel: another dtype or device than x (e.g. a half-precision network output), or a loop
+    tensor that is not contiguous (e.g. a channels-last initial state); the caller then runs the stage unfused. An
+    output in another layout (a convolution network with channels-last weights returns channels-last) is copied
+    contiguous first: one pass, where the unfused stage would take five or more. denoised is None where
     no later stage reads it (step.store). run: run_constants(denoiser, x) of the run's initial state (the states
     after it keep its shape, dtype and device). history / points: the loop's, oldest first, before this stage's
     entries; x, point, noise: [B, ...] on the CPU. plain: the caller knows x, point, noise and the histories to be
     contiguous of x's dtype (PlanRun tracks it), so only `out` is checked. Per call this does no more than the checks
     that keep the kernel's pointers valid: it runs once per stage of every eager sampling loop."""
     dtype = x.dtype
-    if out.dtype is not dtype or not out.is_contiguous() or not out.is_cpu:
+    if out.dtype is not dtype or not out.is_cpu:
         return None
+    if not out.is_contiguous():
+        out = out.contiguous()
     if not plain and (not x.is_contiguous() or point.dtype is not dtype or not point.is_contiguous()):
         return None
     pointers = []  # the terms' data in the kernel's order; 0: the new denoised estimate (the kernel's null pointer)

@@ -9,7 +9,16 @@ from typing import Any
 
 import torch
 
-from ..models import PRESETS, build_preset, default_backend, describe, load_model, read_pipeline, set_backend
+from ..models import (
+    PRESETS,
+    build_preset,
+    default_backend,
+    default_channels_last,
+    describe,
+    load_model,
+    read_pipeline,
+    set_backend,
+)
 from ..models.checkpoint import summary_config
 from .config import CLASS_DEFAULTS, read_config, resolve
 from .inputs import finite_number
@@ -73,6 +82,7 @@ def load(
     scheduler_config: dict[str, Any] | str | Path | None = None,
     vae: str | Path | None = None,
     allow_pickle: bool = False,
+    channels_last: bool | None = None,
 ) -> Pipeline:
     """A Pipeline from a checkpoint on disk, an embedded model by name (None: the default, dit-digits), or a
     random-weight architecture for speed work by preset name ("sd15-unet", "dit-xl-2-256", "dit-xl-2-512":
@@ -84,7 +94,10 @@ def load(
     unless given). vae: a VAE folder for a bare latent model. dtype: the networks' dtype (default float32); the
     sampler state stays float32. Pickled weights are refused unless allow_pickle=True. The networks run the kernel
     backend measured fastest on their device (blitzdiff.models.default_backend: "auto" on CUDA, "ref" elsewhere);
-    `pipe.compile(kernels=...)` or blitzdiff.models.set_backend changes it.
+    `pipe.compile(kernels=...)` or blitzdiff.models.set_backend changes it. channels_last: store the networks' 4-D
+    weights channels-last (True) or contiguous (False); None: the layout measured faster on their device
+    (blitzdiff.models.default_channels_last: channels-last on the CPU, as loaded elsewhere);
+    `pipe.compile(channels_last=...)` changes it later.
     """
     if scheduler_config is not None:
         given_config = read_config(scheduler_config)
@@ -93,7 +106,7 @@ def load(
     if isinstance(path, str) and path in PRESETS:
         model, preset_config = build_preset(path, device=device, dtype=dtype)
         config = preset_config if scheduler_config is None else given_config
-        return Pipeline(with_default_kernels(model), config, None, name=path)
+        return Pipeline(with_device_defaults(model, channels_last), config, None, name=path)
     path = model_path(path)
     options = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle}
     folder_config: dict[str, Any] | None = {"_class_name": "DDPMScheduler"}
@@ -111,13 +124,19 @@ def load(
         model = load_model(path, **options)
     if scheduler_config is not None:
         folder_config = given_config
-    decoder = None if vae_path is None else with_default_kernels(load_model(vae_path, **options))
-    return Pipeline(with_default_kernels(model), folder_config, decoder, name=path.name, guidance_scale=guidance)
+    decoder = None if vae_path is None else with_device_defaults(load_model(vae_path, **options), channels_last)
+    return Pipeline(with_device_defaults(model, channels_last), folder_config, decoder, name=path.name,
+                    guidance_scale=guidance)
 
 
-def with_default_kernels(network: torch.nn.Module) -> torch.nn.Module:
-    """`network` on the kernel backend measured fastest on its device (blitzdiff.models.default_backend)."""
-    return set_backend(network, default_backend(next(network.parameters()).device))
+def with_device_defaults(network: torch.nn.Module, channels_last: bool | None) -> torch.nn.Module:
+    """`network` on the kernel backend measured fastest on its device (blitzdiff.models.default_backend), its 4-D
+    weights channels-last or contiguous (channels_last; None: blitzdiff.models.default_channels_last)."""
+    device = next(network.parameters()).device
+    if channels_last is None:
+        channels_last = default_channels_last(device)
+    network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return set_backend(network, default_backend(device))
 
 
 def recommended_guidance(model_index: dict[str, Any], folder: Path) -> float | None:

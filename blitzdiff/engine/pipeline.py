@@ -91,7 +91,7 @@ class Pipeline:
         max_graphs: int = 8,
         compile_loop: bool = False,
         kernels: str | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         **options: Any,
     ) -> Pipeline:
         """Run later samples through a compiled runtime (blitzdiff.engine.runtime); returns the pipeline.
@@ -106,14 +106,15 @@ class Pipeline:
         dropped). Otherwise nothing is built here: each new (bucket, shape, dtype, sampler, steps, eta, guided,
         conditioning) key pays its build on its first call.
         kernels: set the network's kernel backend ("auto", "ref", "triton", "cuda", "cpu"); None keeps it.
-        channels_last: store the network's 4-D weights channels-last, which steers convolutions to oneDNN on CPU
-        and to NHWC kernels on GPU (on this project's CPU: about 10% faster compiled forwards of unet-digits).
+        channels_last: store the network's 4-D weights channels-last (True), which steers convolutions to oneDNN's
+        NHWC kernels on CPU and to NHWC kernels on GPU, or contiguous (False); None keeps them (blitzdiff.load
+        stores them channels-last on the CPU: blitzdiff.models.default_channels_last).
         """
         buckets = check_options(mode, buckets, max_graphs, compile_loop, self.device, options)
         if kernels is not None:
             set_backend(self.model, kernels)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        if channels_last is not None:
+            self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         runtime = Runtime(mode, buckets, max_graphs, compile_loop, options)
         if mode in EXTERNAL_MODES:
             runtime.prepare(self)
@@ -324,13 +325,14 @@ class Pipeline:
                        on_batch=on_batch)
 
     def output(self, raw: torch.Tensor, output_type: str):
-        """The loop's final samples [n, ...] as sample() returns them for `output_type` (decoded unless "raw")."""
+        """The loop's final samples [n, ...] as sample() returns them for `output_type` (decoded unless "raw");
+        tensors contiguous whatever layout the networks' channels-last weights gave them."""
         if output_type == "raw":
-            return raw
+            return raw.contiguous()
         images = self.decode(raw)
         if output_type == "tensor":
-            return images
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
+            return images.contiguous()
+        array = images.permute(0, 2, 3, 1).cpu().numpy()  # [n, H, W, C]: a view of channels-last images
         return array if output_type == "numpy" else to_pil(array)
 
     def _sample_checked(self, request: Request, callback: Callback | None, progress: bool, on_non_finite: str,

@@ -57,6 +57,15 @@ def default_backend(device: torch.device | str) -> str:
     return "auto" if torch.device(device).type == "cuda" else "ref"
 
 
+def default_channels_last(device: torch.device | str) -> bool:
+    """Whether `blitzdiff.load` stores a network's 4-D (convolution) weights channels-last on `device`: on the CPU,
+    where that steers every convolution to oneDNN's NHWC kernels and keeps the activations NHWC between them
+    (`pipe.sample`, DPM-Solver++(2M) 10 steps, 2 threads: unet-digits 7-14% and the 6.5 M-parameter UNet2D 6-11%
+    faster, dit-digits unchanged; a VAE decoder 10%: benchmarks/bench_cpu_default_path.py, README "CPU: the default
+    path"). Elsewhere the weights stay as loaded: on a GPU it is unmeasured."""
+    return torch.device(device).type == "cpu"
+
+
 def check_backend(model: nn.Module, backend: str) -> list[nn.Module]:
     """The modules of `model` that call a kernel (have a `backend` attribute); ValueError when `backend` is unknown
     or some of them lack it (a module's KERNEL_BACKENDS: e.g. attention has no "cpu" kernel)."""

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import blitzdiff
 from blitzdiff.distill import Batch, ProgressiveTarget, Trainer, load_images, progressive
 from blitzdiff.distill.progressive_distillation import DISTILLED_STEPS_FIELD
+from blitzdiff.distill.run import save_student
 from blitzdiff.distill.trainer import CHECKPOINT_NAME
 from blitzdiff.engine.denoiser import Denoiser
 from blitzdiff.engine.network import NetworkCall
@@ -242,3 +243,18 @@ def test_load_images_sources(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             load_images(path, **{"channels": 1, "size": 8, "class_conditional": False, **kwargs})
+
+
+def test_a_channels_last_unet_student_saves_dense_weights(tmp_path):
+    """blitzdiff.load stores a UNet's convolution weights channels-last on the CPU, and a student copies its
+    teacher's: safetensors takes dense tensors only, so the saved weights are contiguous copies, values unchanged."""
+    unet = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": (8, 16),
+            "layers_per_block": 1, "norm_num_groups": 4, "down_block_types": ("DownBlock2D",) * 2,
+            "up_block_types": ("UpBlock2D",) * 2}
+    student = build_random("UNet2DModel", unet, seed=2).to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in student.parameters())
+    pipe = blitzdiff.Pipeline(student, SCHEDULER, name="tiny-unet")
+    folder = save_student(tmp_path / "student", student, pipe, pipe, {"_class_name": "DDIMScheduler"}, {})
+    saved = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == student.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())

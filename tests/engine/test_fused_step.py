@@ -172,16 +172,16 @@ def test_a_channels_last_state_gives_the_same_samples():
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
 def test_a_channels_last_output_midway_gives_the_same_samples(name):
-    """One stage's network output is channels-last: that stage runs unfused, and its estimate (x0 predicted: the
-    output scaled) keeps the layout, so the fused stages after it, which read it, must know the loop's tensors are no
-    longer plain and check them."""
+    """One stage's network output is channels-last and float32 (the state is float64): that stage runs unfused, and
+    its estimate (x0 predicted: the output scaled) keeps the layout, so the fused stages after it, which read it, must
+    know the loop's tensors are no longer plain and check them."""
     plan, denoiser, x, seeds, post = parts(name, 3.0, "sample")
     odd = int(plan.stages[2].timestep)
     states = []
 
     def fn(x, t, y):
         out = network(x, t, y)
-        return out.contiguous(memory_format=torch.channels_last) if int(t[0]) == odd else out
+        return out.float().contiguous(memory_format=torch.channels_last) if int(t[0]) == odd else out
 
     denoiser.fn = fn
     run = PlanRun(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu")
@@ -191,6 +191,31 @@ def test_a_channels_last_output_midway_gives_the_same_samples(name):
     assert not all(states)  # the test is not vacuous: a non-contiguous estimate reached the later stages
     torch.testing.assert_close(run.output(), run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref"),
                                rtol=1e-12, atol=1e-12)
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "unipc"])
+def test_a_channels_last_network_output_still_fuses(name):
+    """A convolution network with channels-last weights (blitzdiff.load's default on the CPU) returns channels-last:
+    every stage still runs the kernel (on a contiguous copy of the output), and the samples are the unfused ones."""
+    plan, denoiser, x, seeds, post = parts(name, 3.0)
+    denoiser.fn = lambda x, t, y: network(x, t, y).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    run = PlanRun(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu")
+    calls = []
+    run.fused = [f and f._replace(kernel=counted(f.kernel, calls)) for f in run.fused]  # not the plan's memo
+    for k in range(len(plan.stages)):
+        run.stage(k)
+    fusable = sum(f is not None for f in run.fused)  # unipc's last stage has no update to fuse
+    assert fusable >= len(plan.stages) - 1 and len(calls) == fusable
+    assert run.output().is_contiguous()
+    torch.testing.assert_close(run.output(), run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref"),
+                               rtol=1e-12, atol=1e-12)
+
+
+def counted(kernel, calls):
+    def call(*args):
+        calls.append(1)
+        return kernel(*args)
+    return call
+
 
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m_sde", "heun", "unipc", "consistency"])
 def test_fused_loop_is_sync_free(name):

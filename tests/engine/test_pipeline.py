@@ -23,6 +23,7 @@ from blitzdiff.engine.config import resolve
 from blitzdiff.engine.pipeline import INITIAL_NOISE_STREAM
 from blitzdiff.engine.solvers import build_plan
 from blitzdiff.kernels.gaussian_noise import gaussian_noise_ref
+from blitzdiff.models import default_channels_last
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -279,6 +280,29 @@ def test_load_scheduler_config_replaces_the_folders(folders, tmp_path, name):
     assert_close(ours, diffusers_loop({**parts, "scheduler": scheduler}, x))
     folders_own = blitzdiff.load(folder).sample(2, **kwargs)
     assert ((ours - folders_own).abs().max() / folders_own.abs().max()).item() > 0.1
+
+
+def conv_layouts(network: torch.nn.Module) -> set[str]:
+    """The layouts of a network's convolution weights with a spatial kernel (a 1x1 kernel is both)."""
+    return {"channels_last" if p.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+            for p in network.parameters() if p.dim() == 4 and p.shape[-2:].numel() > 1}
+
+
+def test_load_stores_convolution_weights_channels_last_on_the_cpu(folders):
+    """blitzdiff.load's CPU default (network and VAE decoder); channels_last=False keeps them contiguous, and
+    compile(channels_last=...) switches later. Same images either way, to float32 rounding."""
+    assert default_channels_last("cpu") and not default_channels_last(torch.device("cuda", 0))
+    folder, _ = folders["sd"]
+    prompt = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(steps=3, seeds=4, encoder_hidden_states=prompt, output_type="tensor", progress=False)
+    pipe, plain = blitzdiff.load(folder), blitzdiff.load(folder, channels_last=False)
+    assert conv_layouts(pipe.model) == conv_layouts(pipe.vae) == {"channels_last"}
+    assert conv_layouts(plain.model) == conv_layouts(plain.vae) == {"contiguous"}
+    images, expected = pipe.sample(2, **kwargs), plain.sample(2, **kwargs)
+    assert images.is_contiguous() and (images - expected).abs().max().item() < 1e-5
+    assert conv_layouts(pipe.compile("eager").model) == {"channels_last"}  # None keeps
+    assert conv_layouts(pipe.compile("eager", channels_last=False).model) == {"contiguous"}
+    assert conv_layouts(plain.compile("eager", channels_last=True).model) == {"channels_last"}
 
 
 def test_load_vae_decodes_with_the_given_vae(folders, tmp_path):

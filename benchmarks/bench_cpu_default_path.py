@@ -1,15 +1,17 @@
-"""The default CPU path (`pipe.sample`, eager) with glibc's malloc defaults against blitzdiff's malloc settings
-(blitzdiff.malloc), each in a fresh process as a user runs it, and optionally ONNX Runtime behind the same loop.
+"""The default CPU path (`pipe.sample`, eager) against the settings it departs from, each in a fresh process as a
+user runs it, and optionally ONNX Runtime behind the same loop.
 
-    python benchmarks/bench_cpu_malloc.py [--models unet-digits dit-digits unet32] [--batches 1 8] [--rounds 3]
-                                          [--runs 10] [--threads 2] [--onnxruntime] [--json out.json] [--quick]
+    python benchmarks/bench_cpu_default_path.py [--models unet-digits dit-digits unet32] [--batches 1 8]
+        [--rounds 3] [--runs 10] [--threads 2] [--onnxruntime] [--json out.json] [--quick]
 
-Per model and batch, each round starts one process per variant (the order rotated round by round): "glibc
-defaults" (BLITZDIFF_MALLOC=system), "tuned" (what `pipe.sample` does on the CPU) and with --onnxruntime
-"onnxruntime" (`pipe.compile("onnxruntime")`, tuned too). A process loads the model, samples 3 warm-up runs, then
-times `runs` runs of DPM-Solver++(2M) 10 steps and counts its minor page faults. Reports per variant the median over
-rounds of the processes' medians (and their range), faults per run, and each variant's time over the tuned one's
-(median of the per-round ratios). unet32 is cpu_best.py's 6.5 M-parameter 32x32 UNet2D with random weights.
+Per model and batch, each round starts one process per variant (the order rotated round by round): "default"
+(blitzdiff.load's channels-last weights on the CPU, blitzdiff.malloc's settings), "contiguous weights"
+(blitzdiff.load(channels_last=False)), "glibc malloc" (BLITZDIFF_MALLOC=system) and with --onnxruntime
+"onnxruntime" (`pipe.compile("onnxruntime")`, defaults otherwise). A process loads the model, samples 3 warm-up
+runs, then times `runs` runs of DPM-Solver++(2M) 10 steps and counts its minor page faults. Reports per variant the
+median over rounds of the processes' medians (and their range), faults per run, and each variant's time over the
+default one's (median of the per-round ratios). unet32 is cpu_best.py's 6.5 M-parameter 32x32 UNet2D with random
+weights.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ from cpu_best import write_unet32
 
 from blitzdiff.bench.interleave import rotated
 
-VARIANTS = {"glibc defaults": {"BLITZDIFF_MALLOC": "system"}, "tuned": {}, "onnxruntime": {}}
+# variant -> (environment, child mode)
+VARIANTS = {"default": ({}, "default"), "contiguous weights": ({}, "contiguous"),
+            "glibc malloc": ({"BLITZDIFF_MALLOC": "system"}, "default"), "onnxruntime": ({}, "onnxruntime")}
 # One process: the default path's steady state. argv: model, batch, steps, runs, threads, mode.
 CHILD = """
 import json, resource, statistics, sys, time, torch, blitzdiff
 from blitzdiff.malloc import malloc_record
 model, batch, steps, runs, threads, mode = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
 torch.set_num_threads(threads)
-pipe = blitzdiff.load(model)
+pipe = blitzdiff.load(model, channels_last=False if mode == "contiguous" else None)
 if mode == "onnxruntime":
     pipe.compile("onnxruntime")
 inputs = {"class_labels": [i % 10 for i in range(batch)]} if pipe.kind.class_conditional else {}
@@ -55,8 +59,8 @@ print(json.dumps({"median_ms": statistics.median(times), "faults_per_run": fault
 
 def run_process(model: str, batch: int, steps: int, runs: int, threads: int, variant: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "BLITZDIFF_MALLOC"))}
-    env.update(VARIANTS[variant])
-    mode = "onnxruntime" if variant == "onnxruntime" else "eager"
+    variables, mode = VARIANTS[variant]
+    env.update(variables)
     result = subprocess.run([sys.executable, "-c", CHILD, model, str(batch), str(steps), str(runs), str(threads),
                              mode], capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
@@ -85,8 +89,8 @@ def main() -> None:
         count = threads.count
         print(f"{args.steps} steps DPM-Solver++(2M), {args.runs} runs per process, {args.rounds} rounds, "
               f"{count} torch threads per process")
-        print(f"{'variant':<16} {'model':<12} {'batch':>5} {'ms per run':>10} {'range':>17} {'faults/run':>10} "
-              f"{'x tuned':>8}")
+        print(f"{'variant':<18} {'model':<12} {'batch':>5} {'ms per run':>10} {'range':>17} {'faults/run':>10} "
+              f"{'x default':>9}")
         for name in args.models:
             model = str(write_unet32(Path(tmp) / name)) if name == "unet32" else name
             for batch in args.batches:
@@ -97,13 +101,13 @@ def main() -> None:
                 for variant in variants:
                     times = [p["median_ms"] for p in results[variant]]
                     ratio = statistics.median(p["median_ms"] / t["median_ms"]
-                                              for p, t in zip(results[variant], results["tuned"], strict=True))
+                                              for p, t in zip(results[variant], results["default"], strict=True))
                     faults = statistics.median(p["faults_per_run"] for p in results[variant])
                     rows.append({"variant": variant, "model": name, "batch": batch, "median_ms": statistics.median(
-                        times), "process_medians_ms": times, "faults_per_run": faults, "over_tuned": ratio,
+                        times), "process_medians_ms": times, "faults_per_run": faults, "over_default": ratio,
                         "malloc": results[variant][0]["malloc"]})
-                    print(f"{variant:<16} {name:<12} {batch:>5} {statistics.median(times):>10.2f} "
-                          f"{f'[{min(times):.2f}-{max(times):.2f}]':>17} {faults:>10.0f} {ratio:>7.2f}x")
+                    print(f"{variant:<18} {name:<12} {batch:>5} {statistics.median(times):>10.2f} "
+                          f"{f'[{min(times):.2f}-{max(times):.2f}]':>17} {faults:>10.0f} {ratio:>8.2f}x")
     if args.json:
         meta = {"threads": threads.record(), "steps": args.steps, "runs": args.runs, "rounds": args.rounds,
                 "command": sys.argv}
