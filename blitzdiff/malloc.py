@@ -9,7 +9,7 @@ defaults, by the heap's layout at start; none once tuned: tests/test_malloc.py).
 thresholds (mallopt), which also stops glibc's adjusting them: blocks up to 32 MiB come from the heap and freed
 memory stays with the process for the next step. The cost: the process keeps its peak heap instead of handing
 freed pages back (malloc_trim(0) still does), as a caching allocator would. Measured in fresh processes
-(benchmarks/bench_cpu_default_path.py, README "CPU: the allocator"). Process-wide, so never applied on import: the
+(benchmarks/bench_cpu_default_path.py, README "CPU: the default path"). Process-wide, so never applied on import: the
 CLI and the first sampling run of a CPU Pipeline apply it (tune_malloc_once), unless BLITZDIFF_MALLOC=system.
 """
 

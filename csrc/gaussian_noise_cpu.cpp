@@ -7,6 +7,7 @@
 
 #include "gaussian_noise.h"
 #include "parallel.h"
+#include "sincos.h"
 
 namespace blitzdiff {
 namespace {
@@ -30,10 +31,10 @@ constexpr std::int64_t kBlock = 512;
 // Past this counter the spec's int64 emulation itself overflows (its products reach 2^63), so no exact twin exists.
 constexpr std::int64_t kMaxCounter = std::int64_t{1} << 47;
 
-// log and cos without libm calls, so that the Box-Muller loop vectorizes like the hash (libm's scalar logf / cosf
-// were 80% of the kernel's time). Both evaluate in double precision, which makes the float32 result the correctly
-// rounded one in all but rare ties: within the spec's few-ulp budget of PyTorch's float32 log / cos. The same IEEE
-// operations run in every clone (no FMA contraction), so every CPU gets the same bits.
+// log and cos without libm calls (cos: sincos.h), so that the Box-Muller loop vectorizes like the hash (libm's scalar
+// logf / cosf were 80% of the kernel's time). Both evaluate in double precision, which makes the float32 result the
+// correctly rounded one in all but rare ties: within the spec's few-ulp budget of PyTorch's float32 log / cos. The
+// same IEEE operations run in every clone (no FMA contraction), so every CPU gets the same bits.
 
 // log(u) for u = (k + 0.5) * 2^-24, k < 2^24 (the uniforms: normal floats in (0, 1)). u = m * 2^e with m in
 // [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(f), f = (m - 1) / (m + 1), |f| <= 0.1716, by its series to f^15 (the next
@@ -51,26 +52,6 @@ BLITZDIFF_INLINE double log_unit(float u) {
   const double series =
       1.0 + z * (1.0 / 3 + z * (1.0 / 5 + z * (1.0 / 7 + z * (1.0 / 9 + z * (1.0 / 11 + z * (1.0 / 13 + z / 15))))));
   return 2.0 * f * series + e * 0.69314718055994530942;
-}
-
-// cos(x) for x in [0, 2 pi] (the float32 angle 2 pi v, as the spec rounds it): x = q pi/2 + r, |r| <= pi/4, then
-// the Taylor series of cos r or sin r (to r^16 / r^17: the next terms are below 1e-16) with the quadrant's sign.
-BLITZDIFF_INLINE double cos_turn(float angle) {
-  const double x = angle;
-  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding and subtracting it rounds to an integer
-  const double q = (x * 0.63661977236758134308 + shifter) - shifter;  // round(x / (pi/2)), in 0..4
-  const double r = (x - q * 1.5707963267948966) - q * 6.123233995736766e-17;  // pi/2 in two parts
-  const double z = r * r;
-  const double c = 1.0 + z * (-1.0 / 2 + z * (1.0 / 24 + z * (-1.0 / 720 + z * (1.0 / 40320 + z * (-1.0 / 3628800 +
-                   z * (1.0 / 479001600 + z * (-1.0 / 87178291200 + z / 20922789888000.0)))))));
-  const double s = r * (1.0 + z * (-1.0 / 6 + z * (1.0 / 120 + z * (-1.0 / 5040 + z * (1.0 / 362880 +
-                   z * (-1.0 / 39916800 + z * (1.0 / 6227020800 + z * (-1.0 / 1307674368000.0 +
-                   z / 355687428096000.0))))))));
-  // quadrant 0 and 4: cos r; 1: -sin r; 2: -cos r; 3: sin r
-  const bool odd = q == 1.0 || q == 3.0;
-  const bool negative = q == 1.0 || q == 2.0;
-  const double value = odd ? s : c;
-  return negative ? -value : value;
 }
 
 // out[j] = convert(bits(first + j)) for j < n <= kBlock. When the block does not cross a multiple of 2^32 (always,
@@ -92,7 +73,7 @@ BLITZDIFF_INLINE void hash_block(NoiseKeys keys, std::uint64_t first, std::int64
 }
 
 // Blocks first .. last - 1 of the output, block k being elements (k % blocks) * kBlock ... of row k / blocks: a
-// vectorized hash pass fills the radius and angle uniforms, then Box-Muller (log_unit, cos_turn), rounded once to T.
+// vectorized hash pass fills the radius and angle uniforms, then Box-Muller (log_unit, sin_cos), rounded once to T.
 // Each element depends only on its row's seed and its index, so any split of the blocks gives the same bits.
 template <typename T>
 BLITZDIFF_CPU_CLONES void fill(T* __restrict__ out, const std::int64_t* seeds, std::int64_t count,
@@ -111,7 +92,7 @@ BLITZDIFF_CPU_CLONES void fill(T* __restrict__ out, const std::int64_t* seeds, s
       hash_block(keys, static_cast<std::uint64_t>(count + k0), n, angle_u, bits_to_uniform);  // count + k
       for (std::int64_t j = 0; j < n; ++j) {
         const double radius = std::sqrt(-2.0 * log_unit(radius_u[j]));
-        row[k0 + j] = static_cast<T>(static_cast<float>(radius * cos_turn(kTwoPi * angle_u[j])));
+        row[k0 + j] = static_cast<T>(static_cast<float>(radius * sin_cos(kTwoPi * angle_u[j]).cos));
       }
     }
   }

@@ -59,10 +59,10 @@ def default_backend(device: torch.device | str) -> str:
 
 def default_channels_last(device: torch.device | str) -> bool:
     """Whether `blitzdiff.load` stores a network's 4-D (convolution) weights channels-last on `device`: on the CPU,
-    where that steers every convolution to oneDNN's NHWC kernels and keeps the activations NHWC between them
-    (`pipe.sample`, DPM-Solver++(2M) 10 steps, 2 threads: unet-digits 7-14% and the 6.5 M-parameter UNet2D 6-11%
-    faster, dit-digits unchanged; a VAE decoder 10%: benchmarks/bench_cpu_default_path.py, README "CPU: the default
-    path"). Elsewhere the weights stay as loaded: on a GPU it is unmeasured."""
+    where the network then runs NHWC throughout (`pipe.sample`, DPM-Solver++(2M) 10 steps, 2 threads: contiguous
+    weights took 1.10x / 1.15x the time for unet-digits at batch 1 / 8 and 1.20x / 1.07x for a 6.5 M-parameter
+    UNet2D: benchmarks/bench_cpu_default_path.py, README "CPU: the default path"). Elsewhere the weights stay as
+    loaded: on a GPU it is unmeasured."""
     return torch.device(device).type == "cpu"
 
 

@@ -93,6 +93,40 @@ def test_timestep_dtypes_and_strides(backend):
                                timestep_embedding_ref(fractional, dim, **opts), rtol=0, atol=1e-6)
 
 
+def spec_arguments(t, dim, scale):
+    """The float32 arguments of sin / cos as the spec forms them: scale * (t.float() * freq_j) (max_period 10000)."""
+    freqs = sys.modules["blitzdiff.kernels.timestep_embedding"].frequencies(dim // 2, 0.0, 10000.0, t.device)
+    return scale * (t.float()[:, None] * freqs[None, :])
+
+
+def test_cpu_sin_cos_are_the_correctly_rounded_values():
+    """The C++ kernel's own sin / cos (csrc/sincos.h), over 262144 arguments from 0 to +-262144 (every quadrant,
+    arguments up to the kernel's fast-path limit): each the float32 rounding of the float64 sin / cos of the spec's
+    float32 argument, but for rare ties, which are off by at most one ulp. PyTorch's float32 sin is within an ulp."""
+    t = torch.linspace(-2.0**18, 2.0**18, 2048, dtype=torch.float64) + torch.rand(2048, dtype=torch.float64,
+                                                                                 generator=torch.Generator().manual_seed(0))
+    out = timestep_embedding(t, 256, flip_sin_to_cos=False, downscale_freq_shift=0.0, backend="cpu")
+    args = spec_arguments(t, 256, 1.0).double()
+    exact = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    rounded = exact.float()
+    off = out != rounded
+    assert off.float().mean().item() < 1e-3, f"{int(off.sum())} of {off.numel()} not correctly rounded"
+    ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(2.0**-126)  # an ulp at most, where off
+    assert ((out.double() - exact).abs() <= ulp).all()
+
+
+def test_cpu_large_and_non_finite_timesteps_take_libm():
+    """Rows whose arguments may pass the fast path's 2**20 (here 3e6 and 1e30) and NaN / Inf timesteps: the C
+    library's sin / cos, within an ulp of the float64 values; NaN and Inf give NaN, as the spec does."""
+    t = torch.tensor([3e6, -1e30, float("nan"), float("inf"), 5.0])
+    out = timestep_embedding(t, 64, flip_sin_to_cos=True, downscale_freq_shift=0.0, backend="cpu")
+    ref = timestep_embedding_ref(t, 64, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[2:4].isnan().all()
+    args = spec_arguments(t[[0, 1, 4]], 64, 1.0).double()
+    exact = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    assert ((out[[0, 1, 4]].double() - exact).abs() <= torch.finfo(torch.float32).eps).all()
+
+
 def test_frequency_table_is_computed_once(monkeypatch):
     module = sys.modules["blitzdiff.kernels.timestep_embedding"]
     monkeypatch.setattr(module, "_TABLES", {})
