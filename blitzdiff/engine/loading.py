@@ -18,6 +18,7 @@ from ..models import (
     load_model,
     read_pipeline,
     set_backend,
+    set_channels_last,
 )
 from ..models.checkpoint import summary_config
 from .config import CLASS_DEFAULTS, read_config, resolve
@@ -133,9 +134,7 @@ def with_device_defaults(network: torch.nn.Module, channels_last: bool | None) -
     """`network` on the kernel backend measured fastest on its device (blitzdiff.models.default_backend), its 4-D
     weights channels-last or contiguous (channels_last; None: blitzdiff.models.default_channels_last)."""
     device = next(network.parameters()).device
-    if channels_last is None:
-        channels_last = default_channels_last(device)
-    network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    set_channels_last(network, default_channels_last(device) if channels_last is None else channels_last)
     return set_backend(network, default_backend(device))
 
 

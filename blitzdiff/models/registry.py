@@ -66,6 +66,14 @@ def default_channels_last(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu"
 
 
+def set_channels_last(model: nn.Module, channels_last: bool) -> nn.Module:
+    """Store `model`'s 4-D weights channels-last (True) or contiguous (False); returns `model`. ValueError, with
+    nothing changed, for any other value."""
+    if channels_last is not True and channels_last is not False:
+        raise ValueError(f"channels_last must be True, False or None (the default), got {channels_last!r}")
+    return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def check_backend(model: nn.Module, backend: str) -> list[nn.Module]:
     """The modules of `model` that call a kernel (have a `backend` attribute); ValueError when `backend` is unknown
     or some of them lack it (a module's KERNEL_BACKENDS: e.g. attention has no "cpu" kernel)."""

@@ -303,6 +303,12 @@ def test_load_stores_convolution_weights_channels_last_on_the_cpu(folders):
     assert conv_layouts(pipe.compile("eager").model) == {"channels_last"}  # None keeps
     assert conv_layouts(pipe.compile("eager", channels_last=False).model) == {"contiguous"}
     assert conv_layouts(plain.compile("eager", channels_last=True).model) == {"channels_last"}
+    for bad in ("yes", 1, 0.0):
+        with pytest.raises(ValueError, match="channels_last must be True, False or None"):
+            blitzdiff.load(folder, channels_last=bad)
+        with pytest.raises(ValueError, match="channels_last must be True, False or None"):
+            pipe.compile("eager", channels_last=bad)
+    assert conv_layouts(pipe.model) == {"contiguous"}  # unchanged by the refused calls
 
 
 def test_load_vae_decodes_with_the_given_vae(folders, tmp_path):

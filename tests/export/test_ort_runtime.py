@@ -51,6 +51,14 @@ def test_unet_and_text_conditional_models(tmp_path):
     assert relative(raw(ort_sd, 2, "dpmpp_2m", **prompts), raw(sd, 2, "dpmpp_2m", **prompts)) < 1e-4
 
 
+def test_channels_last_weights_export_the_same_network():
+    """blitzdiff.load's CPU default stores convolution weights channels-last: the export must write each weight's
+    values, not its storage order (ONNX initializers are dense NCHW)."""
+    ort_unet = pipeline("unet").compile("onnxruntime", buckets=(2,), channels_last=True)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in ort_unet.model.parameters())
+    assert relative(raw(ort_unet, 2, "dpmpp_2m"), raw(pipeline("unet"), 2, "dpmpp_2m")) < 1e-4
+
+
 def test_a_float16_pipeline_runs_a_float16_export():
     # The error against the float32 pipeline stays within 2x that of the same pipeline run by torch in float16.
     reference = raw(pipeline("dit"), 3, "dpmpp_2m", guidance_scale=2.0)
