@@ -158,6 +158,28 @@ def test_kernels_option_switches_the_network_and_is_recorded(tmp_path, monkeypat
     assert json.loads(report.read_text())["meta"]["kernels"] == "auto"
 
 
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--channels-last"], True),
+                                              (["--no-channels-last"], False)])
+def test_channels_last_flag_loads_the_network_so_and_is_recorded(tmp_path, monkeypatch, flag, expected):
+    # unet-digits' convolution weights, as the blitzdiff modes run them: the CPU default (channels-last) or the flag's
+    seen = []
+    compile_ = Pipeline.compile
+
+    def recording(self, *args, **kwargs):
+        result = compile_(self, *args, **kwargs)
+        seen.append({p.is_contiguous() for p in self.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and
+                     p.shape[-2:].numel() > 1})  # a 1x1 kernel is both
+        return result
+
+    monkeypatch.setattr(Pipeline, "compile", recording)
+    report = tmp_path / "bench.json"
+    args = ["bench", "--model", "unet-digits", "--quick", "--modes", "eager", "--baseline", "none", "--batches", "1",
+            "--steps", "1", "--repeats", "1", *flag, "--json", str(report)]
+    assert main(args) == 0
+    assert seen == [{not expected}]
+    assert json.loads(report.read_text())["meta"]["channels_last"] is expected
+
+
 def tiny_learned_sigma_dit() -> Pipeline:
     """A random-weight DiT whose output holds the prediction and then the learned variance (out_channels 2)."""
     config = {**blitzdiff.load("dit-digits").model.config, "num_layers": 2, "out_channels": 2, "sample_size": 8}
