@@ -30,10 +30,12 @@ BLITZDIFF_CLONES void embed(float* __restrict__ out, const TS* __restrict__ t, s
                             const float* __restrict__ freqs, float max_freq, std::int64_t b_begin,
                             std::int64_t b_end, std::int64_t dim, bool flip, float scale) {
   const std::int64_t half = dim / 2;
-  float* __restrict__ sin_out = out + b_begin * dim + (flip ? half : 0);
-  float* __restrict__ cos_out = out + b_begin * dim + (flip ? 0 : half);
-  for (std::int64_t b = b_begin; b < b_end; ++b, sin_out += dim, cos_out += dim) {
+  const std::int64_t sin_at = flip ? half : 0, cos_at = flip ? 0 : half;
+  for (std::int64_t b = b_begin; b < b_end; ++b) {
     const float tb = static_cast<float>(t[b * t_stride]);  // torch's .float(): round to nearest
+    float* row = out + b * dim;
+    float* __restrict__ sin_out = row + sin_at;
+    float* __restrict__ cos_out = row + cos_at;
     // |scale * (tb * f)| <= |scale| |tb| max_freq, up to two float roundings: half the limit leaves room for them
     if (std::fabs(scale) * std::fabs(tb) * max_freq <= 0.5 * kSinCosLimit) {
       for (std::int64_t j = 0; j < half; ++j) {
@@ -48,7 +50,7 @@ BLITZDIFF_CLONES void embed(float* __restrict__ out, const TS* __restrict__ t, s
         cos_out[j] = std::cos(arg);
       }
     }
-    if (dim % 2 == 1) out[b * dim + dim - 1] = 0.0f;
+    if (dim % 2 == 1) row[dim - 1] = 0.0f;
   }
 }
 

@@ -173,8 +173,6 @@ def run_fused(
     dtype = x.dtype
     if out.dtype is not dtype or not out.is_cpu:
         return None
-    if not out.is_contiguous():
-        out = out.contiguous()
     if not plain and (not x.is_contiguous() or point.dtype is not dtype or not point.is_contiguous()):
         return None
     pointers = []  # the terms' data in the kernel's order; 0: the new denoised estimate (the kernel's null pointer)
@@ -187,6 +185,8 @@ def run_fused(
         if not plain and (term.dtype is not dtype or not term.is_contiguous()):
             return None
         pointers.append(term.data_ptr())
+    if not out.is_contiguous():  # after the checks: a stage that falls back needs no copy
+        out = out.contiguous()
     if run.guide_first:
         out = denoiser.guide(out)
     # contiguous, as x is; an estimate no later stage reads is not stored (None in the loop's history)
