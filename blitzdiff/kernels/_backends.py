@@ -23,6 +23,12 @@ def check_backend(op: str, backend: str, available: Sequence[str]) -> None:
         raise ValueError(f"{op}: no backend {backend!r}; allowed: {', '.join(available)}")
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in `dtype`: t itself when it has it already, as t.to(dtype) returns, without the dispatcher call (the eager
+    specs run many such no-op casts per forward, and at batch 1 on the CPU their call cost shows)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def triton_interpreted() -> bool:
     """Whether Triton runs in its CPU interpreter (TRITON_INTERPRET=1; read per call)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

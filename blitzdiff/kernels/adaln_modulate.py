@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backends import check_backend, check_kernel_support, choose_backend, device_guard, refuse_grad
+from ._backends import as_dtype, check_backend, check_kernel_support, choose_backend, device_guard, refuse_grad
 from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda", "triton", "auto")
@@ -32,8 +32,8 @@ def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     Statistics in (at least) float32 whatever x's dtype; the result has x's dtype.
     """
     acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 x
-    y = F.layer_norm(x.to(acc), x.shape[-1:], None, None, eps)
-    return (y * (1.0 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]).to(x.dtype)
+    y = F.layer_norm(as_dtype(x, acc), x.shape[-1:], None, None, eps)
+    return as_dtype(y * (1.0 + as_dtype(scale, acc)[:, None]) + as_dtype(shift, acc)[:, None], x.dtype)
 
 
 def adaln_gated_residual_ref(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor:
@@ -42,7 +42,7 @@ def adaln_gated_residual_ref(residual: Tensor, y: Tensor, gate: Tensor) -> Tenso
     float16 / bfloat16 compute in float32 and round once; the result has residual's dtype.
     """
     acc = torch.promote_types(residual.dtype, torch.float32)
-    return (residual.to(acc) + gate.to(acc)[:, None] * y.to(acc)).to(residual.dtype)
+    return as_dtype(as_dtype(residual, acc) + as_dtype(gate, acc)[:, None] * as_dtype(y, acc), residual.dtype)
 
 
 def _check_inputs(op: str, rows: tuple[tuple[str, Tensor], ...], params: tuple[tuple[str, Tensor], ...],

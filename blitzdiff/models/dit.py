@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import adaln_modulate, attention, timestep_embedding
+from ..kernels import adaln_modulate, adaln_modulate_ref, timestep_embedding
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
-from .layers import TimestepEmbedding  # DiT's t_embedder.mlp: linear_1 -> SiLU -> linear_2
+from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
 DEFAULTS: dict[str, Any] = {
@@ -160,6 +160,14 @@ class PatchEmbed(nn.Module):
         return (x + pos).to(x.dtype)  # [B, N, D]; added in float32 for half x, as diffusers does
 
 
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str) -> Tensor:
+    """kernels.adaln_modulate of the residual stream x [B, N, D] by a block's own shift, scale [B, D]; "ref" runs
+    the spec directly, as layers.norm does (the op's argument checks would repeat what the block guarantees)."""
+    if backend == "ref":
+        return adaln_modulate_ref(x, shift, scale, eps)
+    return adaln_modulate(x, shift, scale, eps, backend=backend)
+
+
 class LabelEmbedding(nn.Module):
     """Class label table with one extra row, index num_classes: the null label of classifier-free guidance.
 
@@ -219,7 +227,7 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, H, N, Dh]
         k = self.to_k(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, H, N, Dh]
         v = self.to_v(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, H, N, Dh]
-        out = attention(q, k, v, backend=self.backend)  # [B, H, N, Dh], scale 1/sqrt(Dh)
+        out = attend(q, k, v, self.backend)  # [B, H, N, Dh], scale 1/sqrt(Dh)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))  # [B, N, D]
 
 
@@ -261,9 +269,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(c)  # 6 x [B, D]
-        h = adaln_modulate(x, shift_msa, scale_msa, 1e-6, backend=self.backend)  # [B, N, D]
+        h = modulate(x, shift_msa, scale_msa, 1e-6, self.backend)  # [B, N, D]
         x = x + gate_msa[:, None] * self.attn1(h)  # [B, N, D]
-        h = adaln_modulate(x, shift_mlp, scale_mlp, self.mlp_norm_eps, backend=self.backend)  # [B, N, D]
+        h = modulate(x, shift_mlp, scale_mlp, self.mlp_norm_eps, self.backend)  # [B, N, D]
         return x + gate_mlp[:, None] * self.ff(h)  # [B, N, D]
 
 
@@ -311,7 +319,7 @@ class DiT(nn.Module):
             x = block(x, c_block)  # [B, N, D]
 
         shift, scale = self.proj_out_1(F.silu(c[0])).chunk(2, dim=1)  # 2 x [B, D], from block 0's embedders
-        x = adaln_modulate(x, shift, scale, 1e-6, backend=self.backend)  # [B, N, D]
+        x = modulate(x, shift, scale, 1e-6, self.backend)  # [B, N, D]
         x = self.proj_out_2(x)  # [B, N, p*p*C_out]
         x = x.reshape(B, h, w, p, p, self.out_channels)  # [B, h, w, p, p, C_out]
         x = torch.einsum("nhwpqc->nchpwq", x)  # [B, C_out, h, p, w, p]

@@ -1,0 +1,59 @@
+"""The embedded models' eager forward makes a bounded number of torch calls.
+
+At batch 1 on the CPU an eager forward of these small networks is mostly per-call cost (a few microseconds per torch
+call from Python; `blitzdiff profile` and README "CPU: the default path"), so a call the math does not need is a
+slowdown even when it computes nothing: a no-op `.to(dtype)`, a kernel op's argument checks repeating what a module
+guarantees. The budgets are the counts after removing those (unet-digits 641 -> 373, dit-digits 406 -> 304 calls per
+forward), plus a little headroom; attribute reads (`.shape`, `.dtype`) are free and not counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import blitzdiff
+
+BUDGETS = {"unet-digits": 385, "dit-digits": 315}
+
+
+class CountCalls(TorchFunctionMode):
+    """Counts the torch functions and Tensor methods called from Python while active (by name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", repr(func))
+        if name != "__get__":  # attribute reads: C getters, no dispatch
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def forward_inputs(pipe: blitzdiff.Pipeline) -> tuple[torch.Tensor, ...]:
+    """One batch-1 evaluation as the sampling loop makes it (a guided DiT evaluates cond and uncond: 2 rows)."""
+    config = pipe.model.config
+    if pipe.kind.class_conditional:
+        rows = 2
+        return (torch.randn(rows, config["in_channels"], config["sample_size"], config["sample_size"]),
+                torch.full((rows,), 500), torch.tensor([3, pipe.num_classes]))
+    return (torch.randn(1, config["in_channels"], config["sample_size"], config["sample_size"]), torch.full((1,), 500))
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETS))
+def test_eager_forward_stays_within_its_call_budget(name: str) -> None:
+    pipe = blitzdiff.load(name)
+    inputs = forward_inputs(pipe)
+    with torch.inference_mode():
+        pipe.model(*inputs)  # first call: caches (the DiT's position embedding) fill here
+        with CountCalls() as counter:
+            out = pipe.model(*inputs)
+    assert out.shape[0] == inputs[0].shape[0]
+    total = sum(counter.calls.values())
+    assert total <= BUDGETS[name], (
+        f"{name}: {total} torch calls per forward, budget {BUDGETS[name]}; most frequent: "
+        f"{counter.calls.most_common(8)}")
