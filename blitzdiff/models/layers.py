@@ -135,8 +135,8 @@ def class_embedding(class_embed_type: str | None, num_class_embeds: int | None, 
 def norm(module: nn.GroupNorm, x: Tensor, backend: str, **fused: Any) -> Tensor:
     """An nn.GroupNorm's parameters applied by kernels.group_norm (which fuses scale / shift / SiLU / residual).
 
-    "ref" runs the spec directly: the op's argument checks (~6 us a call) would repeat what the module's own
-    parameters and F.group_norm guarantee, and a UNet at batch 1 on the CPU makes 30 such calls per forward."""
+    "ref" runs the spec directly: the op's argument checks (a few us a call) would repeat what the module's own
+    parameters and F.group_norm guarantee (unet-digits makes 30 such calls per forward)."""
     if backend == "ref":
         return group_norm_ref(x, module.num_groups, module.weight, module.bias, module.eps, **fused)
     return group_norm(x, module.num_groups, module.weight, module.bias, module.eps, backend=backend, **fused)

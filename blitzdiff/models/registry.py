@@ -60,7 +60,7 @@ def default_backend(device: torch.device | str) -> str:
 def default_channels_last(device: torch.device | str) -> bool:
     """Whether `blitzdiff.load` stores a network's 4-D (convolution) weights channels-last on `device`: on the CPU,
     where the network then runs NHWC throughout (`pipe.sample`, DPM-Solver++(2M) 10 steps, 2 threads: contiguous
-    weights took 1.10x / 1.15x the time for unet-digits at batch 1 / 8 and 1.20x / 1.07x for a 6.5 M-parameter
+    weights took 1.10x / 1.12x the time for unet-digits at batch 1 / 8 and 1.21x / 1.05x for a 6.5 M-parameter
     UNet2D: benchmarks/bench_cpu_default_path.py, README "CPU: the default path"). Elsewhere the weights stay as
     loaded: on a GPU it is unmeasured."""
     return torch.device(device).type == "cpu"
