@@ -34,9 +34,10 @@ constexpr std::int64_t kChunk = 4096;  // values per channels-first moments chun
 // Values per channels-last chunk (rows of C): larger, as each chunk ends with per-group sums over its C channel
 // accumulators; 64 KiB of float32, re-read from L2.
 constexpr std::int64_t kRowsChunk = 16384;
-// Below this many elements per thread another thread costs more than it saves (a std::thread's start + join was
-// ~20-50 us, more on a busy machine; kept for OpenMP's cheaper wake-up, not re-tuned).
-constexpr std::int64_t kMinElementsPerThread = std::int64_t{1} << 17;
+// Below this many elements per thread another thread costs more than it saves. 2^17 was sized for std::thread
+// starts (~20-50 us); with OpenMP's workers (awake after torch's own ops) 2^15 splits a channels-last 8x96x16x16
+// GroupNorm + SiLU (196608 values; 2 threads, Xeon): see README "Not met either".
+constexpr std::int64_t kMinElementsPerThread = std::int64_t{1} << 15;
 
 struct BFloat16 {
   std::uint16_t bits;
