@@ -7,10 +7,12 @@ All of it is decided per call from the inputs and what is installed, never at im
 import contextlib
 import importlib.util
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._library import native
 
@@ -27,6 +29,22 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in `dtype`: t itself when it has it already, as t.to(dtype) returns, without the dispatcher call (the eager
     specs run many such no-op casts per forward, and at batch 1 on the CPU their call cost shows)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def eager_cpu(x: Tensor) -> bool:
+    """Whether a call on x runs eagerly on a plain CPU tensor: not traced or compiled, no tensor subclass (fake
+    tensors), no dispatch mode. Only there may a model call a CPU kernel directly instead of through its op."""
+    return (x.device.type == "cpu" and type(x) is Tensor and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
+
+
+def cpu_kernel(name: str):
+    """blitzdiff._C's function `name` when the extension is built, else None (a missing build is not an error here:
+    the caller runs the op, which explains it)."""
+    module = sys.modules.get("blitzdiff._C")
+    if module is None and not backend_installed("cpu"):
+        return None
+    return getattr(module or sys.modules["blitzdiff._C"], name)
 
 
 def triton_interpreted() -> bool:

@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backends import as_dtype, check_backend, check_kernel_support, choose_backend, device_guard, refuse_grad
+from ._backends import (
+    as_dtype,
+    check_backend,
+    check_kernel_support,
+    choose_backend,
+    cpu_kernel,
+    device_guard,
+    eager_cpu,
+    refuse_grad,
+)
 from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda", "triton", "auto")
@@ -145,6 +154,32 @@ _gated_op = define(
     _gated_kernel,
     _gated_fake,
 )
+
+
+def adaln_modulate_module_cpu(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor | None:
+    """A DiT block's own modulation by the "cpu" kernel, called directly: adaln_modulate(..., backend="cpu")'s
+    result, or None where the op must run the call instead (as group_norm_module_cpu: the op's dispatch and checks
+    cost more than the kernel at batch-1 sizes). x [B, N, D] contiguous; shift, scale [B, D] rows of x's dtype with
+    unit stride along D and one row stride (chunks of the block's modulation vector). None under tracing or
+    torch.compile, a dispatch mode or a tensor subclass, for gradients, other dtypes or layouts, or without
+    blitzdiff._C."""
+    dtype = x.dtype
+    if not eager_cpu(x) or dtype not in KERNEL_DTYPES["cpu"] or x.dim() != 3 or not x.is_contiguous():
+        return None
+    batch, tokens, dim = x.shape
+    stride = shift.stride(0)
+    if (shift.shape != (batch, dim) or scale.shape != (batch, dim) or shift.dtype != dtype or scale.dtype != dtype
+            or shift.stride(1) != 1 or scale.stride(1) != 1 or scale.stride(0) != stride
+            or (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad))):
+        return None
+    kernel = cpu_kernel("adaln_modulate_cpu")
+    if kernel is None:
+        return None
+    out = torch.empty_like(x)
+    if out.numel():
+        kernel(out.data_ptr(), x.data_ptr(), shift.data_ptr(), scale.data_ptr(), batch * tokens, tokens, dim, stride,
+               eps, str(dtype).removeprefix("torch."), torch.get_num_threads())
+    return out
 
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *, backend: str = "ref") -> Tensor:

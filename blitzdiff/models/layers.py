@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..kernels import attention, attention_ref, group_norm, group_norm_ref, timestep_embedding
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
+from ..kernels.group_norm import group_norm_module_cpu
 
 # (channels, layer index within its block) -> the attention module after that layer's resnet
 AttentionFactory = Callable[[int, int], nn.Module]
@@ -133,10 +134,18 @@ def class_embedding(class_embed_type: str | None, num_class_embeds: int | None, 
 # --- convolutional blocks ----------------------------------------------------------------------------------------
 
 def norm(module: nn.GroupNorm, x: Tensor, backend: str, **fused: Any) -> Tensor:
-    """An nn.GroupNorm's parameters applied by kernels.group_norm (which fuses scale / shift / SiLU / residual).
+    """An nn.GroupNorm's parameters applied by kernels.group_norm (which fuses scale / shift / SiLU).
 
     "ref" runs the spec directly: the op's argument checks (a few us a call) would repeat what the module's own
-    parameters and F.group_norm guarantee (unet-digits makes 30 such calls per forward)."""
+    parameters and F.group_norm guarantee (unet-digits makes 30 such calls per forward). "auto" on the CPU: the C++
+    kernel called directly in eager sampling (kernels.group_norm_module_cpu: the op's dispatch and checks cost more
+    than the kernel at batch-1 sizes), and the spec under torch.compile, which fuses its ops into its own loops."""
+    if backend == "auto" and x.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            backend = "ref"
+        elif (out := group_norm_module_cpu(x, module.num_groups, module.weight, module.bias, module.eps,
+                                           **fused)) is not None:
+            return out
     if backend == "ref":
         return group_norm_ref(x, module.num_groups, module.weight, module.bias, module.eps, **fused)
     return group_norm(x, module.num_groups, module.weight, module.bias, module.eps, backend=backend, **fused)
@@ -212,9 +221,11 @@ class Upsample2D(nn.Module):
 # --- attention ----------------------------------------------------------------------------------------------------
 
 def attend(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """kernels.attention of a model's own q [B, H, Lq, D] and k, v [B, H, Lk, D]; "ref" runs the spec directly, as
-    `norm` does (the op's argument checks would repeat SDPA's)."""
-    return attention_ref(q, k, v) if backend == "ref" else attention(q, k, v, backend=backend)
+    """kernels.attention of a model's own q [B, H, Lq, D] and k, v [B, H, Lk, D]; "ref", and "auto" on the CPU
+    (where the op's choice is SDPA too), run the spec directly, as `norm` does: the op's argument checks would repeat
+    SDPA's."""
+    on_cpu_auto = backend == "auto" and q.device.type == "cpu"  # the op's "auto" is SDPA on the CPU: without the op
+    return attention_ref(q, k, v) if backend == "ref" or on_cpu_auto else attention(q, k, v, backend=backend)
 
 
 class Attention(nn.Module):

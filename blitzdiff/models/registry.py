@@ -53,7 +53,9 @@ def default_backend(device: torch.device | str) -> str:
     """The kernel backend `blitzdiff.load` gives a network on `device`: the fastest measured end to end. "auto" (the
     fused kernels) on CUDA: sampling SD1.5 fp16 and DiT-XL/2 fp16 in a CUDA graph on an H200, 1.17x and 1.27x
     faster than "ref", whose half-precision adaLN / GroupNorm run several float32 passes (README "On a GPU").
-    "ref" elsewhere: on the 2-core CPU the C++ kernels showed no gain over it (benchmarks/kernels_auto_vs_ref.py)."""
+    "ref" elsewhere: on the 2-core CPU the C++ kernels, called directly by the models, gained 3-8% at batch 1 and
+    nothing at batch 8 (benchmarks/kernels_auto_vs_ref.py, README "Benchmarks"); not yet worth a default that
+    changes every CPU model's results at float tolerance."""
     return "auto" if torch.device(device).type == "cuda" else "ref"
 
 

@@ -1,0 +1,125 @@
+"""The models' direct CPU kernel calls (kernels.group_norm_module_cpu, kernels.adaln_modulate_module_cpu).
+
+A model on the "auto" backend calls the C++ GroupNorm and adaLN kernels directly in eager CPU sampling: the op's
+dispatch and argument checks cost more than the kernel at batch-1 sizes. The direct call must give the op's result
+bit for bit, decline (None) every call the op must run (traced or compiled, a dispatch mode, gradients, another dtype
+or layout, no extension), and leave torch.compile on the spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from blitzdiff.kernels import adaln_modulate, group_norm
+from blitzdiff.kernels.adaln_modulate import adaln_modulate_module_cpu
+from blitzdiff.kernels.group_norm import group_norm_module_cpu
+from blitzdiff.models import set_backend
+from blitzdiff.models.dit import DiT
+from blitzdiff.models.unet_2d import UNet2DModel
+
+# the modules (blitzdiff.kernels exports functions of the same names)
+group_norm_module = importlib.import_module("blitzdiff.kernels.group_norm")
+adaln_module = importlib.import_module("blitzdiff.kernels.adaln_modulate")
+
+
+class PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def gn_inputs(dtype=torch.float32, channels_last=True, per_sample=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 5, 3, generator=g).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    weight, bias = torch.randn(16, generator=g).to(dtype), torch.randn(16, generator=g).to(dtype)
+    scale, shift = torch.randn(2, 32, generator=g).to(dtype).chunk(2, dim=1) if per_sample else (None, None)
+    return x, weight, bias, {"scale": scale, "shift": shift}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_direct_call_is_the_ops_result(dtype, channels_last, per_sample, silu):
+    x, weight, bias, fused = gn_inputs(dtype, channels_last, per_sample)
+    direct = group_norm_module_cpu(x, 4, weight, bias, 1e-5, silu=silu, **fused)
+    op = group_norm(x, 4, weight, bias, 1e-5, silu=silu, backend="cpu", **fused)
+    assert direct is not None and torch.equal(direct, op) and direct.stride() == op.stride()
+
+
+def test_adaln_direct_call_is_the_ops_result():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 37, generator=g)
+    shift, scale = torch.randn(2, 6 * 37, generator=g).chunk(6, dim=1)[:2]  # row stride 6D, as a DiT block's
+    direct = adaln_modulate_module_cpu(x, shift, scale, 1e-6)
+    assert direct is not None and torch.equal(direct, adaln_modulate(x, shift, scale, 1e-6, backend="cpu"))
+
+
+def test_direct_calls_decline_what_the_op_must_run(monkeypatch):
+    x, weight, bias, fused = gn_inputs()
+    shift, scale = torch.randn(2, 22).chunk(2, dim=1)
+    tokens = torch.randn(2, 3, 11)
+
+    def declined(gn_x=x, gn_weight=weight, ad_x=tokens, ad_shift=shift) -> tuple[bool, bool]:
+        return (group_norm_module_cpu(gn_x, 4, gn_weight, bias, 1e-5, **fused) is None,
+                adaln_modulate_module_cpu(ad_x, ad_shift, scale, 1e-6) is None)
+
+    assert declined() == (False, False)
+    with PassThrough():  # a dispatch mode must see the op
+        assert declined() == (True, True)
+    leaf, leaf_tokens = x.detach().requires_grad_(), tokens.detach().requires_grad_()
+    assert declined(gn_x=leaf, ad_x=leaf_tokens) == (True, True)  # gradients: the spec's ops record them
+    with torch.no_grad():
+        assert declined(gn_x=leaf, ad_x=leaf_tokens) == (False, False)
+    assert declined(gn_x=x.double(), ad_x=tokens.half()) == (True, True)  # dtypes the kernels lack
+    assert declined(gn_x=x.transpose(2, 3), ad_x=tokens.transpose(0, 1)) == (True, True)  # read by copy
+    assert declined(gn_weight=weight.double(), ad_shift=shift.double()) == (True, True)  # mixed dtypes
+    monkeypatch.setitem(sys.modules, "blitzdiff._C", None)  # no extension: the op explains it
+    assert declined() == (True, True)
+
+
+def tiny_models():
+    unet = UNet2DModel.from_config({
+        "sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": (16, 32), "layers_per_block": 1,
+        "norm_num_groups": 8, "attention_head_dim": 16, "resnet_time_scale_shift": "scale_shift",
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D")})
+    dit = DiT.from_config({"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 8,
+                           "num_layers": 2, "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 10})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in (unet, dit):
+            for p in model.parameters():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return {"unet": (unet.eval(), (torch.randn(2, 3, 8, 8, generator=g), torch.tensor([10, 900]))),
+            "dit": (dit.eval(), (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.tensor([1, 3])))}
+
+
+@pytest.mark.parametrize("name", ["unet", "dit"])
+def test_auto_models_call_the_kernels_directly_in_eager_and_trace_the_spec(monkeypatch, name):
+    model, inputs = tiny_models()[name]
+    set_backend(model, "auto")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(*inputs)
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes]
+    assert targets and not any("group_norm" in t or "adaln" in t for t in targets if "blitzdiff" in t), targets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager CPU call went through the op")
+
+    for module, attr in ((group_norm_module, "_group_norm_op"), (adaln_module, "_adaln_modulate_op")):
+        monkeypatch.setattr(module, attr, refuse)
+    with torch.inference_mode():
+        out = model(*inputs)
+    assert torch.isfinite(out).all()
