@@ -38,6 +38,14 @@ def eager_cpu(x: Tensor) -> bool:
             and _get_current_dispatch_mode() is None)
 
 
+def profiled(op: str):
+    """A profiler range named `blitzdiff::<op>` around a direct kernel call while torch's profiler runs (so profiles
+    show the kernel as they show the op), else nothing."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(f"blitzdiff::{op}")
+    return contextlib.nullcontext()
+
+
 def cpu_kernel(name: str):
     """blitzdiff._C's function `name` when the extension is built, else None (a missing build is not an error here:
     the caller runs the op, which explains it)."""

@@ -21,6 +21,7 @@ from ._backends import (
     cpu_kernel,
     device_guard,
     eager_cpu,
+    profiled,
     refuse_grad,
 )
 from ._library import define, launch
@@ -177,8 +178,9 @@ def adaln_modulate_module_cpu(x: Tensor, shift: Tensor, scale: Tensor, eps: floa
         return None
     out = torch.empty_like(x)
     if out.numel():
-        kernel(out.data_ptr(), x.data_ptr(), shift.data_ptr(), scale.data_ptr(), batch * tokens, tokens, dim, stride,
-               eps, str(dtype).removeprefix("torch."), torch.get_num_threads())
+        with profiled("adaln_modulate"):
+            kernel(out.data_ptr(), x.data_ptr(), shift.data_ptr(), scale.data_ptr(), batch * tokens, tokens, dim,
+                   stride, eps, str(dtype).removeprefix("torch."), torch.get_num_threads())
     return out
 
 

@@ -23,6 +23,7 @@ from ._backends import (
     cpu_kernel,
     device_guard,
     eager_cpu,
+    profiled,
     refuse_grad,
 )
 from ._library import define, launch
@@ -247,11 +248,12 @@ def group_norm_module_cpu(
     out = torch.empty_like(x)  # dense, contiguous or channels-last: empty_like keeps x's strides
     if out.numel():
         name = _DTYPE_NAMES[dtype]
-        kernel(out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-               0 if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0),
-               0 if shift is None else shift.data_ptr(), 0 if shift is None else shift.stride(0), 0,
-               batch, channels, out.numel() // (batch * channels), num_groups, eps, last, silu, name, name,
-               torch.get_num_threads())
+        with profiled("group_norm"):
+            kernel(out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                   0 if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0),
+                   0 if shift is None else shift.data_ptr(), 0 if shift is None else shift.stride(0), 0,
+                   batch, channels, out.numel() // (batch * channels), num_groups, eps, last, silu, name, name,
+                   torch.get_num_threads())
     return out
 
 

@@ -60,6 +60,16 @@ def test_adaln_direct_call_is_the_ops_result():
     assert direct is not None and torch.equal(direct, adaln_modulate(x, shift, scale, 1e-6, backend="cpu"))
 
 
+def test_direct_calls_show_in_profiles_as_the_op():
+    x, weight, bias, fused = gn_inputs()
+    shift, scale = torch.randn(2, 22).chunk(2, dim=1)
+    with torch.profiler.profile() as prof:
+        assert group_norm_module_cpu(x, 4, weight, bias, 1e-5, **fused) is not None
+        assert adaln_modulate_module_cpu(torch.randn(2, 3, 11), shift, scale, 1e-6) is not None
+    names = {event.name for event in prof.events()}
+    assert {"blitzdiff::group_norm", "blitzdiff::adaln_modulate"} <= names, names
+
+
 def test_direct_calls_decline_what_the_op_must_run(monkeypatch):
     x, weight, bias, fused = gn_inputs()
     shift, scale = torch.randn(2, 22).chunk(2, dim=1)
