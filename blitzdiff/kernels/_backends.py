@@ -38,6 +38,12 @@ def eager_cpu(x: Tensor) -> bool:
             and _get_current_dispatch_mode() is None)
 
 
+def spec_if_compiled(x: Tensor, backend: str) -> str:
+    """The backend of a model's own kernel call: "ref" for "auto" while torch.compile traces it on the CPU (inductor
+    fuses the spec's ops into its own loops, where a kernel would be an opaque call between them), else `backend`."""
+    return "ref" if backend == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling() else backend
+
+
 def profiled(op: str):
     """A profiler range named `blitzdiff::<op>` around a direct kernel call while torch's profiler runs (so profiles
     show the kernel as they show the op), else nothing."""

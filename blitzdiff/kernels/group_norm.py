@@ -239,8 +239,8 @@ def group_norm_module_cpu(
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (x, weight, bias, scale, shift)))):
         return None
-    last = not x.is_contiguous()
-    if last and not x.movedim(1, -1).is_contiguous():
+    last = _channels_last(x)
+    if not (last or x.is_contiguous()):
         return None
     kernel = cpu_kernel("group_norm_cpu")
     if kernel is None:

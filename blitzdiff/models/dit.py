@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import adaln_modulate, adaln_modulate_ref, timestep_embedding
+from ..kernels._backends import spec_if_compiled
 from ..kernels.adaln_modulate import adaln_modulate_module_cpu
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
@@ -166,11 +167,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str) 
     the spec directly, as layers.norm does (the op's argument checks would repeat what the block guarantees), and
     "auto" on the CPU as layers.norm's GroupNorm: the C++ kernel called directly in eager sampling, the spec under
     torch.compile."""
-    if backend == "auto" and x.device.type == "cpu":
-        if torch.compiler.is_compiling():
-            backend = "ref"
-        elif (out := adaln_modulate_module_cpu(x, shift, scale, eps)) is not None:
-            return out
+    if backend == "auto" and (out := adaln_modulate_module_cpu(x, shift, scale, eps)) is not None:
+        return out
+    backend = spec_if_compiled(x, backend)
     if backend == "ref":
         return adaln_modulate_ref(x, shift, scale, eps)
     return adaln_modulate(x, shift, scale, eps, backend=backend)
