@@ -10,19 +10,10 @@
 
 #include "adaln_modulate.h"
 #include "parallel.h"
+#include "vectorize.h"
 
 namespace blitzdiff {
 namespace {
-
-// Each public loop is compiled once per x86 vector width and picked at load time (ifunc); the helpers are forced
-// inline so that they are compiled for the clone's target. The build itself targets baseline x86-64.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define BLITZDIFF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define BLITZDIFF_INLINE inline __attribute__((always_inline))
-#else
-#define BLITZDIFF_CLONES
-#define BLITZDIFF_INLINE inline
-#endif
 
 constexpr int kLanes = 8;
 // Elements per thread before a call is split (tens of microseconds of work on one core): kept from the std::thread
@@ -80,16 +71,16 @@ BLITZDIFF_INLINE void gated(T* __restrict__ out, const T* __restrict__ residual,
 }
 
 template <typename T>
-BLITZDIFF_CLONES void modulate_clones(T* out, const T* x, const T* shift, const T* scale, std::int64_t r_begin,
-                                      std::int64_t r_end, std::int64_t tokens, std::int64_t dim,
-                                      std::int64_t param_stride, double eps) {
+BLITZDIFF_CPU_CLONES void modulate_clones(T* out, const T* x, const T* shift, const T* scale, std::int64_t r_begin,
+                                          std::int64_t r_end, std::int64_t tokens, std::int64_t dim,
+                                          std::int64_t param_stride, double eps) {
   modulate(out, x, shift, scale, r_begin, r_end, tokens, dim, param_stride, eps);
 }
 
 template <typename T>
-BLITZDIFF_CLONES void gated_clones(T* out, const T* residual, const T* y, const T* gate, std::int64_t r_begin,
-                                   std::int64_t r_end, std::int64_t tokens, std::int64_t dim,
-                                   std::int64_t param_stride) {
+BLITZDIFF_CPU_CLONES void gated_clones(T* out, const T* residual, const T* y, const T* gate, std::int64_t r_begin,
+                                       std::int64_t r_end, std::int64_t tokens, std::int64_t dim,
+                                       std::int64_t param_stride) {
   gated(out, residual, y, gate, r_begin, r_end, tokens, dim, param_stride);
 }
 

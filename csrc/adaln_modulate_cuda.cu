@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "element_io.cuh"
 #include "adaln_modulate.h"
 
 namespace blitzdiff {
@@ -19,19 +20,6 @@ namespace {
 constexpr int kWarps = 4;  // rows per block of adaln_modulate
 constexpr int kGatedThreads = 256;
 constexpr std::int64_t kMaxBlocks = 65536;  // grid-stride covers the rest
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ inline float load(const __half* p, std::int64_t i) { return __half2float(p[i]); }
-__device__ inline float load(const __nv_bfloat16* p, std::int64_t i) { return __bfloat162float(p[i]); }
-__device__ inline float load(const float* p, std::int64_t i) { return p[i]; }
-__device__ inline double load(const double* p, std::int64_t i) { return p[i]; }
-
-__device__ inline void store(__half* p, std::int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ inline void store(__nv_bfloat16* p, std::int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-__device__ inline void store(float* p, std::int64_t i, float v) { p[i] = v; }
-__device__ inline void store(double* p, std::int64_t i, double v) { p[i] = v; }
 
 template <typename A>
 __device__ inline A warp_sum(A v) {

@@ -8,23 +8,16 @@
 #include "gaussian_noise.h"
 #include "parallel.h"
 #include "sincos.h"
+#include "vectorize.h"
 
 namespace blitzdiff {
 namespace {
 
 // The hash vectorizes 4 lanes wide on baseline x86-64 (SSE2, which lacks a 32-bit multiply), 8 wide with AVX2 and 16
-// with AVX-512 (Box-Muller's double-precision math 2, 4 and 8 wide): on Linux x86-64 the row loops are compiled three
-// times and the loader picks the clone for the CPU (GNU ifunc). The clones run the same integer and IEEE operations
-// (no multiply-add contracted into an FMA: -ffp-contract=off, CMakeLists.txt), so identical results. The AVX-512
-// clone took an 8x4x64x64 draw from 443 to 314 us at 2 threads (721 to 561 us at 1) with the same bits for
-// 24 shapes, dtypes and streams (sha256 of the outputs before and after).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define BLITZDIFF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define BLITZDIFF_INLINE __attribute__((always_inline)) inline  // compiled into each clone, for its target
-#else
-#define BLITZDIFF_CPU_CLONES
-#define BLITZDIFF_INLINE inline
-#endif
+// with AVX-512 (Box-Muller's double-precision math 2, 4 and 8 wide): one clone per width (vectorize.h), with the same
+// integer and IEEE operations, so identical results. The AVX-512 clone took an 8x4x64x64 draw from 443 to 314 us at
+// 2 threads (721 to 561 us at 1) with the same bits for 24 shapes, dtypes and streams (sha256 of the outputs before
+// and after).
 
 // Elements per block: two float32 uniform buffers of this size stay in L1 between the hash and Box-Muller passes.
 constexpr std::int64_t kBlock = 512;

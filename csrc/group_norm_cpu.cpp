@@ -14,21 +14,13 @@
 
 #include "group_norm.h"
 #include "parallel.h"
+#include "vectorize.h"
 
 namespace blitzdiff {
 namespace {
 
 // The loops vectorize 4 lanes wide on baseline x86-64 (SSE2), 8 with AVX2 and 16 with AVX-512 (2x faster again on
-// the SiLU pass than AVX2 on an AMD EPYC): on Linux x86-64 they are compiled three times and the loader picks the
-// clone for the CPU (GNU ifunc). The AVX-512 clone may contract a*b+c into FMAs, so results can differ in the last
-// bit between CPUs; on one CPU they are repeatable.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define BLITZDIFF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define BLITZDIFF_INLINE __attribute__((always_inline)) inline  // compiled into each clone, for its target
-#else
-#define BLITZDIFF_CPU_CLONES
-#define BLITZDIFF_INLINE inline
-#endif
+// the SiLU pass than AVX2 on an AMD EPYC): one clone per width (vectorize.h).
 
 constexpr std::int64_t kChunk = 4096;  // values per channels-first moments chunk: 16 KiB of float32, in L1
 // Values per channels-last chunk (rows of C): larger, as each chunk ends with per-group sums over its C channel
@@ -59,36 +51,6 @@ BLITZDIFF_INLINE void narrow(BFloat16* p, float v) {
   std::memcpy(&bits, &v, sizeof bits);
   const std::uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   p->bits = static_cast<std::uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-}
-
-constexpr std::uint32_t kBits87 = 0x42AE0000u;  // the IEEE bits of 87.0f
-constexpr std::uint32_t kBits89 = 0x42B20000u;  // and of 89.0f
-
-// exp(x) in float32 to ~1 ulp with only +, *, and integer bit operations, so it vectorizes (libm's expf does
-// not): Cephes' expf, x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r), 2^n from the exponent
-// bits. x is first clamped to [-87, 89] on its bit pattern (integer compares: see narrow): 2^n stays a normal float
-// below, and becomes +inf (n = 128) above ~88.4, where expf overflows too. NaN yields a finite value; callers keep
-// NaN through their other operand.
-BLITZDIFF_INLINE float exp_approx(float x) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  const std::uint32_t negative = bits >> 31;
-  const std::uint32_t limit = negative ? kBits87 : kBits89;
-  bits = (negative << 31) | std::min(bits & 0x7FFFFFFFu, limit);
-  std::memcpy(&x, &bits, sizeof x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;              // Cody-Waite ln2 = C1 - C2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const std::uint32_t scale_bits = static_cast<std::uint32_t>(static_cast<std::int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  return p * scale;
 }
 
 BLITZDIFF_INLINE float silu(float y) { return y / (1.0f + exp_approx(-y)); }

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "element_io.cuh"
 #include "group_norm.h"
 
 namespace blitzdiff {
@@ -29,9 +30,6 @@ constexpr int kItems = 8;                         // elements per thread in the 
 constexpr std::int64_t kMomentsSlice = 4096;      // values per moments block (fewer when parts hit kMaxParts)
 constexpr std::int64_t kMaxParts = 64;            // moments blocks per group
 constexpr std::int64_t kAlign = 256;              // workspace sections start at this byte alignment
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }

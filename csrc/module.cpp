@@ -6,6 +6,7 @@
 #include "attention.h"
 #include "adaln_modulate.h"
 #include "gaussian_noise.h"
+#include "gelu.h"
 #include "group_norm.h"
 #include "solver_step.h"
 #include "solver_update.h"
@@ -50,6 +51,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("flip_sin_to_cos"), py::arg("scale"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
         "out float32 [batch, dim] = [sin, cos](scale * t * freqs) (flipped: [cos, sin]), zero-padded for odd dim; "
         "on up to `threads` threads.");
+  m.def("gelu_tanh_cpu", &blitzdiff::gelu_tanh_cpu, py::arg("out"), py::arg("x"), py::arg("n"), py::arg("dtype"),
+        py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),
+        "out = x / (1 + exp(-2 sqrt(2/pi) (x + 0.044715 x^3))), the tanh GELU, over n contiguous elements (out may "
+        "be x); on up to `threads` threads.");
   m.def("group_norm_cpu", &blitzdiff::group_norm_cpu, py::arg("out"), py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("scale"), py::arg("scale_stride"), py::arg("shift"), py::arg("shift_stride"),
         py::arg("residual"), py::arg("batch"), py::arg("channels"), py::arg("spatial"), py::arg("groups"),
@@ -73,6 +78,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("point"), py::arg("n"), py::arg("guided"), py::arg("dtype"), py::arg("c_skip"), py::arg("c_out"),
         py::arg("guidance_scale"), py::arg("terms"), py::arg("coefs"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(), "As solver_step_cpu, enqueued on the CUDA stream `stream`.");
+  m.def("gelu_tanh_cuda", &blitzdiff::gelu_tanh_cuda, py::arg("out"), py::arg("x"), py::arg("n"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "As gelu_tanh_cpu on device pointers, enqueued on `stream` (a cudaStream_t as an int).");
   m.def("adaln_modulate_cuda", &blitzdiff::adaln_modulate_cuda, py::arg("out"), py::arg("x"), py::arg("shift"),
         py::arg("scale"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"), py::arg("eps"),
         py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),

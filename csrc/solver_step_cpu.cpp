@@ -12,6 +12,7 @@
 
 #include "parallel.h"
 #include "solver_step.h"
+#include "vectorize.h"
 
 namespace blitzdiff {
 namespace {
@@ -113,28 +114,21 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
   }
 }
 
-// One clone per x86 vector width, picked once at load time (ifunc): the build targets baseline x86-64 (SSE2) so
-// that the module runs on any CPU, and these memory-bound loops gain from wider loads and stores.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define BLITZDIFF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BLITZDIFF_CLONES
-#endif
-
-BLITZDIFF_CLONES void step_f32(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
-                               std::uintptr_t point, std::int64_t n, bool guided, double c_skip, double c_out,
-                               double guidance_scale, const float* rows, std::int64_t row_size,
-                               const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs,
-                               std::int64_t begin, std::int64_t end) {
+// One clone per x86 vector width (vectorize.h): these memory-bound loops gain from wider loads and stores.
+BLITZDIFF_CPU_CLONES void step_f32(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
+                                   std::uintptr_t point, std::int64_t n, bool guided, double c_skip, double c_out,
+                                   double guidance_scale, const float* rows, std::int64_t row_size,
+                                   const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs,
+                                   std::int64_t begin, std::int64_t end) {
   step<float>(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
            begin, end);
 }
 
-BLITZDIFF_CLONES void step_f64(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
-                               std::uintptr_t point, std::int64_t n, bool guided, double c_skip, double c_out,
-                               double guidance_scale, const float* rows, std::int64_t row_size,
-                               const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs,
-                               std::int64_t begin, std::int64_t end) {
+BLITZDIFF_CPU_CLONES void step_f64(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
+                                   std::uintptr_t point, std::int64_t n, bool guided, double c_skip, double c_out,
+                                   double guidance_scale, const float* rows, std::int64_t row_size,
+                                   const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs,
+                                   std::int64_t begin, std::int64_t end) {
   step<double>(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
            begin, end);
 }

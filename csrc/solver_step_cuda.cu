@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "element_io.cuh"
 #include "solver_step.h"
 
 namespace blitzdiff {
@@ -16,14 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr std::int64_t kMaxBlocks = 65536;  // grid-stride covers the rest; keeps the grid size in range
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ inline float load(const __half* p, std::int64_t i) { return __half2float(p[i]); }
-__device__ inline float load(const __nv_bfloat16* p, std::int64_t i) { return __bfloat162float(p[i]); }
-__device__ inline float load(const float* p, std::int64_t i) { return p[i]; }
-__device__ inline double load(const double* p, std::int64_t i) { return p[i]; }
 
 __device__ inline __half to_storage(float v, const __half*) { return __float2half_rn(v); }
 __device__ inline __nv_bfloat16 to_storage(float v, const __nv_bfloat16*) { return __float2bfloat16_rn(v); }

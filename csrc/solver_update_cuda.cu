@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "element_io.cuh"
 #include "solver_update.h"
 
 namespace blitzdiff {
@@ -15,19 +16,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr std::int64_t kMaxBlocks = 65536;  // grid-stride covers the rest; keeps the grid size in range
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ inline float load(const __half* p, std::int64_t i) { return __half2float(p[i]); }
-__device__ inline float load(const __nv_bfloat16* p, std::int64_t i) { return __bfloat162float(p[i]); }
-__device__ inline float load(const float* p, std::int64_t i) { return p[i]; }
-__device__ inline double load(const double* p, std::int64_t i) { return p[i]; }
-
-__device__ inline void store(__half* p, std::int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ inline void store(__nv_bfloat16* p, std::int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-__device__ inline void store(float* p, std::int64_t i, float v) { p[i] = v; }
-__device__ inline void store(double* p, std::int64_t i, double v) { p[i] = v; }
 
 template <typename T, bool kHasD1, bool kHasNoise>
 __global__ void update(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ d0,

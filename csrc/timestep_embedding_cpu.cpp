@@ -11,24 +11,18 @@
 #include "parallel.h"
 #include "sincos.h"
 #include "timestep_embedding.h"
+#include "vectorize.h"
 
 namespace blitzdiff {
 namespace {
 
-// The row loop compiled for AVX-512, AVX2 and baseline x86-64 (the loader picks one per CPU, GNU ifunc); the same
-// IEEE operations in each, so the same bits.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define BLITZDIFF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BLITZDIFF_CLONES
-#endif
-
 constexpr std::int64_t kMinPerThread = 1 << 13;  // sin / cos values: ~7 us on one core (Xeon, AVX-512)
 
+// The row loop is compiled once per x86 vector width (vectorize.h), with the same bits in each.
 template <typename TS>
-BLITZDIFF_CLONES void embed(float* __restrict__ out, const TS* __restrict__ t, std::int64_t t_stride,
-                            const float* __restrict__ freqs, float max_freq, std::int64_t b_begin,
-                            std::int64_t b_end, std::int64_t dim, bool flip, float scale) {
+BLITZDIFF_CPU_CLONES void embed(float* __restrict__ out, const TS* __restrict__ t, std::int64_t t_stride,
+                                const float* __restrict__ freqs, float max_freq, std::int64_t b_begin,
+                                std::int64_t b_end, std::int64_t dim, bool flip, float scale) {
   const std::int64_t half = dim / 2;
   const std::int64_t sin_at = flip ? half : 0, cos_at = flip ? 0 : half;
   for (std::int64_t b = b_begin; b < b_end; ++b) {

@@ -38,10 +38,21 @@ def eager_cpu(x: Tensor) -> bool:
             and _get_current_dispatch_mode() is None)
 
 
-def spec_if_compiled(x: Tensor, backend: str) -> str:
-    """The backend of a model's own kernel call: "ref" for "auto" while torch.compile traces it on the CPU (inductor
-    fuses the spec's ops into its own loops, where a kernel would be an opaque call between them), else `backend`."""
-    return "ref" if backend == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling() else backend
+def module_call(backend: str, direct, spec, op, x: Tensor, *args, **kwargs) -> Tensor:
+    """A model's own call of a kernel op on x (its parameters and shapes are the module's, already right):
+
+    - "auto": `direct(x, ...)`, the CPU kernel called without the op (its dispatch and checks cost more than the
+      kernel at batch-1 sizes), when it takes the call (it returns None for anything the op must run);
+    - "ref", and "auto" while torch.compile traces on the CPU: `spec(x, ...)`, the PyTorch spec itself (the op's
+      argument checks would repeat what the module guarantees; inductor fuses the spec's ops into its own loops,
+      where a kernel would be an opaque call between them);
+    - otherwise `op(x, ..., backend=backend)`.
+    """
+    if backend == "auto" and (out := direct(x, *args, **kwargs)) is not None:
+        return out
+    if backend == "ref" or (backend == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling()):
+        return spec(x, *args, **kwargs)
+    return op(x, *args, **kwargs, backend=backend)
 
 
 def profiled(op: str):

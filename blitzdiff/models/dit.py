@@ -34,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import adaln_modulate, adaln_modulate_ref, timestep_embedding
-from ..kernels._backends import spec_if_compiled
+from ..kernels import adaln_modulate, adaln_modulate_ref, gelu_tanh, gelu_tanh_ref, timestep_embedding
+from ..kernels._backends import module_call
 from ..kernels.adaln_modulate import adaln_modulate_module_cpu
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
+from ..kernels.gelu import BACKENDS as GELU_BACKENDS
+from ..kernels.gelu import gelu_tanh_module_cpu
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
@@ -163,16 +165,9 @@ class PatchEmbed(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str) -> Tensor:
-    """kernels.adaln_modulate of the residual stream x [B, N, D] by a block's own shift, scale [B, D]; "ref" runs
-    the spec directly, as layers.norm does (the op's argument checks would repeat what the block guarantees), and
-    "auto" on the CPU as layers.norm's GroupNorm: the C++ kernel called directly in eager sampling, the spec under
-    torch.compile."""
-    if backend == "auto" and (out := adaln_modulate_module_cpu(x, shift, scale, eps)) is not None:
-        return out
-    backend = spec_if_compiled(x, backend)
-    if backend == "ref":
-        return adaln_modulate_ref(x, shift, scale, eps)
-    return adaln_modulate(x, shift, scale, eps, backend=backend)
+    """kernels.adaln_modulate of the residual stream x [B, N, D] by a block's own shift, scale [B, D], routed as
+    layers.norm's GroupNorm (kernels._backends.module_call)."""
+    return module_call(backend, adaln_modulate_module_cpu, adaln_modulate_ref, adaln_modulate, x, shift, scale, eps)
 
 
 class LabelEmbedding(nn.Module):
@@ -239,14 +234,18 @@ class Attention(nn.Module):
 
 
 class GELU(nn.Module):
-    """Linear then tanh-approximate GELU (diffusers' GELU(approximate="tanh"), DiT's GELU(approximate="tanh"))."""
+    """Linear then tanh-approximate GELU (diffusers' GELU(approximate="tanh"), DiT's GELU(approximate="tanh")):
+    kernels.gelu_tanh, routed as layers.norm's GroupNorm; "auto" on the CPU runs it in place on the projection."""
+
+    KERNEL_BACKENDS: ClassVar[tuple[str, ...]] = GELU_BACKENDS  # what set_backend may give it
 
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner_dim)
+        self.backend = "ref"
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")  # [B, N, inner]
+        return module_call(self.backend, gelu_tanh_module_cpu, gelu_tanh_ref, gelu_tanh, self.proj(x))  # [B, N, inner]
 
 
 class FeedForward(nn.Module):

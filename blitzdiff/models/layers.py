@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import attention, attention_ref, group_norm, group_norm_ref, timestep_embedding
-from ..kernels._backends import spec_if_compiled
+from ..kernels._backends import module_call
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from ..kernels.group_norm import group_norm_module_cpu
 
@@ -137,17 +137,12 @@ def class_embedding(class_embed_type: str | None, num_class_embeds: int | None, 
 def norm(module: nn.GroupNorm, x: Tensor, backend: str, **fused: Any) -> Tensor:
     """An nn.GroupNorm's parameters applied by kernels.group_norm (which fuses scale / shift / SiLU).
 
-    "ref" runs the spec directly: the op's argument checks (a few us a call) would repeat what the module's own
-    parameters and F.group_norm guarantee (unet-digits makes 30 such calls per forward). "auto" on the CPU: the C++
-    kernel called directly in eager sampling (kernels.group_norm_module_cpu: the op's dispatch and checks cost more
-    than the kernel at batch-1 sizes), and the spec under torch.compile, which fuses its ops into its own loops."""
-    if backend == "auto" and (out := group_norm_module_cpu(x, module.num_groups, module.weight, module.bias,
-                                                             module.eps, **fused)) is not None:
-        return out
-    backend = spec_if_compiled(x, backend)
-    if backend == "ref":
-        return group_norm_ref(x, module.num_groups, module.weight, module.bias, module.eps, **fused)
-    return group_norm(x, module.num_groups, module.weight, module.bias, module.eps, backend=backend, **fused)
+    Routed by kernels._backends.module_call: "ref" runs the spec directly (the op's argument checks, a few us a
+    call, would repeat what the module's own parameters guarantee; unet-digits makes 30 such calls per forward);
+    "auto" on the CPU calls the C++ kernel directly in eager sampling (kernels.group_norm_module_cpu) and traces
+    the spec under torch.compile."""
+    return module_call(backend, group_norm_module_cpu, group_norm_ref, group_norm, x, module.num_groups, module.weight,
+                       module.bias, module.eps, **fused)
 
 
 class ResnetBlock2D(nn.Module):

@@ -1,6 +1,7 @@
-"""The models' direct CPU kernel calls (kernels.group_norm_module_cpu, kernels.adaln_modulate_module_cpu).
+"""The models' direct CPU kernel calls (kernels.group_norm_module_cpu, kernels.adaln_modulate_module_cpu; the
+GELU's, kernels.gelu_tanh_module_cpu, is tested in test_gelu.py).
 
-A model on the "auto" backend calls the C++ GroupNorm and adaLN kernels directly in eager CPU sampling: the op's
+A model on the "auto" backend calls the C++ GroupNorm, adaLN and GELU kernels directly in eager CPU sampling: the op's
 dispatch and argument checks cost more than the kernel at batch-1 sizes. The direct call must give the op's result
 bit for bit, decline (None) every call the op must run (traced or compiled, a dispatch mode, gradients, another dtype
 or layout, no extension), and leave torch.compile on the spec.
@@ -25,6 +26,7 @@ from blitzdiff.models.unet_2d import UNet2DModel
 # the modules (blitzdiff.kernels exports functions of the same names)
 group_norm_module = importlib.import_module("blitzdiff.kernels.group_norm")
 adaln_module = importlib.import_module("blitzdiff.kernels.adaln_modulate")
+gelu_module = importlib.import_module("blitzdiff.kernels.gelu")
 
 
 class PassThrough(TorchDispatchMode):
@@ -123,12 +125,14 @@ def test_auto_models_call_the_kernels_directly_in_eager_and_trace_the_spec(monke
     with torch.no_grad():
         torch.compile(model, backend=capture, fullgraph=True)(*inputs)
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes]
-    assert targets and not any("group_norm" in t or "adaln" in t for t in targets if "blitzdiff" in t), targets
+    routed = ("group_norm", "adaln", "gelu")  # the ops with a direct call: traced as their specs
+    assert targets and not any(op in t for t in targets if "blitzdiff" in t for op in routed), targets
 
     def refuse(*args, **kwargs):
         raise AssertionError("an eager CPU call went through the op")
 
-    for module, attr in ((group_norm_module, "_group_norm_op"), (adaln_module, "_adaln_modulate_op")):
+    for module, attr in ((group_norm_module, "_group_norm_op"), (adaln_module, "_adaln_modulate_op"),
+                         (gelu_module, "_gelu_tanh_op")):
         monkeypatch.setattr(module, attr, refuse)
     with torch.inference_mode():
         out = model(*inputs)

@@ -236,7 +236,7 @@ def test_backend_is_passed_to_every_kernel_call():
     model = DiT(**SMALL)
     sample, timestep, labels = inputs()
     users = [m for m in model.modules() if hasattr(m, "backend")]
-    assert {type(m).__name__ for m in users} == {"DiT", "DiTBlock", "Attention"}
+    assert {type(m).__name__ for m in users} == {"DiT", "DiTBlock", "Attention", "GELU"}
     for module in users:
         module.backend = "no-such-backend"
         with pytest.raises(ValueError, match="no backend 'no-such-backend'"):
