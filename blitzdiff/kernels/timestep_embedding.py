@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backends import check_backend, check_kernel_support, choose_backend, device_guard, refuse_grad
+from ._backends import (
+    check_backend,
+    check_kernel_support,
+    choose_backend,
+    cpu_kernel,
+    device_guard,
+    eager_cpu,
+    profiled,
+    refuse_grad,
+)
 from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda", "triton", "auto")
@@ -203,6 +212,35 @@ _mlp_op = define(
     _mlp_kernel,
     _mlp_fake,
 )
+
+
+def timestep_embedding_module_cpu(
+    timesteps: Tensor,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> Tensor | None:
+    """A model's own timestep embedding by the "cpu" kernel, called directly: timestep_embedding(...,
+    backend="cpu")'s result, or None where the op must run the call (as group_norm_module_cpu: the op's dispatch
+    and checks cost more than the kernel). timesteps [B] of a dtype the kernel reads; None under tracing or
+    torch.compile, a dispatch mode or a tensor subclass, for other shapes or dtypes, gradients, dim < 0, or without
+    blitzdiff._C."""
+    if (not eager_cpu(timesteps) or timesteps.dim() != 1 or timesteps.dtype not in _TIMESTEP_DTYPES or dim < 0
+            or (timesteps.requires_grad and torch.is_grad_enabled())):
+        return None
+    kernel = cpu_kernel("timestep_embedding_cpu")
+    if kernel is None:
+        return None
+    out = torch.empty((timesteps.shape[0], dim), dtype=torch.float32)
+    if out.numel():
+        freqs = frequency_table(dim // 2, downscale_freq_shift, max_period, timesteps.device)
+        with profiled("timestep_embedding"):
+            kernel(out.data_ptr(), timesteps.data_ptr(), timesteps.stride(0), _TIMESTEP_DTYPES[timesteps.dtype],
+                   freqs.data_ptr(), out.shape[0], dim, flip_sin_to_cos, scale, torch.get_num_threads())
+    return out
 
 
 def timestep_embedding(

@@ -34,12 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import adaln_modulate, adaln_modulate_ref, gelu_tanh, gelu_tanh_ref, timestep_embedding
+from ..kernels import (
+    adaln_modulate,
+    adaln_modulate_ref,
+    gelu_tanh,
+    gelu_tanh_ref,
+    timestep_embedding,
+    timestep_embedding_ref,
+)
 from ..kernels._backends import module_call
 from ..kernels.adaln_modulate import adaln_modulate_module_cpu
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from ..kernels.gelu import BACKENDS as GELU_BACKENDS
 from ..kernels.gelu import gelu_tanh_module_cpu
+from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
@@ -318,8 +326,8 @@ class DiT(nn.Module):
         h, w = sample.shape[2] // p, sample.shape[3] // p
 
         x = self.pos_embed(sample)  # [B, N, D], N = h*w
-        t_freq = timestep_embedding(t, TIME_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=1,
-                                    backend=self.backend).to(x.dtype)  # [B, 256]
+        t_freq = module_call(self.backend, timestep_embedding_module_cpu, timestep_embedding_ref, timestep_embedding, t,
+                             TIME_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=1).to(x.dtype)  # [B, 256]
         c = [block.norm1.emb(t_freq, class_labels) for block in self.transformer_blocks]  # depth x [B, D]
         for block, c_block in zip(self.transformer_blocks, c, strict=True):
             x = block(x, c_block)  # [B, N, D]

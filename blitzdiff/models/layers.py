@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import attention, attention_ref, group_norm, group_norm_ref, timestep_embedding
+from ..kernels import attention, attention_ref, group_norm, group_norm_ref, timestep_embedding, timestep_embedding_ref
 from ..kernels._backends import module_call
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from ..kernels.group_norm import group_norm_module_cpu
+from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 
 # (channels, layer index within its block) -> the attention module after that layer's resnet
 AttentionFactory = Callable[[int, int], nn.Module]
@@ -86,8 +87,9 @@ class Timesteps(nn.Module):
         self.backend = "ref"
 
     def forward(self, t: Tensor) -> Tensor:
-        return timestep_embedding(t, self.dim, flip_sin_to_cos=self.flip_sin_to_cos,
-                                  downscale_freq_shift=self.downscale_freq_shift, backend=self.backend)
+        return module_call(self.backend, timestep_embedding_module_cpu, timestep_embedding_ref, timestep_embedding, t,
+                           self.dim, flip_sin_to_cos=self.flip_sin_to_cos,
+                           downscale_freq_shift=self.downscale_freq_shift)  # [B, dim]
 
 
 class GaussianFourierProjection(nn.Module):

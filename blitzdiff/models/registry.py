@@ -50,13 +50,15 @@ def dropped_prefixes(name: str) -> tuple[str, ...]:
 
 
 def default_backend(device: torch.device | str) -> str:
-    """The kernel backend `blitzdiff.load` gives a network on `device`: the fastest measured end to end. "auto" (the
-    fused kernels) on CUDA: sampling SD1.5 fp16 and DiT-XL/2 fp16 in a CUDA graph on an H200, 1.17x and 1.27x
-    faster than "ref", whose half-precision adaLN / GroupNorm run several float32 passes (README "On a GPU").
-    "ref" elsewhere: on the 2-core CPU the C++ kernels, called directly by the models, gained 3-8% at batch 1 and
-    nothing at batch 8 (benchmarks/kernels_auto_vs_ref.py, README "Benchmarks"); not yet worth a default that
-    changes every CPU model's results at float tolerance."""
-    return "auto" if torch.device(device).type == "cuda" else "ref"
+    """The kernel backend `blitzdiff.load` gives a network on `device`: "auto", the fastest measured end to end on
+    both devices it has kernels for (elsewhere "auto" runs the specs). On CUDA, sampling SD1.5 fp16 and DiT-XL/2 fp16
+    in a CUDA graph on an H200 ran 1.17x and 1.27x faster than on "ref", whose half-precision adaLN / GroupNorm run
+    several float32 passes (README "On a GPU"). On the 2-core CPU, where the models call the C++ kernels directly in
+    eager sampling and trace the specs under torch.compile, "auto" took 0.89x / 0.90x of "ref"'s time for dit-digits
+    at batch 1 / 8 (torch's tanh GELU is slow there) and about the same for the UNets (benchmarks/
+    kernels_auto_vs_ref.py, README "Benchmarks")."""
+    del device  # the same answer on every device since the CPU measurements; kept in the signature for callers
+    return "auto"
 
 
 def default_channels_last(device: torch.device | str) -> bool:

@@ -181,9 +181,10 @@ def test_saved_student_loads_and_samples_with_ddim(tmp_path):
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 2, 3])
     got = pipe.sample(3, steps=2, noise=noise, class_labels=labels, output_type="raw", progress=False)
-    reference = blitzdiff.sample(lambda x, t, class_labels: pipe.model(x, t, class_labels=class_labels), noise,
-                                 steps=2, sampler="ddim", cond={"class_labels": labels},
-                                 scheduler_config={**SCHEDULER, "prediction_type": "v_prediction"})
+    with torch.no_grad():  # as pipe.sample: with gradients recorded, the "auto" model would run its specs instead
+        reference = blitzdiff.sample(lambda x, t, class_labels: pipe.model(x, t, class_labels=class_labels), noise,
+                                     steps=2, sampler="ddim", cond={"class_labels": labels},
+                                     scheduler_config={**SCHEDULER, "prediction_type": "v_prediction"})
     torch.testing.assert_close(got, reference, rtol=0, atol=0)
     # a student of this student (its folder as the teacher) records the whole lineage
     again = progressive(out, tmp_path / "again", steps_to=1, iters_per_round=1, batch=4, lr=1e-3, progress=False)

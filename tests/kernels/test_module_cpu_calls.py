@@ -1,10 +1,10 @@
-"""The models' direct CPU kernel calls (kernels.group_norm_module_cpu, kernels.adaln_modulate_module_cpu; the
-GELU's, kernels.gelu_tanh_module_cpu, is tested in test_gelu.py).
+"""The models' direct CPU kernel calls (kernels.group_norm_module_cpu, adaln_modulate_module_cpu,
+timestep_embedding_module_cpu; the GELU's, gelu_tanh_module_cpu, is tested in test_gelu.py).
 
-A model on the "auto" backend calls the C++ GroupNorm, adaLN and GELU kernels directly in eager CPU sampling: the op's
-dispatch and argument checks cost more than the kernel at batch-1 sizes. The direct call must give the op's result
-bit for bit, decline (None) every call the op must run (traced or compiled, a dispatch mode, gradients, another dtype
-or layout, no extension), and leave torch.compile on the spec.
+A model on the "auto" backend calls the C++ GroupNorm, adaLN, timestep embedding and GELU kernels directly in eager
+CPU sampling: the op's dispatch and argument checks cost more than the kernel at batch-1 sizes. The direct call must
+give the op's result bit for bit, decline (None) every call the op must run (traced or compiled, a dispatch mode,
+gradients, another dtype or layout, no extension), and leave torch.compile on the spec.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blitzdiff.kernels import adaln_modulate, group_norm
+from blitzdiff.kernels import adaln_modulate, group_norm, timestep_embedding
 from blitzdiff.kernels.adaln_modulate import adaln_modulate_module_cpu
 from blitzdiff.kernels.group_norm import group_norm_module_cpu
+from blitzdiff.kernels.timestep_embedding import timestep_embedding_module_cpu
 from blitzdiff.models import set_backend
 from blitzdiff.models.dit import DiT
 from blitzdiff.models.unet_2d import UNet2DModel
@@ -27,6 +28,7 @@ from blitzdiff.models.unet_2d import UNet2DModel
 group_norm_module = importlib.import_module("blitzdiff.kernels.group_norm")
 adaln_module = importlib.import_module("blitzdiff.kernels.adaln_modulate")
 gelu_module = importlib.import_module("blitzdiff.kernels.gelu")
+embedding_module = importlib.import_module("blitzdiff.kernels.timestep_embedding")
 
 
 class PassThrough(TorchDispatchMode):
@@ -62,14 +64,34 @@ def test_adaln_direct_call_is_the_ops_result():
     assert direct is not None and torch.equal(direct, adaln_modulate(x, shift, scale, 1e-6, backend="cpu"))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [320, 7, 0])
+def test_timestep_embedding_direct_call_is_the_ops_result(dtype, dim):
+    t = torch.tensor([0, 1, 999, 500, 3], dtype=dtype)[::2]  # strided, as an expanded or sliced timestep can be
+    for flip, shift in ((True, 0.0), (False, 1.0)):
+        direct = timestep_embedding_module_cpu(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+        op = timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, backend="cpu")
+        assert direct is not None and direct.dtype == torch.float32 and torch.equal(direct, op)
+
+
+def test_timestep_embedding_direct_call_declines_what_the_op_must_run():
+    t = torch.tensor([1.0, 500.0])
+    assert timestep_embedding_module_cpu(t, 8) is not None
+    for declined in (t[None], t.half(), t.requires_grad_()):  # 2-D; a dtype the kernel reads by copy; gradients
+        assert timestep_embedding_module_cpu(declined, 8) is None
+    with PassThrough():
+        assert timestep_embedding_module_cpu(t.detach(), 8) is None
+
+
 def test_direct_calls_show_in_profiles_as_the_op():
     x, weight, bias, fused = gn_inputs()
     shift, scale = torch.randn(2, 22).chunk(2, dim=1)
     with torch.profiler.profile() as prof:
         assert group_norm_module_cpu(x, 4, weight, bias, 1e-5, **fused) is not None
         assert adaln_modulate_module_cpu(torch.randn(2, 3, 11), shift, scale, 1e-6) is not None
+        assert timestep_embedding_module_cpu(torch.tensor([1.0]), 8) is not None
     names = {event.name for event in prof.events()}
-    assert {"blitzdiff::group_norm", "blitzdiff::adaln_modulate"} <= names, names
+    assert {"blitzdiff::group_norm", "blitzdiff::adaln_modulate", "blitzdiff::timestep_embedding"} <= names, names
 
 
 def test_direct_calls_decline_what_the_op_must_run(monkeypatch):
@@ -125,14 +147,14 @@ def test_auto_models_call_the_kernels_directly_in_eager_and_trace_the_spec(monke
     with torch.no_grad():
         torch.compile(model, backend=capture, fullgraph=True)(*inputs)
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes]
-    routed = ("group_norm", "adaln", "gelu")  # the ops with a direct call: traced as their specs
+    routed = ("group_norm", "adaln", "gelu", "timestep")  # the ops with a direct call: traced as their specs
     assert targets and not any(op in t for t in targets if "blitzdiff" in t for op in routed), targets
 
     def refuse(*args, **kwargs):
         raise AssertionError("an eager CPU call went through the op")
 
     for module, attr in ((group_norm_module, "_group_norm_op"), (adaln_module, "_adaln_modulate_op"),
-                         (gelu_module, "_gelu_tanh_op")):
+                         (gelu_module, "_gelu_tanh_op"), (embedding_module, "_embedding_op")):
         monkeypatch.setattr(module, attr, refuse)
     with torch.inference_mode():
         out = model(*inputs)

@@ -81,8 +81,9 @@ def kernel_backends(model: torch.nn.Module) -> set[str]:
 
 
 def test_load_gives_the_measured_default_per_device():
-    assert default_backend("cpu") == "ref" and default_backend(torch.device("cuda", 0)) == "auto"
-    assert kernel_backends(blitzdiff.load("unet-digits").model) == {"ref"}
+    assert default_backend("cpu") == "auto" and default_backend(torch.device("cuda", 0)) == "auto"
+    assert kernel_backends(blitzdiff.load("unet-digits").model) == {"auto"}
+    assert kernel_backends(blitzdiff.load("dit-digits").model) == {"auto"}
 
 
 @pytest.mark.cuda
