@@ -94,7 +94,7 @@ def load(
     folder's (a bare model has none: DDPM's defaults, linear betas over 1000 steps, as DDPM and DiT were trained,
     unless given). vae: a VAE folder for a bare latent model. dtype: the networks' dtype (default float32); the
     sampler state stays float32. Pickled weights are refused unless allow_pickle=True. The networks run the kernel
-    backend measured fastest on their device (blitzdiff.models.default_backend: "auto" on CUDA, "ref" elsewhere);
+    backend measured fastest on their device (blitzdiff.models.default_backend: "auto", on CUDA and on the CPU);
     `pipe.compile(kernels=...)` or blitzdiff.models.set_backend changes it. channels_last: store the networks' 4-D
     weights channels-last (True) or contiguous (False); None: the layout measured faster on their device
     (blitzdiff.models.default_channels_last: channels-last on the CPU, as loaded elsewhere);
