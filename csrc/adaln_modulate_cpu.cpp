@@ -16,9 +16,10 @@ namespace blitzdiff {
 namespace {
 
 constexpr int kLanes = 8;
-// Elements per thread before a call is split (tens of microseconds of work on one core): kept from the std::thread
-// version, whose thread starts cost about that; lower values did not measure better on the noisy 2-core machine.
-constexpr std::int64_t kMinPerThread = 1 << 16;
+// Elements per thread before a call is split: 2^16 was sized for std::thread starts; with OpenMP's workers (awake
+// after torch's own ops) 2^15 splits dit-digits' guided batch-8 calls (16x64x96 = 98304 elements) over 2 threads
+// (README "Benchmarks", --kernels).
+constexpr std::int64_t kMinPerThread = 1 << 15;
 
 // sum_i (x[i] - center)^power for power 1 or 2, in float64.
 template <int kPower, typename T>

@@ -157,6 +157,32 @@ _gated_op = define(
 )
 
 
+def _run_direct(op: str, rows: tuple[Tensor, ...], params: tuple[Tensor, ...], *scalars: float) -> Tensor | None:
+    """`op`'s "cpu" kernel called directly (no op dispatch, no argument checks beyond these): a new [B, N, D] result,
+    or None where the op must run the call. Taken: eager CPU tensors, `rows` contiguous [B, N, D] of one kernel
+    dtype, `params` [B, D] of that dtype with unit stride along D and one row stride, no gradient to record, and
+    blitzdiff._C built."""
+    x = rows[0]
+    dtype = x.dtype
+    if (not eager_cpu(x) or dtype not in KERNEL_DTYPES["cpu"] or x.dim() != 3
+            or any(not t.is_contiguous() or t.shape != x.shape or t.dtype != dtype for t in rows)):
+        return None
+    batch, tokens, dim = x.shape
+    stride = params[0].stride(0)
+    if (any(p.shape != (batch, dim) or p.dtype != dtype or p.stride(1) != 1 or p.stride(0) != stride for p in params)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (*rows, *params)))):
+        return None
+    kernel = cpu_kernel(f"{op}_cpu")
+    if kernel is None:
+        return None
+    out = torch.empty_like(x)
+    if out.numel():
+        with profiled(op):
+            kernel(out.data_ptr(), *(t.data_ptr() for t in (*rows, *params)), batch * tokens, tokens, dim, stride,
+                   *scalars, str(dtype).removeprefix("torch."), torch.get_num_threads())
+    return out
+
+
 def adaln_modulate_module_cpu(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor | None:
     """A DiT block's own modulation by the "cpu" kernel, called directly: adaln_modulate(..., backend="cpu")'s
     result, or None where the op must run the call instead (as group_norm_module_cpu: the op's dispatch and checks
@@ -164,24 +190,15 @@ def adaln_modulate_module_cpu(x: Tensor, shift: Tensor, scale: Tensor, eps: floa
     unit stride along D and one row stride (chunks of the block's modulation vector). None under tracing or
     torch.compile, a dispatch mode or a tensor subclass, for gradients, other dtypes or layouts, or without
     blitzdiff._C."""
-    dtype = x.dtype
-    if not eager_cpu(x) or dtype not in KERNEL_DTYPES["cpu"] or x.dim() != 3 or not x.is_contiguous():
-        return None
-    batch, tokens, dim = x.shape
-    stride = shift.stride(0)
-    if (shift.shape != (batch, dim) or scale.shape != (batch, dim) or shift.dtype != dtype or scale.dtype != dtype
-            or shift.stride(1) != 1 or scale.stride(1) != 1 or scale.stride(0) != stride
-            or (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad))):
-        return None
-    kernel = cpu_kernel("adaln_modulate_cpu")
-    if kernel is None:
-        return None
-    out = torch.empty_like(x)
-    if out.numel():
-        with profiled("adaln_modulate"):
-            kernel(out.data_ptr(), x.data_ptr(), shift.data_ptr(), scale.data_ptr(), batch * tokens, tokens, dim,
-                   stride, eps, str(dtype).removeprefix("torch."), torch.get_num_threads())
-    return out
+    return _run_direct("adaln_modulate", (x,), (shift, scale), eps)
+
+
+def adaln_gated_residual_module_cpu(residual: Tensor, y: Tensor, gate: Tensor) -> Tensor | None:
+    """A DiT block's own gated residual, residual + gate[:, None] * y, by the "cpu" kernel called directly (one pass
+    instead of an index, a multiply and an add; for float32 the same bits as those torch ops, which multiply then
+    add with one rounding each), or None as adaln_modulate_module_cpu. residual, y [B, N, D] contiguous; gate [B, D]
+    with unit stride along D."""
+    return _run_direct("adaln_gated_residual", (residual, y), (gate,))
 
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *, backend: str = "ref") -> Tensor:

@@ -1,5 +1,6 @@
 """The models' direct CPU kernel calls (kernels.group_norm_module_cpu, adaln_modulate_module_cpu,
-timestep_embedding_module_cpu; the GELU's, gelu_tanh_module_cpu, is tested in test_gelu.py).
+adaln_gated_residual_module_cpu, timestep_embedding_module_cpu; the GELU's, gelu_tanh_module_cpu, is tested in
+test_gelu.py).
 
 A model on the "auto" backend calls the C++ GroupNorm, adaLN, timestep embedding and GELU kernels directly in eager
 CPU sampling: the op's dispatch and argument checks cost more than the kernel at batch-1 sizes. The direct call must
@@ -16,8 +17,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blitzdiff.kernels import adaln_modulate, group_norm, timestep_embedding
-from blitzdiff.kernels.adaln_modulate import adaln_modulate_module_cpu
+from blitzdiff.kernels import adaln_gated_residual, adaln_modulate, group_norm, timestep_embedding
+from blitzdiff.kernels.adaln_modulate import adaln_gated_residual_module_cpu, adaln_modulate_module_cpu
 from blitzdiff.kernels.group_norm import group_norm_module_cpu
 from blitzdiff.kernels.timestep_embedding import timestep_embedding_module_cpu
 from blitzdiff.models import set_backend
@@ -62,6 +63,18 @@ def test_adaln_direct_call_is_the_ops_result():
     shift, scale = torch.randn(2, 6 * 37, generator=g).chunk(6, dim=1)[:2]  # row stride 6D, as a DiT block's
     direct = adaln_modulate_module_cpu(x, shift, scale, 1e-6)
     assert direct is not None and torch.equal(direct, adaln_modulate(x, shift, scale, 1e-6, backend="cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gated_residual_direct_call_is_torchs_result(dtype):
+    g = torch.Generator().manual_seed(2)
+    x, y = (torch.randn(2, 5, 37, generator=g, dtype=dtype) for _ in range(2))
+    gate = torch.randn(2, 6 * 37, generator=g, dtype=dtype).chunk(6, dim=1)[2]  # row stride 6D, as a DiT block's
+    direct = adaln_gated_residual_module_cpu(x, y, gate)
+    assert direct is not None and torch.equal(direct, adaln_gated_residual(x, y, gate, backend="cpu"))
+    assert torch.equal(direct, x + gate[:, None] * y)  # the DiT block's own torch ops, bit for bit
+    assert adaln_gated_residual_module_cpu(x, y.transpose(0, 1).contiguous().transpose(0, 1), gate) is None
+    assert adaln_gated_residual_module_cpu(x, y[:, :4], gate) is None  # y's shape differs
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32, torch.float64])
@@ -131,6 +144,17 @@ def tiny_models():
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
     return {"unet": (unet.eval(), (torch.randn(2, 3, 8, 8, generator=g), torch.tensor([10, 900]))),
             "dit": (dit.eval(), (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.tensor([1, 3])))}
+
+
+def test_auto_dit_runs_its_gelu_and_gated_residuals_by_the_cpu_kernels():
+    model, inputs = tiny_models()["dit"]
+    expected = {"blitzdiff::gelu_tanh": 2, "blitzdiff::adaln_gated_residual": 4}  # 2 blocks: 1 MLP, 2 residuals each
+    for backend, counts in (("auto", expected), ("ref", dict.fromkeys(expected, 0))):
+        set_backend(model, backend)
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            model(*inputs)
+        names = [event.name for event in prof.events()]
+        assert {name: names.count(name) for name in expected} == counts, backend
 
 
 @pytest.mark.parametrize("name", ["unet", "dit"])

@@ -4,7 +4,7 @@ At batch 1 on the CPU an eager forward of these small networks is mostly per-cal
 call from Python; `blitzdiff profile` and README "CPU: the default path"), so a call the math does not need is a
 slowdown even when it computes nothing: a no-op `.to(dtype)`, a kernel op's argument checks repeating what a module
 guarantees. The budgets are the counts after removing those (on "ref": unet-digits 641 -> 319, dit-digits 406 -> 301
-calls per forward; on "auto", the default, whose models call the CPU kernels directly: 282 and 203), plus a little
+calls per forward; on "auto", the default, whose models call the CPU kernels directly: 282 and 179), plus a little
 headroom. Attribute reads (`.shape`, `.dtype`) and metadata getters that never reach the dispatcher (`data_ptr`,
 `stride`, `is_contiguous`, `dim`, `numel`: 40-150 ns each, as `.shape` takes 87) are free and not counted.
 """
@@ -21,7 +21,7 @@ import blitzdiff
 from blitzdiff.models import set_backend
 
 BUDGETS = {("unet-digits", "ref"): 330, ("unet-digits", "auto"): 295,
-           ("dit-digits", "ref"): 315, ("dit-digits", "auto"): 215}
+           ("dit-digits", "ref"): 315, ("dit-digits", "auto"): 190}
 FREE = {"__get__", "data_ptr", "stride", "is_contiguous", "dim", "numel"}  # attribute reads, metadata getters
 
 
