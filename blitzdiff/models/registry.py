@@ -54,8 +54,8 @@ def default_backend(device: torch.device | str) -> str:
     both devices it has kernels for (elsewhere "auto" runs the specs). On CUDA, sampling SD1.5 fp16 and DiT-XL/2 fp16
     in a CUDA graph on an H200 ran 1.17x and 1.27x faster than on "ref", whose half-precision adaLN / GroupNorm run
     several float32 passes (README "On a GPU"). On the 2-core CPU, where the models call the C++ kernels directly in
-    eager sampling and trace the specs under torch.compile, "auto" took 0.89x / 0.90x of "ref"'s time for dit-digits
-    at batch 1 / 8 (torch's tanh GELU is slow there) and about the same for the UNets (benchmarks/
+    eager sampling and trace the specs under torch.compile, "auto" took 0.89x / 0.84x of "ref"'s time for dit-digits
+    at batch 1 / 8 (torch's tanh GELU is slow there) and 0.95x-0.98x for the UNets (benchmarks/
     kernels_auto_vs_ref.py, README "Benchmarks")."""
     del device  # the same answer on every device since the CPU measurements; kept in the signature for callers
     return "auto"
