@@ -106,9 +106,17 @@ def _launch(op: str, backend: str, out: Tensor, rows: tuple[Tensor, ...], params
         with device_guard(out.device):
             getattr(triton_kernels, op)(out, *rows, *params, *scalars)
         return out
-    launch(op, backend, out.device, out.data_ptr(), *(t.data_ptr() for t in (*rows, *params)), batch * tokens, tokens,
-           dim, param_stride, *scalars, str(out.dtype).removeprefix("torch."), threaded=True)
+    launch(op, backend, out.device, *_kernel_args(out, rows, params, param_stride, scalars), threaded=True)
     return out
+
+
+def _kernel_args(out: Tensor, rows: tuple[Tensor, ...], params: tuple[Tensor, ...], param_stride: int,
+                 scalars: tuple[float, ...]) -> tuple:
+    """The compiled kernels' arguments before the thread count / stream (csrc/adaln_modulate.h): pointers, rows,
+    tokens, dim, the parameters' row stride, `scalars` (eps) and the dtype's name."""
+    batch, tokens, dim = out.shape
+    return (out.data_ptr(), *(t.data_ptr() for t in (*rows, *params)), batch * tokens, tokens, dim, param_stride,
+            *scalars, str(out.dtype).removeprefix("torch."))
 
 
 def _adaln_modulate_kernel(x: Tensor, shift: Tensor, scale: Tensor, eps: float, *, backend: str) -> Tensor:
@@ -178,8 +186,7 @@ def _run_direct(op: str, rows: tuple[Tensor, ...], params: tuple[Tensor, ...], *
     out = torch.empty_like(x)
     if out.numel():
         with profiled(op):
-            kernel(out.data_ptr(), *(t.data_ptr() for t in (*rows, *params)), batch * tokens, tokens, dim, stride,
-                   *scalars, str(dtype).removeprefix("torch."), torch.get_num_threads())
+            kernel(*_kernel_args(out, rows, params, stride, scalars), torch.get_num_threads())
     return out
 
 

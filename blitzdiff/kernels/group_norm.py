@@ -150,6 +150,22 @@ def auto_backend(x: Tensor, residual: Tensor | None = None, *params: Tensor | No
     return choose_backend(x.device, x.dtype, KERNEL_DTYPES, order, x, residual, *params)
 
 
+def _kernel_args(out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None,
+                 shift: Tensor | None, residual: Tensor | None, num_groups: int, eps: float, last: bool, silu: bool,
+                 pdtype: torch.dtype) -> tuple:
+    """The compiled kernels' arguments before the thread count / workspace (csrc/group_norm.h): pointers (0 for an
+    absent term), scale / shift batch strides, sizes, flags and the dtypes' names."""
+    batch, channels = x.shape[0], x.shape[1]
+    return (
+        out.data_ptr(), x.data_ptr(), *(0 if p is None else p.data_ptr() for p in (weight, bias)),
+        0 if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0),
+        0 if shift is None else shift.data_ptr(), 0 if shift is None else shift.stride(0),
+        0 if residual is None else residual.data_ptr(),
+        batch, channels, x.numel() // (batch * channels), num_groups, eps, last, silu, _DTYPE_NAMES[x.dtype],
+        _DTYPE_NAMES[pdtype],
+    )
+
+
 def _group_norm_kernel(
     x: Tensor,
     num_groups: int,
@@ -189,18 +205,12 @@ def _group_norm_kernel(
         with device_guard(x.device):
             group_norm_triton(out, x, num_groups, weight, bias, eps, scale, shift, silu, residual, last)
         return out
-    batch, channels, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    args = (
-        out.data_ptr(), x.data_ptr(), *(0 if p is None else p.data_ptr() for p in (weight, bias)),
-        0 if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0),
-        0 if shift is None else shift.data_ptr(), 0 if shift is None else shift.stride(0),
-        0 if residual is None else residual.data_ptr(),
-        batch, channels, spatial, num_groups, eps, last, silu, _DTYPE_NAMES[x.dtype], _DTYPE_NAMES[pdtype],
-    )
+    args = _kernel_args(out, x, weight, bias, scale, shift, residual, num_groups, eps, last, silu, pdtype)
     if backend == "cpu":
         launch("group_norm", "cpu", x.device, *args, threaded=True)
         return out
-    size = _native_module("group_norm", "cuda").group_norm_cuda_workspace(batch, channels, spatial, num_groups,
+    size = _native_module("group_norm", "cuda").group_norm_cuda_workspace(x.shape[0], x.shape[1],
+                                                                          math.prod(x.shape[2:]), num_groups,
                                                                           _DTYPE_NAMES[x.dtype])
     workspace = torch.empty(size, dtype=torch.uint8, device=x.device)  # on x.device's current stream
     launch("group_norm", "cuda", x.device, *args, workspace.data_ptr(), size)
@@ -247,12 +257,8 @@ def group_norm_module_cpu(
         return None
     out = torch.empty_like(x)  # dense, contiguous or channels-last: empty_like keeps x's strides
     if out.numel():
-        name = _DTYPE_NAMES[dtype]
         with profiled("group_norm"):
-            kernel(out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-                   0 if scale is None else scale.data_ptr(), 0 if scale is None else scale.stride(0),
-                   0 if shift is None else shift.data_ptr(), 0 if shift is None else shift.stride(0), 0,
-                   batch, channels, out.numel() // (batch * channels), num_groups, eps, last, silu, name, name,
+            kernel(*_kernel_args(out, x, weight, bias, scale, shift, None, num_groups, eps, last, silu, dtype),
                    torch.get_num_threads())
     return out
 

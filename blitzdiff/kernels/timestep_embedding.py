@@ -229,18 +229,10 @@ def timestep_embedding_module_cpu(
     torch.compile, a dispatch mode or a tensor subclass, for other shapes or dtypes, gradients, dim < 0, or without
     blitzdiff._C."""
     if (not eager_cpu(timesteps) or timesteps.dim() != 1 or timesteps.dtype not in _TIMESTEP_DTYPES or dim < 0
-            or (timesteps.requires_grad and torch.is_grad_enabled())):
+            or (timesteps.requires_grad and torch.is_grad_enabled()) or cpu_kernel("timestep_embedding_cpu") is None):
         return None
-    kernel = cpu_kernel("timestep_embedding_cpu")
-    if kernel is None:
-        return None
-    out = torch.empty((timesteps.shape[0], dim), dtype=torch.float32)
-    if out.numel():
-        freqs = frequency_table(dim // 2, downscale_freq_shift, max_period, timesteps.device)
-        with profiled("timestep_embedding"):
-            kernel(out.data_ptr(), timesteps.data_ptr(), timesteps.stride(0), _TIMESTEP_DTYPES[timesteps.dtype],
-                   freqs.data_ptr(), out.shape[0], dim, flip_sin_to_cos, scale, torch.get_num_threads())
-    return out
+    with profiled("timestep_embedding"):
+        return _embed(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period, "cpu")
 
 
 def timestep_embedding(
