@@ -17,6 +17,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ._library import native
 
 ALL_BACKENDS = ("ref", "triton", "cuda", "cpu", "auto")  # each op lists the ones it has (its BACKENDS)
+# dtype -> the name the compiled kernels take ("float32", ...): a dict lookup costs 0.02 us, str(dtype) 0.07 us plus
+# the prefix strip, on every direct kernel call of an eager batch-1 forward
+DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.")
+               for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def check_backend(op: str, backend: str, available: Sequence[str]) -> None:
@@ -34,7 +38,7 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 def eager_cpu(x: Tensor) -> bool:
     """Whether a call on x runs eagerly on a plain CPU tensor: not traced or compiled, no tensor subclass (fake
     tensors), no dispatch mode. Only there may a model call a CPU kernel directly instead of through its op."""
-    return (x.device.type == "cpu" and type(x) is Tensor and not torch.compiler.is_compiling()
+    return (type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling()  # is_cpu: 0.05 us, device.type 0.3
             and _get_current_dispatch_mode() is None)
 
 

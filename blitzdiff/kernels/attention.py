@@ -17,14 +17,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._backends import check_backend, check_device, device_guard, refuse_grad
+from ._backends import DTYPE_NAMES, check_backend, check_device, device_guard, refuse_grad
 from ._library import define, launch
 
 BACKENDS = ("ref", "triton", "cuda", "auto")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # both kernels; "ref" takes any floating dtype
 MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 128, 8  # the kernels' head dims: 16, 24, ..., 128
 _MAX_LEN = 2**30  # the kernels index rows in int32, with a tile of headroom
-_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in KERNEL_DTYPES}
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -114,7 +113,7 @@ def _attention_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
         return out
     (q, q_strides), (k, k_strides), (v, v_strides) = _cuda_operand(q), _cuda_operand(k), _cuda_operand(v)
     launch("attention", "cuda", q.device, out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads,
-           len_q, len_k, head_dim, *q_strides, *k_strides, *v_strides, scale, _DTYPE_NAMES[q.dtype])
+           len_q, len_k, head_dim, *q_strides, *k_strides, *v_strides, scale, DTYPE_NAMES[q.dtype])
     return out
 
 

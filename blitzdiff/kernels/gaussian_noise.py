@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._backends import DTYPE_NAMES, check_kernel_support, choose_backend
 from ._backends import check_backend as _check_backend_name
-from ._backends import check_kernel_support, choose_backend
 from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda")
@@ -30,7 +30,6 @@ KERNEL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 MAX_STREAM = 1 << 31  # streams are in [0, 2**31)
-_DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in KERNEL_DTYPES["cuda"]}
 _MASK32 = 0xFFFFFFFF
 
 
@@ -113,7 +112,7 @@ def _gaussian_noise_kernel(
         return gaussian_noise_ref(seeds, stream, shape, dtype).contiguous()
     seeds = seeds.contiguous()
     out = torch.empty((seeds.shape[0], *shape), dtype=dtype, device=seeds.device)
-    args = (out.data_ptr(), seeds.data_ptr(), seeds.shape[0], math.prod(shape), stream, _DTYPE_NAMES[dtype])
+    args = (out.data_ptr(), seeds.data_ptr(), seeds.shape[0], math.prod(shape), stream, DTYPE_NAMES[dtype])
     launch("gaussian_noise", backend, seeds.device, *args, threaded=True)
     return out
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backends import (
+    DTYPE_NAMES,
     check_backend,
     check_kernel_support,
     choose_backend,
@@ -60,7 +61,7 @@ def _run(backend: str, out: Tensor, x: Tensor) -> Tensor:
             triton_kernels.gelu_tanh(out, x)
         return out
     launch("gelu_tanh", backend, out.device, out.data_ptr(), x.data_ptr(), out.numel(),
-           str(out.dtype).removeprefix("torch."), threaded=True)
+           DTYPE_NAMES[out.dtype], threaded=True)
     return out
 
 
@@ -97,7 +98,7 @@ def gelu_tanh_module_cpu(x: Tensor) -> Tensor | None:
         return None
     if x.numel():
         with profiled("gelu_tanh"):
-            kernel(x.data_ptr(), x.data_ptr(), x.numel(), str(x.dtype).removeprefix("torch."), torch.get_num_threads())
+            kernel(x.data_ptr(), x.data_ptr(), x.numel(), DTYPE_NAMES[x.dtype], torch.get_num_threads())
     return x
 
 

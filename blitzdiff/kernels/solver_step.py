@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backends import check_backend, check_kernel_support, choose_backend, device_guard, refuse_grad
+from ._backends import DTYPE_NAMES, check_backend, check_kernel_support, choose_backend, device_guard, refuse_grad
 from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda", "triton", "auto")
@@ -138,7 +138,7 @@ def _solver_step_kernel(
                                       [t for _, t in live], [coef for coef, _ in live])
         return denoised, x_next
     launch("solver_step", backend, x.device, denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(),
-           x.numel(), guided, str(x.dtype).removeprefix("torch."), c_skip, c_out, guidance_scale,
+           x.numel(), guided, DTYPE_NAMES[x.dtype], c_skip, c_out, guidance_scale,
            [0 if t is None else t.data_ptr() for _, t in live], [coef for coef, _ in live], threaded=True)
     return denoised, x_next
 

@@ -10,7 +10,7 @@ see a single node; the backend is an explicit argument, never chosen at import.
 import torch
 from torch import Tensor
 
-from ._backends import check_backend, check_kernel_support, refuse_grad
+from ._backends import DTYPE_NAMES, check_backend, check_kernel_support, refuse_grad
 from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda")
@@ -88,7 +88,7 @@ def _solver_update_kernel(
         0 if d1 is None else d1.data_ptr(),  # null pointer: the kernel drops the term
         0 if noise is None else noise.data_ptr(),
         x.numel(),
-        str(x.dtype).removeprefix("torch."),
+        DTYPE_NAMES[x.dtype],
         a,
         b,
         c,

@@ -15,13 +15,14 @@ tested on the GPU only.
 import os
 import subprocess
 import sys
+from itertools import permutations
 
 import pytest
 import torch
 
 from blitzdiff.kernels import group_norm, group_norm_ref
 from blitzdiff.kernels._backends import triton_interpreted
-from blitzdiff.kernels.group_norm import auto_backend
+from blitzdiff.kernels.group_norm import _channels_last, auto_backend
 
 TRITON_DEVICE = "cpu" if triton_interpreted() else "cuda"  # tests/conftest.py picks the mode
 
@@ -156,6 +157,25 @@ def test_empty_tensors():
     for shape in [(0, 4, 3, 3), (2, 4, 0, 3)]:
         args, kwargs = make_inputs(shape, 2, torch.float32)
         assert group_norm(*args, **kwargs, backend="cpu").shape == shape
+
+
+def test_channels_last_rule_is_a_dense_channels_last_view():
+    """_channels_last reads torch's cached memory-format flags for 4-D and 5-D tensors; it must agree with its
+    definition (a dense movedim(1, -1) view, and not also contiguous) for every memory order, size-1 dimensions
+    (where several layouts are the same memory), empty tensors, 3-D tensors and strided views."""
+    shapes = [(2, 3, 4), (2, 3, 4, 5), (1, 3, 1, 5), (2, 1, 4, 5), (2, 3, 1, 1), (1, 1, 1, 1), (0, 3, 4, 5),
+              (2, 3, 4, 5, 6), (2, 3, 1, 5, 1)]
+    seen = set()
+    for shape in shapes:
+        base = torch.randn(shape)
+        for order in permutations(range(len(shape))):
+            inverse = torch.argsort(torch.tensor(order)).tolist()
+            dense = base.permute(order).contiguous().permute(inverse)  # shape, laid out in `order`
+            for t in (dense, dense[:, :, ::2], dense.transpose(0, 1)):
+                expected = t.dim() > 2 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
+                assert _channels_last(t) == expected, (shape, order, t.stride())
+                seen.add(expected)
+    assert seen == {True, False}
 
 
 OPCHECK_CASES = {
