@@ -49,6 +49,7 @@ from ..kernels.gelu import BACKENDS as GELU_BACKENDS
 from ..kernels.gelu import gelu_tanh_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
+from .packing import QKVPacking
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
 DEFAULTS: dict[str, Any] = {
@@ -227,8 +228,9 @@ class AdaLayerNormZero(nn.Module):
         return self.linear(F.silu(c)).chunk(6, dim=1)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with separate q / k / v projections (diffusers' split of DiT's fused qkv)."""
+class Attention(QKVPacking, nn.Module):
+    """Multi-head self-attention with separate q / k / v projections (diffusers' split of DiT's fused qkv; packed
+    into one GEMM again by blitzdiff.load for eager inference: models.packing)."""
 
     KERNEL_BACKENDS: ClassVar[tuple[str, ...]] = ATTENTION_BACKENDS  # what set_backend may give it
 
@@ -243,9 +245,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, _ = x.shape
-        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, H, N, Dh]
-        k = self.to_k(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, H, N, Dh]
-        v = self.to_v(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, H, N, Dh]
+        q, k, v = self.project_qkv(x, self.heads)  # [B, H, N, Dh] each
         out = attend(q, k, v, self.backend)  # [B, H, N, Dh], scale 1/sqrt(Dh)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))  # [B, N, D]
 

@@ -27,6 +27,7 @@ from ..kernels._backends import module_call
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from ..kernels.group_norm import group_norm_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
+from .packing import QKVPacking, split_heads
 
 # (channels, layer index within its block) -> the attention module after that layer's resnet
 AttentionFactory = Callable[[int, int], nn.Module]
@@ -224,11 +225,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     return attention_ref(q, k, v) if backend == "ref" or on_cpu_auto else attention(q, k, v, backend=backend)
 
 
-class Attention(nn.Module):
+class Attention(QKVPacking, nn.Module):
     """diffusers' `Attention` as the UNets use it: optional GroupNorm, to_q / to_k / to_v, multi-head softmax
     attention (kernels.attention, scale 1/sqrt(dim_head)), to_out.0, optional residual and output rescale.
 
-    cross_attention_dim: the context's width for cross-attention (None: self-attention over x).
+    cross_attention_dim: the context's width for cross-attention (None: self-attention over x, whose projections
+    blitzdiff.load packs into one GEMM: models.packing).
     """
 
     KERNEL_BACKENDS: ClassVar[tuple[str, ...]] = ATTENTION_BACKENDS  # what set_backend may give it (GroupNorm has more)
@@ -245,7 +247,11 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # diffusers' to_out.1 is a Dropout
         self.heads, self.residual_connection, self.rescale_output_factor = heads, residual_connection, \
             rescale_output_factor
+        self.cross_attention = cross_attention_dim is not None
         self.backend = "ref"
+
+    def packable(self) -> bool:
+        return not self.cross_attention
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """x: [B, L, C] tokens or [B, C, H, W] features (attending over the H*W positions); context: [B, Lc, Cc]."""
@@ -254,11 +260,12 @@ class Attention(nn.Module):
             assert x.dim() == 4, "the attention GroupNorm normalizes feature maps"
             x = norm(self.group_norm, x, self.backend)
         tokens = x.flatten(2).transpose(1, 2) if x.dim() == 4 else x  # [B, L, C]
-        kv = tokens if context is None else context  # [B, Lk, Ck]
-        (b, n, _), m = tokens.shape, kv.shape[1]
-        q = self.to_q(tokens).view(b, n, self.heads, -1).transpose(1, 2)  # [B, heads, L, D]
-        k = self.to_k(kv).view(b, m, self.heads, -1).transpose(1, 2)  # [B, heads, Lk, D]
-        v = self.to_v(kv).view(b, m, self.heads, -1).transpose(1, 2)  # [B, heads, Lk, D]
+        if context is None:
+            q, k, v = self.project_qkv(tokens, self.heads)  # [B, heads, L, D] each
+        else:  # context [B, Lk, Ck]: k, v [B, heads, Lk, D]
+            q, k, v = (split_heads(self.to_q(tokens), self.heads), split_heads(self.to_k(context), self.heads),
+                       split_heads(self.to_v(context), self.heads))
+        b, n = tokens.shape[0], tokens.shape[1]
         out = attend(q, k, v, self.backend).transpose(1, 2).reshape(b, n, -1)  # [B, L, heads * D]
         out = self.to_out[0](out)  # [B, L, C]
         if residual.dim() == 4:

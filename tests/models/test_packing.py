@@ -1,0 +1,134 @@
+"""Packed q / k / v projections (models.packing): one GEMM in eager inference, the separate layers' results, and never
+stale weights.
+
+blitzdiff.load packs every self-attention module's to_q / to_k / to_v into one weight buffer whose views are the
+layers' parameters. The references here are the same modules unpacked (or fresh models loaded with the same
+weights), run through their three nn.Linear layers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import blitzdiff
+from blitzdiff.models import pack_attention
+from blitzdiff.models.dit import Attention as DiTAttention
+from blitzdiff.models.layers import Attention, BasicTransformerBlock
+from blitzdiff.models.packing import PackedLinears
+
+
+def modules_and_inputs():
+    g = torch.Generator().manual_seed(0)
+    spatial = Attention(32, heads=2, dim_head=16, bias=True, norm_num_groups=8, residual_connection=True)
+    tokens = DiTAttention(48, heads=3, head_dim=16, bias=True)
+    for module in (spatial, tokens):
+        for p in module.parameters():
+            nn.init.normal_(p, generator=g)
+    return [(spatial, torch.randn(2, 32, 4, 5, generator=g)), (tokens, torch.randn(2, 7, 48, generator=g))]
+
+
+def unpacked(module: nn.Module) -> nn.Module:
+    """A copy running the three layers (deepcopy gives parameters of their own memory)."""
+    twin = copy.deepcopy(module)
+    twin._packed = None
+    return twin
+
+
+def linear_calls(module: nn.Module, x: torch.Tensor) -> int:
+    with torch.profiler.profile() as prof:
+        module(x)
+    return sum(1 for event in prof.events() if event.name == "aten::linear")
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_packed_projections_give_the_separate_layers_result_with_one_gemm(case):
+    module, x = modules_and_inputs()[case]
+    reference = unpacked(module)
+    pack_attention(module)
+    assert module._packed is not None
+    with torch.inference_mode():
+        packed_out, separate_out = module(x), reference(x)
+        assert linear_calls(module, x) == 2 and linear_calls(reference, x) == 4  # q/k/v (+ out) against q, k, v, out
+    torch.testing.assert_close(packed_out, separate_out, rtol=1e-6, atol=1e-6)
+
+
+def test_parameters_keep_their_names_values_and_state_dict():
+    module, _ = modules_and_inputs()[1]
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    pack_attention(module)
+    after = module.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    weight = module._packed.weight
+    q, k, v = module.to_q.weight, module.to_k.weight, module.to_v.weight
+    assert isinstance(q, nn.Parameter) and q.requires_grad  # still trainable parameters, views of the buffer
+    assert k.data_ptr() == weight.data_ptr() + q.numel() * q.element_size()
+    assert v.data_ptr() == k.data_ptr() + k.numel() * k.element_size()
+
+
+def test_in_place_loads_keep_the_packing_and_use_the_new_weights():
+    module, x = modules_and_inputs()[1]
+    pack_attention(module)
+    new = {name: torch.randn_like(t) for name, t in module.state_dict().items()}
+    module.load_state_dict(new)  # copies into the views
+    fresh = DiTAttention(48, heads=3, head_dim=16, bias=True)
+    fresh.load_state_dict(new)
+    with torch.inference_mode():
+        assert module._packed.tensors() is not None
+        torch.testing.assert_close(module(x), fresh(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["new_parameter", "assign_load", "to_float64"])
+def test_moved_or_replaced_parameters_turn_the_packing_off(how):
+    module, x = modules_and_inputs()[1]
+    pack_attention(module)
+    if how == "new_parameter":
+        module.to_k.weight = nn.Parameter(torch.randn_like(module.to_k.weight))
+    elif how == "assign_load":
+        module.load_state_dict({name: torch.randn_like(t) for name, t in module.state_dict().items()}, assign=True)
+    else:
+        module.to(torch.float64)
+        x = x.double()
+        assert module._packed is None  # _apply drops the buffers at once
+    with torch.inference_mode():
+        out = module(x)
+        assert module._packed is None
+        torch.testing.assert_close(out, unpacked(module)(x), rtol=1e-6, atol=1e-6)
+
+
+def test_training_records_gradients_on_the_layers_parameters():
+    module, x = modules_and_inputs()[1]
+    pack_attention(module)
+    module(x).square().sum().backward()
+    reference = unpacked(modules_and_inputs()[1][0])
+    reference(x).square().sum().backward()
+    for name in ("to_q", "to_k", "to_v"):
+        grad, expected = getattr(module, name).weight.grad, getattr(reference, name).weight.grad
+        assert grad is not None
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_is_not_packed():
+    block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=24)
+    pack_attention(block)
+    assert block.attn1._packed is not None and block.attn2._packed is None
+
+
+def test_layers_of_different_widths_are_refused():
+    with pytest.raises(ValueError, match="one input width"):
+        PackedLinears([nn.Linear(8, 4), nn.Linear(6, 4)])
+
+
+def test_loaded_pipelines_are_packed_and_sample_as_unpacked_ones(tmp_path):
+    pipe = blitzdiff.load("dit-digits")
+    assert all(m._packed is not None for m in pipe.model.modules() if isinstance(m, DiTAttention))
+    reference = blitzdiff.load("dit-digits")
+    for module in reference.model.modules():
+        if isinstance(module, DiTAttention):
+            module._packed = None
+    options = {"steps": 4, "seeds": 5, "class_labels": [1, 7], "output_type": "raw", "progress": False}
+    torch.testing.assert_close(pipe.sample(2, **options), reference.sample(2, **options), rtol=1e-5, atol=1e-5)
