@@ -183,3 +183,24 @@ def test_auto_models_call_the_kernels_directly_in_eager_and_trace_the_spec(monke
     with torch.inference_mode():
         out = model(*inputs)
     assert torch.isfinite(out).all()
+
+
+def test_a_missing_build_is_looked_for_once(monkeypatch):
+    """Python does not remember a failed import; _library.native does, so a process without blitzdiff._C does not
+    search sys.path again on every kernel call (each "auto" direct call asks)."""
+    library = importlib.import_module("blitzdiff.kernels._library")
+    monkeypatch.delitem(sys.modules, "blitzdiff._C")
+    monkeypatch.setattr(library, "_import_error", None)
+    tried = []
+
+    def failing_import(name, *args):
+        tried.append(name)
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(library.importlib, "import_module", failing_import)
+    x, weight, bias, fused = gn_inputs()
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="blitzdiff._C is missing"):
+            library.native("group_norm", "cpu")
+        assert group_norm_module_cpu(x, 4, weight, bias, 1e-5, **fused) is None
+    assert tried == ["blitzdiff._C"]
