@@ -16,7 +16,7 @@ from ..models import (
     default_channels_last,
     describe,
     load_model,
-    pack_attention,
+    pack_projections,
     read_pipeline,
     set_backend,
     set_channels_last,
@@ -134,10 +134,11 @@ def load(
 def with_device_defaults(network: torch.nn.Module, channels_last: bool | None) -> torch.nn.Module:
     """`network` on the kernel backend measured fastest on its device (blitzdiff.models.default_backend), its 4-D
     weights channels-last or contiguous (channels_last; None: blitzdiff.models.default_channels_last), its
-    self-attention projections packed into one GEMM for eager sampling (blitzdiff.models.pack_attention)."""
+    self-attention projections (and a DiT's conditioning layers) packed for eager sampling
+    (blitzdiff.models.pack_projections)."""
     device = next(network.parameters()).device
     set_channels_last(network, default_channels_last(device) if channels_last is None else channels_last)
-    pack_attention(network)
+    pack_projections(network)
     return set_backend(network, default_backend(device))
 
 

@@ -49,7 +49,7 @@ from ..kernels.gelu import BACKENDS as GELU_BACKENDS
 from ..kernels.gelu import gelu_tanh_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
-from .packing import QKVPacking
+from .packing import PackedParameters, QKVPacking, eager_inference
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
 DEFAULTS: dict[str, Any] = {
@@ -188,6 +188,22 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor, backend: str) -> Tensor:
     return x + gate[:, None] * y
 
 
+def _packed_conditioning(t_freq: Tensor, labels: Tensor, linear_1: tuple[Tensor, Tensor],
+                         linear_2: tuple[Tensor, Tensor], table: tuple[Tensor], adaln: tuple[Tensor, Tensor]
+                         ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+    """DiT.conditioning on the packed buffers of `depth` blocks: linear_1 [depth*D, 256] / [depth*D], linear_2
+    [depth*D, D] / [depth*D], the label tables [depth*(classes+1), D], adaLN [depth*6D, D] / [depth*6D]."""
+    (w1, b1), (w2, b2), (labels_table,), (wa, ba) = linear_1, linear_2, table, adaln
+    dim = w2.shape[1]
+    depth = w2.shape[0] // dim
+    h = F.silu(F.linear(t_freq, w1, b1)).view(-1, depth, dim).transpose(0, 1)  # [depth, B, D]
+    c = torch.baddbmm(b2.view(depth, 1, dim), h, w2.view(depth, dim, dim).transpose(1, 2))  # [depth, B, D]
+    c = c + labels_table.view(depth, -1, dim)[:, labels]  # + each block's label row: [depth, B, D]
+    modulation = torch.baddbmm(ba.view(depth, 1, 6 * dim), F.silu(c),
+                               wa.view(depth, 6 * dim, dim).transpose(1, 2))  # [depth, B, 6D]
+    return c[0], [m.chunk(6, dim=1) for m in modulation.unbind(0)]
+
+
 class LabelEmbedding(nn.Module):
     """Class label table with one extra row, index num_classes: the null label of classifier-free guidance.
 
@@ -290,8 +306,9 @@ class DiTBlock(nn.Module):
         self.mlp_norm_eps = cfg["norm_eps"]  # diffusers' norm3; the attention branch's norm has eps 1e-6
         self.backend = "ref"
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(c)  # 6 x [B, D]
+    def forward(self, x: Tensor, modulation: tuple[Tensor, ...]) -> Tensor:
+        """x [B, N, D]; modulation: this block's norm1 output, 6 x [B, D] (the DiT computes all blocks' at once)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         h = modulate(x, shift_msa, scale_msa, 1e-6, self.backend)  # [B, N, D]
         x = gated_residual(x, self.attn1(h), gate_msa, self.backend)  # [B, N, D]
         h = modulate(x, shift_mlp, scale_mlp, self.mlp_norm_eps, self.backend)  # [B, N, D]
@@ -302,6 +319,7 @@ class DiT(nn.Module):
     """Class-conditional latent DiT, diffusers' DiTTransformer2DModel (its config fields, its state-dict keys)."""
 
     diffusers_class: ClassVar[str] = "DiTTransformer2DModel"
+    _packed_conditioning: tuple[PackedParameters, ...] | None = None
 
     def __init__(self, **config: Any):
         super().__init__()
@@ -337,16 +355,44 @@ class DiT(nn.Module):
         x = self.pos_embed(sample)  # [B, N, D], N = h*w
         t_freq = module_call(self.backend, timestep_embedding_module_cpu, timestep_embedding_ref, timestep_embedding, t,
                              TIME_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=1).to(x.dtype)  # [B, 256]
-        c = [block.norm1.emb(t_freq, class_labels) for block in self.transformer_blocks]  # depth x [B, D]
-        for block, c_block in zip(self.transformer_blocks, c, strict=True):
-            x = block(x, c_block)  # [B, N, D]
+        c0, modulations = self.conditioning(t_freq, class_labels)
+        for block, modulation in zip(self.transformer_blocks, modulations, strict=True):
+            x = block(x, modulation)  # [B, N, D]
 
-        shift, scale = self.proj_out_1(F.silu(c[0])).chunk(2, dim=1)  # 2 x [B, D], from block 0's embedders
+        shift, scale = self.proj_out_1(F.silu(c0)).chunk(2, dim=1)  # 2 x [B, D], from block 0's embedders
         x = modulate(x, shift, scale, 1e-6, self.backend)  # [B, N, D]
         x = self.proj_out_2(x)  # [B, N, p*p*C_out]
         x = x.reshape(B, h, w, p, p, self.out_channels)  # [B, h, w, p, p, C_out]
         x = torch.einsum("nhwpqc->nchpwq", x)  # [B, C_out, h, p, w, p]
         return x.reshape(B, self.out_channels, h * p, w * p)  # [B, C_out, H, W]
+
+    def conditioning(self, t_freq: Tensor, labels: Tensor) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+        """Block 0's c [B, D] and every block's modulation (6 x [B, D], rows of one [B, 6D] tensor) from t_freq
+        [B, 256] and labels [B]: each block's embedders, then its norm1. Packed (pack_conditioning) and eager
+        without gradients, all blocks at once: one linear, two batched GEMMs and one table lookup instead of ~8
+        calls per block."""
+        packed = self._packed_conditioning
+        if packed is not None and eager_inference(t_freq):
+            tensors = [p.tensors() for p in packed]
+            if all(t is not None for t in tensors):
+                return _packed_conditioning(t_freq, labels, *tensors)
+            self._packed_conditioning = None  # a parameter was replaced: free the buffers
+        c = [block.norm1.emb(t_freq, labels) for block in self.transformer_blocks]  # depth x [B, D]
+        return c[0], [block.norm1(c_block) for block, c_block in zip(self.transformer_blocks, c, strict=True)]
+
+    def pack_conditioning(self) -> None:
+        """Pack the blocks' embedders and adaLN layers (models.packing) for `conditioning`."""
+        blocks = self.transformer_blocks
+        linear = ("weight", "bias")
+        self._packed_conditioning = (
+            PackedParameters([b.norm1.emb.timestep_embedder.linear_1 for b in blocks], linear),
+            PackedParameters([b.norm1.emb.timestep_embedder.linear_2 for b in blocks], linear),
+            PackedParameters([b.norm1.emb.class_embedder.embedding_table for b in blocks], ("weight",)),
+            PackedParameters([b.norm1.linear for b in blocks], linear))
+
+    def _apply(self, fn, recurse=True):
+        self._packed_conditioning = None  # .to() / .half() give the parameters new memory: the buffers would be stale
+        return super()._apply(fn, recurse)
 
     def _check_inputs(self, sample: Tensor, class_labels: Tensor | None, encoder_hidden_states: Tensor | None) -> int:
         """Shape / type checks at the public boundary (host metadata only, no device sync); returns the batch size."""

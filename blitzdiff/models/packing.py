@@ -1,13 +1,15 @@
-"""An attention block's q / k / v projections as one GEMM in eager inference.
+"""Parameters of several layers packed into one buffer, so that eager inference runs one GEMM where a network makes
+several small ones: an attention block's q / k / v projections (QKVPacking), DiT's per-block conditioning layers
+(models.dit.DiT.pack_conditioning).
 
-A self-attention block reads one input with three nn.Linear layers (diffusers' to_q / to_k / to_v). At batch 1 on
-the CPU each is a few microseconds of call cost around a small GEMM; packed, one F.linear computes all three.
-`PackedLinears` moves the layers' weights (and biases) into one buffer, [sum of out_features, in_features] (and
-[sum of out_features]); each layer's parameters become views of it, so their values, names, state-dict keys,
-load_state_dict (which copies in place), Pipeline.load_weights and in-place updates are unchanged. `tensors()` gives
-the buffers only while every parameter still is its view: a parameter replaced (a new nn.Parameter,
-load_state_dict(assign=True)) turns the packing off, and the layers run separately, never from a stale copy.
-`QKVPacking._apply` drops the packing when `.to()`, `.half()` and the like move the parameters.
+At batch 1 on the CPU each small layer call is a few microseconds of call cost around a small GEMM.
+`PackedParameters` moves the layers' weights (and biases) into one buffer per name (concatenated along dim 0: for
+nn.Linear layers [sum of out_features, in_features] and [sum of out_features]); each layer's parameters become
+views of it, so their values, names, state-dict keys, load_state_dict (which copies in place), Pipeline.load_weights
+and in-place updates are unchanged. `tensors()` gives the buffers only while every parameter still is its view: a
+parameter replaced (a new nn.Parameter, load_state_dict(assign=True)) turns the packing off, and the layers run
+separately, never from a stale copy. The owning modules' `_apply` drops the packing when `.to()`, `.half()` and the
+like move the parameters. blitzdiff.load packs (pack_projections); models built directly run unpacked.
 """
 
 from __future__ import annotations
@@ -20,40 +22,45 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
-class PackedLinears:
-    """nn.Linear layers of one input width, their parameters moved into one weight (and bias) buffer."""
+class PackedParameters:
+    """The parameters named `names` of several modules, each name's moved into one buffer (concatenated along dim 0;
+    the modules' parameters of a name must agree past dim 0, in dtype and device)."""
 
-    def __init__(self, layers: Sequence[nn.Linear]):
-        first = layers[0]
-        with_bias = first.bias is not None
-        for layer in layers:
-            if (layer.in_features != first.in_features or (layer.bias is not None) != with_bias
-                    or layer.weight.dtype != first.weight.dtype or layer.weight.device != first.weight.device):
-                raise ValueError("PackedLinears: the layers need one input width, dtype and device, and biases on "
-                                 "all or none of them")
-        names = ("weight", "bias") if with_bias else ("weight",)
+    def __init__(self, modules: Sequence[nn.Module], names: Sequence[str]):
+        for name in names:
+            params = [module._parameters.get(name) for module in modules]
+            first = params[0]
+            if first is None or any(p is None or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype
+                                    or p.device != first.device for p in params):
+                raise ValueError(f"PackedParameters: every module needs a {name!r} parameter, of one shape past dim "
+                                 f"0, dtype and device")
         with torch.no_grad():
-            buffers = [torch.cat([layer._parameters[name] for layer in layers]) for name in names]
-        start = 0
-        for layer in layers:
-            size = layer.out_features
-            for name, buffer in zip(names, buffers, strict=True):
-                old = layer._parameters[name]
-                setattr(layer, name, nn.Parameter(buffer[start:start + size], requires_grad=old.requires_grad))
-            start += size
-        self.weight, self.bias = buffers[0], buffers[1] if with_bias else None
-        # (a layer's parameter dict, name, the view's address): nn.Module's own dicts, read directly because a
-        # lookup there costs 0.05 us where `layer.weight` costs 0.5 us, and tensors() checks all six per call
-        self._slots = [(layer._parameters, name, layer._parameters[name].data_ptr())
-                       for layer in layers for name in names]
+            self.buffers = tuple(torch.cat([module._parameters[name] for module in modules]) for name in names)
+        for name, buffer in zip(names, self.buffers, strict=True):
+            start = 0
+            for module in modules:
+                old = module._parameters[name]
+                setattr(module, name, nn.Parameter(buffer[start:start + old.shape[0]], requires_grad=old.requires_grad))
+                start += old.shape[0]
+        # (a module's parameter dict, name, the view's address): nn.Module's own dicts, read directly because a
+        # lookup there costs 0.05 us where `module.weight` costs 0.5 us, and tensors() checks them all per call
+        self._slots = [(module._parameters, name, module._parameters[name].data_ptr())
+                       for module in modules for name in names]
 
-    def tensors(self) -> tuple[Tensor, Tensor | None] | None:
-        """(weight, bias) while every layer's parameter still is its view of them, else None."""
+    def tensors(self) -> tuple[Tensor, ...] | None:
+        """The buffers, one per name, while every module's parameter still is its view of them, else None."""
         for params, name, address in self._slots:
             param = params.get(name)
             if param is None or param.data_ptr() != address:
                 return None
-        return self.weight, self.bias
+        return self.buffers
+
+
+def eager_inference(x: Tensor) -> bool:
+    """Whether a module may run packed parameters on x: no gradients to record, no torch.compile / export tracing,
+    no dispatch mode or tensor subclass (those see the modules' own parameters)."""
+    return (not torch.is_grad_enabled() and type(x) is Tensor and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
 
 
 class QKVPacking:
@@ -62,14 +69,15 @@ class QKVPacking:
     packed and running eagerly without gradients (sampling), else by the three layers (training, torch.compile and
     export tracing, dispatch modes see the module's own parameters)."""
 
-    _packed: PackedLinears | None = None
+    _packed: PackedParameters | None = None
 
     def packable(self) -> bool:
         """Whether to_q, to_k and to_v read the same input (self-attention); cross-attention modules override it."""
         return True
 
     def pack_qkv(self) -> None:
-        self._packed = PackedLinears([self.to_q, self.to_k, self.to_v])
+        layers = [self.to_q, self.to_k, self.to_v]
+        self._packed = PackedParameters(layers, ("weight",) if self.to_q.bias is None else ("weight", "bias"))
 
     def _apply(self, fn, recurse=True):
         self._packed = None  # .to() / .half() / .cuda() give the parameters new memory: the buffers would be stale
@@ -77,8 +85,7 @@ class QKVPacking:
 
     def project_qkv(self, x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
         packed = self._packed
-        if (packed is not None and not torch.is_grad_enabled() and type(x) is Tensor
-                and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None):
+        if packed is not None and eager_inference(x):
             tensors = packed.tensors()
             if tensors is not None:
                 qkv = F.linear(x, *tensors).view(x.shape[0], x.shape[1], 3, heads, -1)  # [B, N, 3, heads, D]
@@ -92,10 +99,13 @@ def split_heads(t: Tensor, heads: int) -> Tensor:
     return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
-def pack_attention(model: nn.Module) -> nn.Module:
-    """Pack the q / k / v projections of every self-attention module of `model` (QKVPacking.pack_qkv); returns
-    `model`. The eager inference speed-up of blitzdiff.load; anything else is unchanged."""
+def pack_projections(model: nn.Module) -> nn.Module:
+    """Pack the q / k / v projections of every self-attention module of `model` (QKVPacking.pack_qkv) and, in a
+    DiT, the blocks' conditioning layers (pack_conditioning); returns `model`. The eager inference speed-up of
+    blitzdiff.load; anything else is unchanged."""
     for module in model.modules():
         if isinstance(module, QKVPacking) and module.packable():
             module.pack_qkv()
+        elif hasattr(module, "pack_conditioning"):
+            module.pack_conditioning()
     return model

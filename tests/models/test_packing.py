@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 import blitzdiff
-from blitzdiff.models import pack_attention
+from blitzdiff.models import pack_projections
 from blitzdiff.models.dit import Attention as DiTAttention
+from blitzdiff.models.dit import DiT
 from blitzdiff.models.layers import Attention, BasicTransformerBlock
-from blitzdiff.models.packing import PackedLinears
+from blitzdiff.models.packing import PackedParameters
 
 
 def modules_and_inputs():
@@ -48,7 +49,7 @@ def linear_calls(module: nn.Module, x: torch.Tensor) -> int:
 def test_packed_projections_give_the_separate_layers_result_with_one_gemm(case):
     module, x = modules_and_inputs()[case]
     reference = unpacked(module)
-    pack_attention(module)
+    pack_projections(module)
     assert module._packed is not None
     with torch.inference_mode():
         packed_out, separate_out = module(x), reference(x)
@@ -59,11 +60,11 @@ def test_packed_projections_give_the_separate_layers_result_with_one_gemm(case):
 def test_parameters_keep_their_names_values_and_state_dict():
     module, _ = modules_and_inputs()[1]
     before = {name: t.clone() for name, t in module.state_dict().items()}
-    pack_attention(module)
+    pack_projections(module)
     after = module.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[name], before[name]) for name in before)
-    weight = module._packed.weight
+    weight = module._packed.buffers[0]
     q, k, v = module.to_q.weight, module.to_k.weight, module.to_v.weight
     assert isinstance(q, nn.Parameter) and q.requires_grad  # still trainable parameters, views of the buffer
     assert k.data_ptr() == weight.data_ptr() + q.numel() * q.element_size()
@@ -72,7 +73,7 @@ def test_parameters_keep_their_names_values_and_state_dict():
 
 def test_in_place_loads_keep_the_packing_and_use_the_new_weights():
     module, x = modules_and_inputs()[1]
-    pack_attention(module)
+    pack_projections(module)
     new = {name: torch.randn_like(t) for name, t in module.state_dict().items()}
     module.load_state_dict(new)  # copies into the views
     fresh = DiTAttention(48, heads=3, head_dim=16, bias=True)
@@ -85,7 +86,7 @@ def test_in_place_loads_keep_the_packing_and_use_the_new_weights():
 @pytest.mark.parametrize("how", ["new_parameter", "assign_load", "to_float64"])
 def test_moved_or_replaced_parameters_turn_the_packing_off(how):
     module, x = modules_and_inputs()[1]
-    pack_attention(module)
+    pack_projections(module)
     if how == "new_parameter":
         module.to_k.weight = nn.Parameter(torch.randn_like(module.to_k.weight))
     elif how == "assign_load":
@@ -102,7 +103,7 @@ def test_moved_or_replaced_parameters_turn_the_packing_off(how):
 
 def test_training_records_gradients_on_the_layers_parameters():
     module, x = modules_and_inputs()[1]
-    pack_attention(module)
+    pack_projections(module)
     module(x).square().sum().backward()
     reference = unpacked(modules_and_inputs()[1][0])
     reference(x).square().sum().backward()
@@ -114,13 +115,69 @@ def test_training_records_gradients_on_the_layers_parameters():
 
 def test_cross_attention_is_not_packed():
     block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=24)
-    pack_attention(block)
+    pack_projections(block)
     assert block.attn1._packed is not None and block.attn2._packed is None
 
 
 def test_layers_of_different_widths_are_refused():
-    with pytest.raises(ValueError, match="one input width"):
-        PackedLinears([nn.Linear(8, 4), nn.Linear(6, 4)])
+    with pytest.raises(ValueError, match="one shape past dim 0"):
+        PackedParameters([nn.Linear(8, 4), nn.Linear(6, 4)], ("weight",))
+    with pytest.raises(ValueError, match="every module needs a 'bias'"):
+        PackedParameters([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)], ("weight", "bias"))
+
+
+def random_dit() -> DiT:
+    """A 3-block DiT whose blocks' embedders all differ (diffusers' converter copies one into all of them; the
+    packed path must still read block i's own)."""
+    dit = DiT.from_config({"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 8,
+                           "num_layers": 3, "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 10})
+    g = torch.Generator().manual_seed(3)
+    for p in dit.parameters():
+        nn.init.normal_(p, std=0.3, generator=g)
+    return dit
+
+
+def dit_inputs():
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 700.0]), torch.tensor([3, 10])
+
+
+def calls(module: nn.Module, inputs, name: str) -> int:
+    with torch.profiler.profile() as prof:
+        module(*inputs)
+    return sum(1 for event in prof.events() if event.name == name)
+
+
+def test_dit_conditioning_packed_gives_each_blocks_own_result():
+    dit, inputs = random_dit(), dit_inputs()
+    reference = copy.deepcopy(dit)  # unpacked: its parameters have their own memory
+    pack_projections(dit)
+    assert dit._packed_conditioning is not None and reference._packed_conditioning is None
+    with torch.inference_mode():
+        torch.testing.assert_close(dit(*inputs), reference(*inputs), rtol=1e-5, atol=1e-5)
+        assert calls(dit, inputs, "aten::baddbmm") == 2 and calls(reference, inputs, "aten::baddbmm") == 0
+        assert calls(dit, inputs, "aten::linear") == calls(reference, inputs, "aten::linear") - 3 * 3 - 3 * 2 + 1
+
+
+@pytest.mark.parametrize("how", ["new_parameter", "to_float64"])
+def test_dit_conditioning_turns_off_when_parameters_move(how):
+    dit, (x, t, y) = random_dit(), dit_inputs()
+    pack_projections(dit)
+    if how == "new_parameter":
+        block = dit.transformer_blocks[2].norm1.emb.timestep_embedder.linear_2
+        block.weight = nn.Parameter(torch.randn_like(block.weight))
+    else:
+        dit.to(torch.float64)
+        x = x.double()
+        assert dit._packed_conditioning is None
+    with torch.inference_mode():
+        out = dit(x, t, y)
+        assert dit._packed_conditioning is None
+        reference = copy.deepcopy(dit)
+        for module in reference.modules():
+            if hasattr(module, "_packed"):
+                module._packed = None
+        torch.testing.assert_close(out, reference(x, t, y), rtol=1e-6, atol=1e-6)
 
 
 def test_loaded_pipelines_are_packed_and_sample_as_unpacked_ones(tmp_path):
