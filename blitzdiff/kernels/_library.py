@@ -51,14 +51,16 @@ def native(op: str, backend: str):
     global _import_error
     module = sys.modules.get("blitzdiff._C")  # imported: no importlib call (a kernel launch pays this lookup)
     if module is None:
-        try:
-            if _import_error is not None:
-                raise _import_error
-            module = importlib.import_module("blitzdiff._C")
-        except ImportError as e:
-            if "blitzdiff._C" not in sys.modules:  # not a test's stand-in (sys.modules["blitzdiff._C"] = None)
-                _import_error = e
-            raise RuntimeError(f"{op}: the compiled extension blitzdiff._C is missing; {_BUILD_HINT}") from e
+        error = _import_error  # chained below, never re-raised: a re-raise would grow its traceback every call
+        if error is None:
+            try:
+                module = importlib.import_module("blitzdiff._C")
+            except ImportError as e:
+                error = e
+                if "blitzdiff._C" not in sys.modules:  # not a test's stand-in (sys.modules["blitzdiff._C"] = None)
+                    _import_error = e
+        if module is None:
+            raise RuntimeError(f"{op}: the compiled extension blitzdiff._C is missing; {_BUILD_HINT}") from error
     if backend == "cuda" and not module.has_cuda:
         raise RuntimeError(
             f"{op}: blitzdiff._C was built without CUDA (no nvcc found, or -DBLITZDIFF_CUDA=OFF); "

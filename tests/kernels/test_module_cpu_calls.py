@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 
 import pytest
 import torch
@@ -199,8 +200,11 @@ def test_a_missing_build_is_looked_for_once(monkeypatch):
 
     monkeypatch.setattr(library.importlib, "import_module", failing_import)
     x, weight, bias, fused = gn_inputs()
+    depths = []
     for _ in range(3):
-        with pytest.raises(RuntimeError, match="blitzdiff._C is missing"):
+        with pytest.raises(RuntimeError, match="blitzdiff._C is missing") as raised:
             library.native("group_norm", "cpu")
         assert group_norm_module_cpu(x, 4, weight, bias, 1e-5, **fused) is None
+        depths.append(len(traceback.extract_tb(raised.value.__cause__.__traceback__)))
     assert tried == ["blitzdiff._C"]
+    assert depths[0] == depths[-1]  # the kept ImportError is chained, not re-raised: its traceback does not grow
