@@ -9,7 +9,8 @@ views of it, so their values, names, state-dict keys, load_state_dict (which cop
 and in-place updates are unchanged. `tensors()` gives the buffers only while every parameter still is its view: a
 parameter replaced (a new nn.Parameter, load_state_dict(assign=True)) turns the packing off, and the layers run
 separately, never from a stale copy. The owning modules' `_apply` drops the packing when `.to()`, `.half()` and the
-like move the parameters. blitzdiff.load packs (pack_projections); models built directly run unpacked.
+like move the parameters, and keeps it through a memory-format change (which leaves 2-D weights alone).
+blitzdiff.load packs (pack_projections); models built directly run unpacked.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def _layout(modules: Sequence[nn.Module], name: str) -> tuple[int, torch.Size, t
     return sum(p.shape[0] for p in params), first.shape[1:], first.dtype, first.device
 
 
+def still_packed(packed: PackedParameters | None) -> PackedParameters | None:
+    """`packed` after nn.Module._apply (.to(), .half(), .cuda()): kept where the parameters stayed in its buffers
+    (a memory-format change leaves 2-D weights alone), else None, freeing the stale buffers at once."""
+    return None if packed is None or packed.tensors() is None else packed
+
+
 def eager_inference(x: Tensor) -> bool:
     """Whether a module may run packed parameters on x: no gradients to record, no torch.compile / export tracing,
     no dispatch mode or tensor subclass (those see the modules' own parameters)."""
@@ -102,8 +109,9 @@ class QKVPacking:
         self._packed = PackedParameters(layers, ("weight",) if self.to_q.bias is None else ("weight", "bias"))
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # .to() / .half() / .cuda() give the parameters new memory: the buffers would be stale
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        self._packed = still_packed(self._packed)
+        return module
 
     def project_qkv(self, x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
         packed = self._packed

@@ -103,6 +103,19 @@ def test_moved_or_replaced_parameters_turn_the_packing_off(how):
         torch.testing.assert_close(out, unpacked(module)(x), rtol=1e-6, atol=1e-6)
 
 
+def test_a_memory_format_change_keeps_the_packing():
+    """pipe.compile(channels_last=...) converts the model's 4-D weights with model.to(memory_format=...): the packed
+    2-D weights stay where they are, and so does the packing."""
+    pipe = blitzdiff.load("unet-digits")
+    pipe.compile("eager", channels_last=False)
+    attentions = [m for m in pipe.model.modules() if isinstance(m, Attention)]
+    assert attentions and all(m._packed is not None and m._packed.tensors() is not None for m in attentions)
+    dit = random_dit()
+    pack_projections(dit)
+    dit.to(memory_format=torch.channels_last)
+    assert dit._packed_conditioning is not None
+
+
 def test_training_records_gradients_on_the_layers_parameters():
     module, x = modules_and_inputs()[1]
     pack_projections(module)
