@@ -195,7 +195,7 @@ def test_dit_conditioning_turns_off_when_parameters_move(how):
         torch.testing.assert_close(out, reference(x, t, y), rtol=1e-6, atol=1e-6)
 
 
-def test_loaded_pipelines_are_packed_and_sample_as_unpacked_ones(tmp_path):
+def test_loaded_pipelines_are_packed_and_sample_as_unpacked_ones():
     pipe = blitzdiff.load("dit-digits")
     assert all(m._packed is not None for m in pipe.model.modules() if isinstance(m, DiTAttention))
     reference = blitzdiff.load("dit-digits")
