@@ -13,6 +13,7 @@ of the per-round ratios B / A with their range.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -50,8 +51,6 @@ print(json.dumps({"ms": median_seconds(run, runs) * 1e3}))  # after its own warm
 
 
 def installed_extension() -> Path | None:
-    import importlib.util
-
     spec = importlib.util.find_spec("blitzdiff._C")
     return None if spec is None or spec.origin is None else Path(spec.origin)
 

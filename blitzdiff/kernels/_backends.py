@@ -35,11 +35,16 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def eager_tensor(x: Tensor) -> bool:
+    """Whether a call on x runs eagerly on a plain tensor: not traced or compiled, no tensor subclass (fake tensors),
+    no dispatch mode. Only there may a model bypass what those see: an op (eager_cpu) or its own parameters
+    (models.packing)."""
+    return type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
 def eager_cpu(x: Tensor) -> bool:
-    """Whether a call on x runs eagerly on a plain CPU tensor: not traced or compiled, no tensor subclass (fake
-    tensors), no dispatch mode. Only there may a model call a CPU kernel directly instead of through its op."""
-    return (type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling()  # is_cpu: 0.05 us, device.type 0.3
-            and _get_current_dispatch_mode() is None)
+    """eager_tensor on a CPU tensor: only there may a model call a CPU kernel directly instead of through its op."""
+    return x.is_cpu and eager_tensor(x)  # is_cpu: 0.05 us, device.type 0.3
 
 
 def module_call(backend: str, direct, spec, op, x: Tensor, *args, **kwargs) -> Tensor:

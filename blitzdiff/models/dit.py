@@ -49,7 +49,7 @@ from ..kernels.gelu import BACKENDS as GELU_BACKENDS
 from ..kernels.gelu import gelu_tanh_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
-from .packing import PackedParameters, QKVPacking, eager_inference, still_packed
+from .packing import PackedParameters, QKVPacking, eager_inference
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
 DEFAULTS: dict[str, Any] = {
@@ -392,7 +392,7 @@ class DiT(nn.Module):
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        if self._packed_conditioning is not None and any(still_packed(p) is None for p in self._packed_conditioning):
+        if self._packed_conditioning is not None and any(p.tensors() is None for p in self._packed_conditioning):
             self._packed_conditioning = None  # .to() / .half() moved the parameters: free the stale buffers
         return module
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..kernels._backends import eager_tensor
 from ..malloc import release_free_heap
 
 
@@ -79,17 +79,10 @@ def _layout(modules: Sequence[nn.Module], name: str) -> tuple[int, torch.Size, t
     return sum(p.shape[0] for p in params), first.shape[1:], first.dtype, first.device
 
 
-def still_packed(packed: PackedParameters | None) -> PackedParameters | None:
-    """`packed` after nn.Module._apply (.to(), .half(), .cuda()): kept where the parameters stayed in its buffers
-    (a memory-format change leaves 2-D weights alone), else None, freeing the stale buffers at once."""
-    return None if packed is None or packed.tensors() is None else packed
-
-
 def eager_inference(x: Tensor) -> bool:
-    """Whether a module may run packed parameters on x: no gradients to record, no torch.compile / export tracing,
-    no dispatch mode or tensor subclass (those see the modules' own parameters)."""
-    return (not torch.is_grad_enabled() and type(x) is Tensor and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None)
+    """Whether a module may run packed parameters on x: no gradients to record, and kernels._backends.eager_tensor
+    (torch.compile / export tracing, dispatch modes and tensor subclasses see the modules' own parameters)."""
+    return not torch.is_grad_enabled() and eager_tensor(x)
 
 
 class QKVPacking:
@@ -110,7 +103,10 @@ class QKVPacking:
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        self._packed = still_packed(self._packed)
+        # .to() / .half() moved the parameters: free the stale buffers at once; a memory-format change leaves 2-D
+        # weights, and so the packing, where they are
+        if self._packed is not None and self._packed.tensors() is None:
+            self._packed = None
         return module
 
     def project_qkv(self, x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
