@@ -36,10 +36,11 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def eager_tensor(x: Tensor) -> bool:
-    """Whether a call on x runs eagerly on a plain tensor: not traced or compiled, no tensor subclass (fake tensors),
-    no dispatch mode. Only there may a model bypass what those see: an op (eager_cpu) or its own parameters
-    (models.packing)."""
-    return type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+    """Whether a call on x runs eagerly on a plain tensor: not traced (torch.jit.trace records only the ops it sees) or
+    compiled, no tensor subclass (fake tensors), no dispatch mode. Only there may a model bypass what those see: an
+    op (eager_cpu), its own parameters (models.packing) or PyTorch's convolution call (models.conv)."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling() and not torch._C._is_tracing()
+            and _get_current_dispatch_mode() is None)
 
 
 def eager_cpu(x: Tensor) -> bool:

@@ -48,6 +48,7 @@ from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from ..kernels.gelu import BACKENDS as GELU_BACKENDS
 from ..kernels.gelu import gelu_tanh_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
+from .conv import Conv2d
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
 from .packing import PackedParameters, QKVPacking, eager_inference
 
@@ -151,7 +152,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, patch_size: int, base_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.base_size = base_size  # the training grid, sample_size // patch_size
         self._pos_cache: dict[tuple[int, int, torch.device], Tensor] = {}
 

@@ -27,6 +27,7 @@ from ..kernels._backends import module_call
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from ..kernels.group_norm import group_norm_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
+from .conv import Conv2d
 from .packing import QKVPacking, split_heads
 
 # (channels, layer index within its block) -> the attention module after that layer's resnet
@@ -160,12 +161,12 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         assert time_embedding_norm in ("default", "scale_shift")
         self.norm1 = nn.GroupNorm(groups, in_channels, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         proj_dim = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
         self.time_emb_proj = None if temb_channels is None else nn.Linear(temb_channels, proj_dim)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.time_embedding_norm, self.output_scale_factor = time_embedding_norm, output_scale_factor
         self.backend = "ref"
 
@@ -192,7 +193,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padding == 0:
@@ -205,7 +206,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         if size is None:
@@ -334,10 +335,10 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
-        self.proj_in = nn.Linear(in_channels, inner) if use_linear_projection else nn.Conv2d(in_channels, inner, 1)
+        self.proj_in = nn.Linear(in_channels, inner) if use_linear_projection else Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim) for _ in range(num_layers))
-        self.proj_out = nn.Linear(inner, in_channels) if use_linear_projection else nn.Conv2d(inner, in_channels, 1)
+        self.proj_out = nn.Linear(inner, in_channels) if use_linear_projection else Conv2d(inner, in_channels, 1)
         self.use_linear_projection = use_linear_projection
         self.backend = "ref"
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conv import Conv2d
 from .layers import (
     CLASS_EMBED_TYPES,
     AttentionFactory,
@@ -99,7 +100,7 @@ class UNetBody(nn.Module):
         super().__init__()
         ch = list(cfg["block_out_channels"])
         n, temb_dim = len(ch), cfg["time_embedding_dim"] or 4 * ch[0]
-        self.conv_in = nn.Conv2d(cfg["in_channels"], ch[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        self.conv_in = Conv2d(cfg["in_channels"], ch[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
         self.time_proj = time_proj
         self.time_embedding = TimestepEmbedding(timestep_dim, temb_dim)
         self.class_embedding = class_embedding(cfg["class_embed_type"], cfg["num_class_embeds"], timestep_dim,
@@ -117,7 +118,7 @@ class UNetBody(nn.Module):
             UpBlock(_up_block_inputs(rev, i, layers[n - 1 - i] + 1), rev[i], resnet=resnet,
                     attention=up_attention(i), upsample=i < n - 1) for i in range(n))
         self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], ch[0], cfg["norm_eps"])
-        self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+        self.conv_out = Conv2d(ch[0], cfg["out_channels"], conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
         self.backend = "ref"
 
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from .conv import Conv2d
 from .layers import MidBlock, ResnetBlock2D, UpBlock, norm, require, resolve_config, spatial_attention
 
 # diffusers' AutoencoderKL.__init__ defaults (a test checks them against the installed diffusers).
@@ -56,13 +57,13 @@ class Decoder(nn.Module):
         resnet = partial(ResnetBlock2D, temb_channels=None, groups=groups, eps=EPS)
         attention = (lambda c, _: spatial_attention(c, head_dim=c, norm_num_groups=groups, eps=EPS)) \
             if cfg["mid_block_add_attention"] else None
-        self.conv_in = nn.Conv2d(cfg["latent_channels"], ch[-1], 3, padding=1)
+        self.conv_in = Conv2d(cfg["latent_channels"], ch[-1], 3, padding=1)
         self.mid_block = MidBlock(ch[-1], 1, resnet=resnet, attention=attention)
         self.up_blocks = nn.ModuleList(
             UpBlock([rev[max(i - 1, 0)]] + [rev[i]] * (count - 1), rev[i], resnet=resnet, attention=None,
                     upsample=i < len(ch) - 1) for i in range(len(ch)))
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], EPS)
-        self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
         self.backend = "ref"
 
     def forward(self, z: Tensor) -> Tensor:
@@ -84,7 +85,7 @@ class AutoencoderKLDecoder(nn.Module):
         super().__init__()
         cfg = _resolve(config)
         latent = cfg["latent_channels"]
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if cfg["use_post_quant_conv"] else None
+        self.post_quant_conv = Conv2d(latent, latent, 1) if cfg["use_post_quant_conv"] else None
         self.decoder = Decoder(cfg)
         self.config = cfg
 
