@@ -5,17 +5,17 @@ PyTorch (2.13) runs a float32 CPU convolution through oneDNN for a batch above 1
 that. On the oneDNN path it reorders the weight into oneDNN's blocked layout on every call. Reordered once
 (`torch.ops.mkldnn._reorder_convolution_weight`, then `torch.ops.mkldnn._convolution_pointwise` per call: what
 inductor's freezing pass emits for a frozen weight), the same oneDNN convolution skips that copy, which in a forward
-reads a weight gone cold in the cache. Measured on a Sapphire Rapids Xeon, 2 threads, each network's convolutions
-replayed in forward order with their real inputs (benchmarks/results/cpu_conv_prepack/): unet-digits at batch 8
-4.9 -> 4.0 ms per forward, a 6.5 M-parameter 32x32 UNet2D at batch 1 12.4 -> 10.1 ms. Where PyTorch takes its own
-path (batch 1, small inputs) PyTorch's call stays (see `prepack_pays`).
+reads a weight gone cold in the cache. Measured on a Sapphire Rapids Xeon, 2 threads, DPM-Solver++(2M) 10 steps,
+two checkouts alternating in fresh processes (benchmarks/results/cpu_conv_prepack/): unet-digits at batch 8 took
+0.895x the time, a 6.5 M-parameter 32x32 UNet2D at batch 1 0.909x (README "CPU: the default path"). Where PyTorch
+takes its own path (batch 1, small inputs) its call stays (see `prepack_pays`).
 
 Only eager calls on plain float32 CPU tensors without gradients take it (kernels._backends.eager_cpu): tracing,
 torch.compile, export and training see the plain nn.Conv2d. The reordered weight is a copy (the weight's size
 again, while the module lives); it is made on the first such call and again whenever the weight moved or was
 written in place (its address or version counter changed: `load_state_dict`, `pipe.load_weights`, optimizer steps,
-`.to()`). A write through `weight.data`, which hides from the version counter, is not seen; so are inference-mode
-weights (no version counter), which therefore keep PyTorch's call. The copy is never pickled or deep-copied.
+`.to()`). A write through `weight.data`, which hides from the version counter, is not seen. Inference-mode weights
+have no version counter, so they keep PyTorch's call. The copy is never pickled or deep-copied.
 """
 
 from __future__ import annotations
