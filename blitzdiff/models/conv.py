@@ -12,15 +12,17 @@ takes its own path (batch 1, small inputs) its call stays (see `prepack_pays`).
 
 Only eager calls on plain float32 CPU tensors without gradients take it (kernels._backends.eager_cpu): tracing,
 torch.compile, export and training see the plain nn.Conv2d. The reordered weight is a copy (the weight's size
-again, while the module lives); it is made on the first such call and again whenever the weight moved or was
-written in place (its address or version counter changed: `load_state_dict`, `pipe.load_weights`, optimizer steps,
-`.to()`). A write through `weight.data`, which hides from the version counter, is not seen. Inference-mode weights
-have no version counter, so they keep PyTorch's call. The copy is never pickled or deep-copied.
+again, while the module lives); it is made on the first such call and again whenever the weight was replaced,
+moved or written in place (another tensor, or its address or version counter changed: `load_state_dict`,
+`pipe.load_weights`, optimizer steps, `.to()`). A write through `weight.data`, which hides from the version
+counter, is not seen. Inference-mode weights have no version counter, so they keep PyTorch's call. The copy is never
+pickled or deep-copied.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -49,14 +51,16 @@ def prepack_pays(shape: torch.Size) -> bool:
 
 class PrepackedWeight:
     """A Conv2d's prepacking state: `plan` = (input shape, whether prepacking pays for it: `prepack_pays` and the
-    module's own settings), `entry` = ((weight address, version), the weight in oneDNN's layout). An opaque oneDNN
-    tensor has no storage to copy or pickle, so copies of the module start without either."""
+    module's own settings), `entry` = (a weak reference to the weight it was made from, that weight's address and
+    version counter then, the weight in oneDNN's layout). The weight itself is compared too, not only its address: a
+    replaced parameter may be given a freed one's memory. An opaque oneDNN tensor has no storage to copy or pickle,
+    so copies of the module start without either."""
 
     __slots__ = ("plan", "entry")
 
     def __init__(self):
         self.plan: tuple[torch.Size, bool] | None = None
-        self.entry: tuple[tuple[int, int], Tensor] | None = None
+        self.entry: tuple[weakref.ref, int, int, Tensor] | None = None
 
     def __deepcopy__(self, memo: dict) -> PrepackedWeight:
         return PrepackedWeight()
@@ -105,12 +109,13 @@ class Conv2d(nn.Conv2d):
                 or not (x.is_contiguous(memory_format=torch.channels_last)
                         or weight.is_contiguous(memory_format=torch.channels_last))):
             return None
-        key = (weight.data_ptr(), weight._version)
         entry = self.prepacked.entry
-        if entry is None or entry[0] != key:
+        if (entry is None or entry[0]() is not weight or entry[1] != weight.data_ptr()
+                or entry[2] != weight._version):
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 weight.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape))
-            entry = self.prepacked.entry = (key, packed)  # one assignment: a concurrent call sees old or new whole
-        return torch.ops.mkldnn._convolution_pointwise(x, entry[1], bias, list(self.padding), list(self.stride),
+            # one assignment: a concurrent call sees the old entry or the new one whole
+            entry = self.prepacked.entry = (weakref.ref(weight), weight.data_ptr(), weight._version, packed)
+        return torch.ops.mkldnn._convolution_pointwise(x, entry[3], bias, list(self.padding), list(self.stride),
                                                        list(self.dilation), self.groups, "none", [], "")

@@ -144,6 +144,24 @@ def test_weights_written_in_place_are_repacked():
         assert ran_prepacked(conv, x)[0].sub(conv.bias[:, None, None]).abs().max().item() == 0
 
 
+def test_a_replaced_weight_is_repacked_even_at_the_old_address_and_version():
+    """An allocator may give a new parameter a freed one's memory, and both start at version 0: the packing must
+    compare the tensor itself. Here the new parameter shares the old one's memory (from_numpy: a fresh version
+    counter) and its values are written through NumPy, which no version counter sees."""
+    conv, x = make_conv(8, 16, 3), channels_last_input(2, 8, 6, 6)
+    conv.weight = torch.nn.Parameter(conv.weight.detach().clone(memory_format=torch.channels_last))  # version 0
+    with torch.inference_mode():
+        conv(x)
+    shared = torch.from_numpy(conv.weight.detach().numpy())  # same address, strides and version (0)
+    assert (shared.data_ptr(), shared._version) == (conv.weight.data_ptr(), conv.weight._version)
+    shared.numpy()[:] *= -1
+    conv.weight = torch.nn.Parameter(shared)
+    with torch.inference_mode():
+        out, prepacked = ran_prepacked(conv, x)
+    assert prepacked
+    assert_as_close_as_torch(out, conv, x)
+
+
 def test_moved_weights_are_repacked():
     conv, x = make_conv(8, 16, 3), channels_last_input(2, 8, 6, 6)
     with torch.inference_mode():
