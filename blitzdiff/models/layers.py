@@ -149,6 +149,20 @@ def norm(module: nn.GroupNorm, x: Tensor, backend: str, **fused: Any) -> Tensor:
                        module.bias, module.eps, **fused)
 
 
+class ProjectedTime:
+    """Every resnet's time projection of one forward, computed by one GEMM from packed weights (UNetBody's
+    pack_conditioning): `projected` [B, sum of the resnets' projection widths]; `columns(resnet)` is a resnet's own
+    [B, proj] (a view). Passed down the blocks in place of the time embedding, so the blocks' signatures stay."""
+
+    __slots__ = ("projected",)
+
+    def __init__(self, projected: Tensor):
+        self.projected = projected
+
+    def columns(self, resnet: ResnetBlock2D) -> Tensor:
+        return self.projected[:, resnet.projection_columns]
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv, time embedding, GroupNorm-SiLU-conv, plus a (1x1 conv) shortcut: DDPM / ADM's block.
 
@@ -169,18 +183,23 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.time_embedding_norm, self.output_scale_factor = time_embedding_norm, output_scale_factor
         self.backend = "ref"
+        # columns of the UNet's packed time projections (ProjectedTime) holding this block's, once packed
+        self.projection_columns: slice | None = None
 
-    def forward(self, x: Tensor, temb: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor | ProjectedTime | None) -> Tensor:
         """x: [B, in, H, W]; temb: SiLU(time embedding) [B, temb_channels] (diffusers applies the SiLU in every
-        block; the UNet applies it once) or None -> [B, out, H, W]."""
+        block; the UNet applies it once), or the UNet's packed projections of it (ProjectedTime), or None -> [B,
+        out, H, W]."""
         h = self.conv1(norm(self.norm1, x, self.backend, silu=True))  # [B, out, H, W]
         if self.time_emb_proj is None:
             h = norm(self.norm2, h, self.backend, silu=True)
-        elif self.time_embedding_norm == "scale_shift":
-            scale, shift = self.time_emb_proj(temb).chunk(2, dim=1)  # [B, out] each
-            h = norm(self.norm2, h, self.backend, scale=scale, shift=shift, silu=True)
         else:
-            h = norm(self.norm2, h + self.time_emb_proj(temb)[:, :, None, None], self.backend, silu=True)
+            projected = temb.columns(self) if isinstance(temb, ProjectedTime) else self.time_emb_proj(temb)  # [B, p]
+            if self.time_embedding_norm == "scale_shift":
+                scale, shift = projected.chunk(2, dim=1)  # [B, out] each
+                h = norm(self.norm2, h, self.backend, scale=scale, shift=shift, silu=True)
+            else:
+                h = norm(self.norm2, h + projected[:, :, None, None], self.backend, silu=True)
         h = self.conv2(h)  # [B, out, H, W]
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -1,6 +1,6 @@
 """Parameters of several layers packed into one buffer, so that eager inference runs one GEMM where a network makes
 several small ones: an attention block's q / k / v projections (QKVPacking), DiT's per-block conditioning layers
-(models.dit.DiT.pack_conditioning).
+(models.dit.DiT.pack_conditioning), a UNet's per-resnet time projections (models.unet_2d.UNetBody.pack_conditioning).
 
 At batch 1 on the CPU each small layer call is a few microseconds of call cost around a small GEMM.
 `PackedParameters` moves the layers' weights (and biases) into one buffer per name (concatenated along dim 0: for
@@ -127,8 +127,8 @@ def split_heads(t: Tensor, heads: int) -> Tensor:
 
 def pack_projections(model: nn.Module) -> nn.Module:
     """Pack the q / k / v projections of every self-attention module of `model` (QKVPacking.pack_qkv) and, in a
-    DiT, the blocks' conditioning layers (pack_conditioning); returns `model`. The eager inference speed-up of
-    blitzdiff.load; anything else is unchanged."""
+    DiT, the blocks' conditioning layers, in a UNet the resnets' time projections (pack_conditioning); returns
+    `model`. The eager inference speed-up of blitzdiff.load; anything else is unchanged."""
     for module in model.modules():
         if isinstance(module, QKVPacking) and module.packable():
             module.pack_qkv()

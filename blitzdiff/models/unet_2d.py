@@ -26,6 +26,7 @@ from .layers import (
     DownBlock,
     GaussianFourierProjection,
     MidBlock,
+    ProjectedTime,
     ResnetBlock2D,
     TimestepEmbedding,
     Timesteps,
@@ -37,6 +38,7 @@ from .layers import (
     spatial_attention,
     timestep_batch,
 )
+from .packing import PackedParameters, eager_inference
 
 # diffusers' UNet2DModel.__init__ defaults (a test checks them against the installed diffusers).
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -92,6 +94,8 @@ class UNetBody(nn.Module):
     """
 
     config: dict[str, Any]
+    # the resnets' time_emb_proj layers packed (pack_conditioning), with the resnets in packing order
+    _packed_time: tuple[PackedParameters, tuple[ResnetBlock2D, ...]] | None = None
 
     def __init__(self, cfg: Mapping[str, Any], *, time_proj: nn.Module, timestep_dim: int, layers: Sequence[int],
                  down_attention: Callable[[int], AttentionFactory | None],
@@ -144,7 +148,7 @@ class UNetBody(nn.Module):
         """sample [B, in, H, W], time embedding [B, temb], context [B, L, C] or None -> [B, out, H, W]."""
         if self.config["center_input_sample"]:
             sample = 2 * sample - 1.0
-        temb = F.silu(emb)  # every resnet projects SiLU(emb)
+        temb = self._time_projections(F.silu(emb))  # every resnet projects SiLU(emb)
         h = self.conv_in(sample)  # [B, ch0, H, W]
         skips = [h]
         for block in self.down_blocks:
@@ -159,6 +163,37 @@ class UNetBody(nn.Module):
             h = block(h, temb, context, block_skips, skips[-1].shape[-2:] if skips else None)
         h = norm(self.conv_norm_out, h, self.backend, silu=True)  # [B, ch0, H, W]
         return self.conv_out(h)
+
+
+    def pack_conditioning(self) -> None:
+        """Pack every resnet's time_emb_proj (models.packing) so that eager inference projects SiLU(emb) for all of
+        them by one GEMM (ProjectedTime) instead of one small GEMM per resnet (11 in unet-digits)."""
+        resnets = tuple(m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None)
+        if not resnets:
+            return
+        packed = PackedParameters([r.time_emb_proj for r in resnets], ("weight", "bias"))
+        start = 0
+        for resnet in resnets:
+            width = resnet.time_emb_proj.out_features
+            resnet.projection_columns = slice(start, start + width)
+            start += width
+        self._packed_time = (packed, resnets)
+
+    def _time_projections(self, temb: Tensor) -> Tensor | ProjectedTime:
+        """temb [B, temb] itself, or every resnet's projection of it by one GEMM where packed and eager."""
+        if self._packed_time is None or not eager_inference(temb):
+            return temb
+        tensors = self._packed_time[0].tensors()
+        if tensors is None:
+            self._packed_time = None  # a parameter was replaced: free the buffers
+            return temb
+        return ProjectedTime(F.linear(temb, *tensors))  # [B, sum of the projection widths]
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self._packed_time is not None and self._packed_time[0].tensors() is None:
+            self._packed_time = None  # .to() / .half() moved the parameters: free the stale buffers
+        return module
 
 
 def _resolve(config: Mapping[str, Any]) -> dict[str, Any]:

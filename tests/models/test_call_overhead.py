@@ -6,9 +6,10 @@ slowdown even when it computes nothing: a no-op `.to(dtype)`, a kernel op's argu
 guarantees. The budgets are the counts after removing those (on "ref": unet-digits 641 -> 284, dit-digits 406 -> 248
 calls per forward; on "auto", the default, whose models call the CPU kernels directly: 217 and 126; both with the
 q / k / v projections and the DiT's conditioning layers packed, as blitzdiff.load packs them: models.packing), plus
-a little headroom. Attribute reads (`.shape`, `.dtype`) and metadata getters that never reach the dispatcher
-(`data_ptr`, `stride`, `is_contiguous`, `dim`, `numel`: 40-150 ns each, as `.shape` takes 87) are free and not
-counted.
+a little headroom. Since then: 285 / 220 and 248 / 127 (the UNets' time projections packed trade 11 linears for 11
+slices, which count alike; a prepacked convolution adds a weight check: models.conv). Attribute reads (`.shape`,
+`.dtype`) and metadata getters that never reach the dispatcher (`data_ptr`, `stride`, `is_contiguous`, `dim`,
+`numel`: 40-150 ns each, as `.shape` takes 87) are free and not counted.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ import blitzdiff
 from blitzdiff.models import pack_projections
 from blitzdiff.models.dit import Attention as DiTAttention
 from blitzdiff.models.dit import DiT
-from blitzdiff.models.layers import Attention, BasicTransformerBlock
+from blitzdiff.models.layers import Attention, BasicTransformerBlock, ResnetBlock2D
 from blitzdiff.models.packing import PackedParameters
+from blitzdiff.models.unet_2d import UNet2DModel
 
 
 def modules_and_inputs():
@@ -141,15 +142,20 @@ def test_layers_of_different_widths_are_refused():
         PackedParameters([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)], ("weight", "bias"))
 
 
+def randomized(model: nn.Module, seed: int) -> nn.Module:
+    """model with every parameter drawn from N(0, 0.3^2): layers of one kind all differ."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.3, generator=g)
+    return model
+
+
 def random_dit() -> DiT:
     """A 3-block DiT whose blocks' embedders all differ (diffusers' converter copies one into all of them; the
     packed path must still read block i's own)."""
-    dit = DiT.from_config({"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 8,
-                           "num_layers": 3, "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 10})
-    g = torch.Generator().manual_seed(3)
-    for p in dit.parameters():
-        nn.init.normal_(p, std=0.3, generator=g)
-    return dit
+    return randomized(DiT.from_config({"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
+                                       "out_channels": 8, "num_layers": 3, "sample_size": 8, "patch_size": 2,
+                                       "num_embeds_ada_norm": 10}), 3)
 
 
 def dit_inputs():
@@ -193,6 +199,62 @@ def test_dit_conditioning_turns_off_when_parameters_move(how):
             if hasattr(module, "_packed"):
                 module._packed = None
         torch.testing.assert_close(out, reference(x, t, y), rtol=1e-6, atol=1e-6)
+
+
+def random_unet(time_norm: str) -> UNet2DModel:
+    """A small UNet2DModel whose resnets' time projections all differ (a packed resnet must read its own columns)."""
+    return randomized(UNet2DModel.from_config({
+        "sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": (8, 16), "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4, "attention_head_dim": 8, "resnet_time_scale_shift": time_norm}), 5)
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(6)
+    return torch.randn(2, 3, 8, 8, generator=g), torch.tensor([10.0, 700.0])
+
+
+@pytest.mark.parametrize("time_norm", ["default", "scale_shift"])
+def test_unet_time_projections_packed_give_each_resnets_own_result(time_norm):
+    unet, inputs = random_unet(time_norm), unet_inputs()
+    reference = copy.deepcopy(unet)  # unpacked
+    pack_projections(unet)
+    resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]
+    assert unet._packed_time is not None and len(resnets) == 8 and reference._packed_time is None
+    with torch.inference_mode():
+        torch.testing.assert_close(unet(*inputs), reference(*inputs), rtol=1e-5, atol=1e-5)
+        # 8 time projections as one GEMM (the attention blocks' q / k / v packing removes 2 per attention)
+        attentions = sum(isinstance(m, Attention) for m in unet.modules())
+        assert calls(unet, inputs, "aten::linear") == calls(reference, inputs, "aten::linear") - 7 - 2 * attentions
+    # with gradients on (training) the layers run themselves: the same result, and gradients reach each layer
+    out = unet(*inputs)
+    torch.testing.assert_close(out, reference(*inputs), rtol=1e-5, atol=1e-5)
+    out.square().mean().backward()
+    assert all(r.time_emb_proj.weight.grad is not None and r.time_emb_proj.weight.grad.abs().sum() > 0
+               for r in resnets)
+
+
+@pytest.mark.parametrize("how", ["new_parameter", "to_float64", "load_state_dict"])
+def test_unet_time_projections_follow_their_parameters(how):
+    unet, (x, t) = random_unet("default"), unet_inputs()
+    pack_projections(unet)
+    layer = unet.up_blocks[1].resnets[0].time_emb_proj
+    if how == "new_parameter":
+        layer.weight = nn.Parameter(torch.randn_like(layer.weight))
+    elif how == "to_float64":
+        unet.to(torch.float64)
+        x = x.double()
+        assert unet._packed_time is None
+    else:  # in place: the packing stays and reads the new values
+        state = unet.state_dict()
+        state["up_blocks.1.resnets.0.time_emb_proj.weight"] = torch.randn_like(layer.weight)
+        unet.load_state_dict(state)
+    with torch.inference_mode():
+        out = unet(x, t)
+        assert (unet._packed_time is None) == (how != "load_state_dict")
+        reference = copy.deepcopy(unet)
+        reference._packed_time = None
+        torch.testing.assert_close(out, reference(x, t), rtol=1e-5, atol=1e-5)
 
 
 def test_loaded_pipelines_are_packed_and_sample_as_unpacked_ones():
