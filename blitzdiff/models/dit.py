@@ -50,7 +50,7 @@ from ..kernels.gelu import gelu_tanh_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 from .conv import Conv2d
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
-from .packing import PackedParameters, QKVPacking, eager_inference
+from .packing import PackedParameters, PackingOwner, QKVPacking, eager_inference
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
 DEFAULTS: dict[str, Any] = {
@@ -316,10 +316,11 @@ class DiTBlock(nn.Module):
         return gated_residual(x, self.ff(h), gate_mlp, self.backend)  # [B, N, D]
 
 
-class DiT(nn.Module):
+class DiT(PackingOwner, nn.Module):
     """Class-conditional latent DiT, diffusers' DiTTransformer2DModel (its config fields, its state-dict keys)."""
 
     diffusers_class: ClassVar[str] = "DiTTransformer2DModel"
+    PACKED = ("_packed_conditioning",)
     _packed_conditioning: tuple[PackedParameters, ...] | None = None
 
     def __init__(self, **config: Any):
@@ -372,12 +373,9 @@ class DiT(nn.Module):
         [B, 256] and labels [B]: each block's embedders, then its norm1. Packed (pack_conditioning) and eager
         without gradients, all blocks at once: one linear, two batched GEMMs and one table lookup instead of ~8
         calls per block."""
-        packed = self._packed_conditioning
-        if packed is not None and eager_inference(t_freq):
-            tensors = [p.tensors() for p in packed]
-            if all(t is not None for t in tensors):
-                return _packed_conditioning(t_freq, labels, *tensors)
-            self._packed_conditioning = None  # a parameter was replaced: free the buffers
+        if (self._packed_conditioning is not None and eager_inference(t_freq)
+                and (tensors := self.packed_buffers("_packed_conditioning"))):
+            return _packed_conditioning(t_freq, labels, *tensors)
         c = [block.norm1.emb(t_freq, labels) for block in self.transformer_blocks]  # depth x [B, D]
         return c[0], [block.norm1(c_block) for block, c_block in zip(self.transformer_blocks, c, strict=True)]
 
@@ -390,12 +388,6 @@ class DiT(nn.Module):
             PackedParameters([b.norm1.emb.timestep_embedder.linear_2 for b in blocks], linear),
             PackedParameters([b.norm1.emb.class_embedder.embedding_table for b in blocks], ("weight",)),
             PackedParameters([b.norm1.linear for b in blocks], linear))
-
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)
-        if self._packed_conditioning is not None and any(p.tensors() is None for p in self._packed_conditioning):
-            self._packed_conditioning = None  # .to() / .half() moved the parameters: free the stale buffers
-        return module
 
     def _check_inputs(self, sample: Tensor, class_labels: Tensor | None, encoder_hidden_states: Tensor | None) -> int:
         """Shape / type checks at the public boundary (host metadata only, no device sync); returns the batch size."""

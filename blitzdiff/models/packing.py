@@ -16,6 +16,7 @@ blitzdiff.load packs (pack_projections); models built directly run unpacked.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -85,12 +86,44 @@ def eager_inference(x: Tensor) -> bool:
     return not torch.is_grad_enabled() and eager_tensor(x)
 
 
-class QKVPacking:
+class PackingOwner:
+    """For nn.Module subclasses that keep packings in the attributes named by PACKED, each a PackedParameters, a
+    tuple of them, or None (not packed): `packed_buffers(name)` gives the buffers to run while every view is live
+    and drops a stale packing (a replaced parameter); `_apply` drops the packings that .to() / .half() moved at once,
+    freeing their buffers, and keeps them through a memory-format change (which leaves 2-D weights where they are)."""
+
+    PACKED: ClassVar[tuple[str, ...]] = ()
+
+    def packed_buffers(self, name: str) -> tuple[Tensor, ...] | list[tuple[Tensor, ...]] | None:
+        """Attribute `name`'s buffers (PackedParameters.tensors(); for a tuple, one such per member) while all its
+        views are live, else None, the attribute then set to None."""
+        packing = getattr(self, name)
+        if packing is None:
+            return None
+        if isinstance(packing, PackedParameters):
+            tensors = packing.tensors()
+        else:
+            tensors = [p.tensors() for p in packing]
+            if any(t is None for t in tensors):
+                tensors = None
+        if tensors is None:
+            setattr(self, name, None)  # free the buffers
+        return tensors
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        for name in self.PACKED:
+            self.packed_buffers(name)
+        return module
+
+
+class QKVPacking(PackingOwner):
     """For attention modules (nn.Module subclasses) with `to_q`, `to_k`, `to_v` nn.Linear layers: `pack_qkv()`
     packs them, and `project_qkv(x, heads)` gives q, k, v [B, heads, N, D] from x [B, N, C], by one GEMM when
     packed and running eagerly without gradients (sampling), else by the three layers (training, torch.compile and
     export tracing, dispatch modes see the module's own parameters)."""
 
+    PACKED = ("_packed",)
     _packed: PackedParameters | None = None
 
     def packable(self) -> bool:
@@ -101,22 +134,10 @@ class QKVPacking:
         layers = [self.to_q, self.to_k, self.to_v]
         self._packed = PackedParameters(layers, ("weight",) if self.to_q.bias is None else ("weight", "bias"))
 
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)
-        # .to() / .half() moved the parameters: free the stale buffers at once; a memory-format change leaves 2-D
-        # weights, and so the packing, where they are
-        if self._packed is not None and self._packed.tensors() is None:
-            self._packed = None
-        return module
-
     def project_qkv(self, x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-        packed = self._packed
-        if packed is not None and eager_inference(x):
-            tensors = packed.tensors()
-            if tensors is not None:
-                qkv = F.linear(x, *tensors).view(x.shape[0], x.shape[1], 3, heads, -1)  # [B, N, 3, heads, D]
-                return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, N, D]
-            self._packed = None  # a parameter was replaced: free the buffers
+        if self._packed is not None and eager_inference(x) and (tensors := self.packed_buffers("_packed")):
+            qkv = F.linear(x, *tensors).view(x.shape[0], x.shape[1], 3, heads, -1)  # [B, N, 3, heads, D]
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, N, D]
         return split_heads(self.to_q(x), heads), split_heads(self.to_k(x), heads), split_heads(self.to_v(x), heads)
 
 

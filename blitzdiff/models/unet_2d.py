@@ -38,7 +38,7 @@ from .layers import (
     spatial_attention,
     timestep_batch,
 )
-from .packing import PackedParameters, eager_inference
+from .packing import PackedParameters, PackingOwner, eager_inference
 
 # diffusers' UNet2DModel.__init__ defaults (a test checks them against the installed diffusers).
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -84,7 +84,7 @@ def _up_block_inputs(rev: Sequence[int], i: int, count: int) -> list[int]:
     return [(below if j == 0 else rev[i]) + (last_skip if j == count - 1 else rev[i]) for j in range(count)]
 
 
-class UNetBody(nn.Module):
+class UNetBody(PackingOwner, nn.Module):
     """What UNet2DModel and UNet2DConditionModel share: time / class embedding, conv_in, down / mid / up blocks,
     conv_norm_out + SiLU, conv_out, wired as diffusers' forward wires them.
 
@@ -94,8 +94,8 @@ class UNetBody(nn.Module):
     """
 
     config: dict[str, Any]
-    # the resnets' time_emb_proj layers packed (pack_conditioning), with the resnets in packing order
-    _packed_time: tuple[PackedParameters, tuple[ResnetBlock2D, ...]] | None = None
+    PACKED = ("_packed_time",)
+    _packed_time: PackedParameters | None = None  # the resnets' time_emb_proj layers (pack_conditioning)
 
     def __init__(self, cfg: Mapping[str, Any], *, time_proj: nn.Module, timestep_dim: int, layers: Sequence[int],
                  down_attention: Callable[[int], AttentionFactory | None],
@@ -164,7 +164,6 @@ class UNetBody(nn.Module):
         h = norm(self.conv_norm_out, h, self.backend, silu=True)  # [B, ch0, H, W]
         return self.conv_out(h)
 
-
     def pack_conditioning(self) -> None:
         """Pack every resnet's time_emb_proj (models.packing) so that eager inference projects SiLU(emb) for all of
         them by one GEMM (ProjectedTime) instead of one small GEMM per resnet (11 in unet-digits)."""
@@ -177,23 +176,13 @@ class UNetBody(nn.Module):
             width = resnet.time_emb_proj.out_features
             resnet.projection_columns = slice(start, start + width)
             start += width
-        self._packed_time = (packed, resnets)
+        self._packed_time = packed
 
     def _time_projections(self, temb: Tensor) -> Tensor | ProjectedTime:
         """temb [B, temb] itself, or every resnet's projection of it by one GEMM where packed and eager."""
-        if self._packed_time is None or not eager_inference(temb):
-            return temb
-        tensors = self._packed_time[0].tensors()
-        if tensors is None:
-            self._packed_time = None  # a parameter was replaced: free the buffers
-            return temb
-        return ProjectedTime(F.linear(temb, *tensors))  # [B, sum of the projection widths]
-
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)
-        if self._packed_time is not None and self._packed_time[0].tensors() is None:
-            self._packed_time = None  # .to() / .half() moved the parameters: free the stale buffers
-        return module
+        if self._packed_time is not None and eager_inference(temb) and (tensors := self.packed_buffers("_packed_time")):
+            return ProjectedTime(F.linear(temb, *tensors))  # [B, sum of the projection widths]
+        return temb
 
 
 def _resolve(config: Mapping[str, Any]) -> dict[str, Any]:

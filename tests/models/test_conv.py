@@ -56,6 +56,15 @@ def assert_as_close_as_torch(out: torch.Tensor, conv: Conv2d, x: torch.Tensor) -
     assert error <= 2 * torch_error + 1e-6, (error, torch_error)
 
 
+def prepacked_and_accurate(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) in inference mode, which must run the prepacked path and be as close as PyTorch's own."""
+    with torch.inference_mode():
+        out, prepacked = ran_prepacked(conv, x)
+    assert prepacked
+    assert_as_close_as_torch(out, conv, x)
+    return out
+
+
 CASES = [  # (cin, cout, kernel, stride, padding, bias, input shape): inputs where prepacking pays
     (32, 64, 3, 1, 1, True, (2, 32, 9, 7)),     # batch > 1, odd sizes
     (96, 32, 3, 1, 1, True, (1, 96, 16, 16)),   # batch 1 above PyTorch's oneDNN threshold (24576 elements)
@@ -70,12 +79,9 @@ def test_prepacked_matches_float64_conv_as_closely_as_torch(case):
     cin, cout, kernel, stride, padding, bias, shape = case
     conv, x = make_conv(cin, cout, kernel, stride=stride, padding=padding, bias=bias), channels_last_input(*shape)
     assert prepack_pays(x.shape)
-    with torch.inference_mode():
-        out, prepacked = ran_prepacked(conv, x)
-        assert prepacked
-        assert out.shape == conv._conv_forward(x, conv.weight, conv.bias).shape
-        assert out.is_contiguous(memory_format=torch.channels_last)  # as PyTorch's own call returns it
-        assert_as_close_as_torch(out, conv, x)
+    out = prepacked_and_accurate(conv, x)
+    assert out.shape == conv._conv_forward(x, conv.weight, conv.bias).shape
+    assert out.is_contiguous(memory_format=torch.channels_last)  # as PyTorch's own call returns it
 
 
 def test_small_batch_one_inputs_keep_torchs_call():
@@ -156,10 +162,7 @@ def test_a_replaced_weight_is_repacked_even_at_the_old_address_and_version():
     assert (shared.data_ptr(), shared._version) == (conv.weight.data_ptr(), conv.weight._version)
     shared.numpy()[:] *= -1
     conv.weight = torch.nn.Parameter(shared)
-    with torch.inference_mode():
-        out, prepacked = ran_prepacked(conv, x)
-    assert prepacked
-    assert_as_close_as_torch(out, conv, x)
+    prepacked_and_accurate(conv, x)
 
 
 def test_moved_weights_are_repacked():
@@ -169,10 +172,7 @@ def test_moved_weights_are_repacked():
     conv.double().float()  # new float32 parameters at new addresses
     with torch.no_grad():
         conv.weight.mul_(-1)
-    with torch.inference_mode():
-        out, prepacked = ran_prepacked(conv, x)
-    assert prepacked
-    assert_as_close_as_torch(out, conv, x)
+    prepacked_and_accurate(conv, x)
 
 
 def test_copies_and_pickles_of_a_prepacked_conv_work():
