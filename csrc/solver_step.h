@@ -19,7 +19,10 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace blitzdiff {
@@ -31,6 +34,48 @@ void solver_step_cpu(std::uintptr_t denoised, std::uintptr_t x_next, std::uintpt
                      double guidance_scale, const std::vector<std::uintptr_t>& terms,
                      const std::vector<double>& coefs, std::int64_t threads, std::uintptr_t guidance_rows,
                      std::int64_t row_size);
+
+// The sampling loop's fused stages prepared once, so that a stage's call passes only its pointers (the eager loop
+// calls one per network evaluation; blitzdiff.engine.fused_step). A SolverStepPlan holds each stage's scalars and
+// update coefficients (once per plan); a SolverStepRun adds what one run passes every stage (the state's size and
+// dtype, guidance, threads). The arithmetic is solver_step_cpu's.
+class SolverStepPlan {
+ public:
+  struct Stage {
+    double c_skip;
+    double c_out;
+    std::vector<double> coefs;  // the live terms' coefficients, in the order their pointers are passed
+  };
+  using StageTuple = std::tuple<double, double, std::vector<double>>;  // (c_skip, c_out, coefs)
+
+  // stages[k]: stage k's (c_skip, c_out, coefs), or nullopt where stage k is not run by the kernel.
+  explicit SolverStepPlan(const std::vector<std::optional<StageTuple>>& stages);
+  const std::vector<std::optional<Stage>>& stages() const { return stages_; }
+
+ private:
+  std::vector<std::optional<Stage>> stages_;
+};
+
+class SolverStepRun {
+ public:
+  SolverStepRun(std::shared_ptr<const SolverStepPlan> plan, std::int64_t n, const std::string& dtype, bool guided,
+                double guidance_scale, std::uintptr_t guidance_rows, std::int64_t row_size, std::int64_t threads);
+  // solver_step_cpu for stage `stage` of the plan: terms[0 .. count) its live terms' pointers (0: the new denoised);
+  // throws std::invalid_argument for a stage the plan does not fuse, a wrong term count or null outputs.
+  void operator()(std::int64_t stage, std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
+                  std::uintptr_t point, const std::uintptr_t* terms, std::size_t count) const;
+  std::int64_t size() const { return n_; }
+
+ private:
+  std::shared_ptr<const SolverStepPlan> plan_;
+  std::int64_t n_;
+  bool float64_ = false;
+  bool guided_;
+  double guidance_scale_;
+  std::uintptr_t guidance_rows_;
+  std::int64_t row_size_;
+  std::int64_t threads_;
+};
 
 #ifdef BLITZDIFF_WITH_CUDA
 // Enqueues the kernel on `stream` (a cudaStream_t as an integer) of the device whose context is current; does not

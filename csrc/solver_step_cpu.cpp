@@ -7,7 +7,10 @@
 // two-operation form of each step (acc + coef * t) follow the sampling loop's torch ops, so float64 agrees with it to
 // rounding.
 #include <algorithm>
+#include <memory>
+#include <optional>
 #include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "parallel.h"
@@ -76,15 +79,13 @@ BLITZDIFF_INLINE void accumulate_n(std::integer_sequence<int, Ks...>, std::size_
 template <typename T>
 BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point, std::int64_t n,
           bool guided, double c_skip, double c_out, double guidance_scale, const float* rows, std::int64_t row_size,
-          const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs, std::int64_t begin,
-          std::int64_t end) {
+          const std::uintptr_t* terms, const double* coefs, std::size_t count, std::int64_t begin, std::int64_t end) {
   auto* den = reinterpret_cast<T*>(denoised);
   auto* next = reinterpret_cast<T*>(x_next);
   const auto* o = reinterpret_cast<const T*>(out);
   const auto* p = reinterpret_cast<const T*>(point);
   // Scalars are rounded once to T, as PyTorch does for a Python float times a tensor of T.
   const T w = static_cast<T>(guidance_scale), skip = static_cast<T>(c_skip), cout = static_cast<T>(c_out);
-  const std::size_t count = terms.size();
   T coef[kMaxSolverStepTerms];
   for (std::size_t k = 0; k < count; ++k) coef[k] = static_cast<T>(coefs[k]);
   T g_buf[kChunk], d_buf[kChunk];  // d_buf: the chunk's denoised values when they are not stored
@@ -118,19 +119,19 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
 BLITZDIFF_CPU_CLONES void step_f32(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
                                    std::uintptr_t point, std::int64_t n, bool guided, double c_skip, double c_out,
                                    double guidance_scale, const float* rows, std::int64_t row_size,
-                                   const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs,
+                                   const std::uintptr_t* terms, const double* coefs, std::size_t count,
                                    std::int64_t begin, std::int64_t end) {
   step<float>(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
-           begin, end);
+           count, begin, end);
 }
 
 BLITZDIFF_CPU_CLONES void step_f64(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
                                    std::uintptr_t point, std::int64_t n, bool guided, double c_skip, double c_out,
                                    double guidance_scale, const float* rows, std::int64_t row_size,
-                                   const std::vector<std::uintptr_t>& terms, const std::vector<double>& coefs,
+                                   const std::uintptr_t* terms, const double* coefs, std::size_t count,
                                    std::int64_t begin, std::int64_t end) {
   step<double>(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
-           begin, end);
+           count, begin, end);
 }
 
 }  // namespace
@@ -154,6 +155,37 @@ void check_solver_step_args(std::uintptr_t denoised, std::uintptr_t x_next, std:
   }
 }
 
+namespace {
+
+using StepFn = decltype(&step_f32);
+
+StepFn step_for(const std::string& dtype, const char* op) {
+  if (dtype == "float32") return step_f32;
+  if (dtype == "float64") return step_f64;
+  throw std::invalid_argument(std::string(op) + ": dtype must be float32 or float64, got '" + dtype + "'");
+}
+
+void check_rows(const char* op, std::int64_t n, std::uintptr_t guidance_rows, std::int64_t row_size) {
+  if (guidance_rows != 0 && (row_size < 1 || n % row_size != 0)) {
+    throw std::invalid_argument(std::string(op) + ": with guidance_rows, row_size must be >= 1 and divide n (" +
+                                std::to_string(n) + "), got " + std::to_string(row_size));
+  }
+}
+
+// Whole chunks per thread: every element is computed the same way whatever the split (the same bits).
+void run_step(StepFn step_t, std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point,
+              std::int64_t n, bool guided, double c_skip, double c_out, double guidance_scale,
+              std::uintptr_t guidance_rows, std::int64_t row_size, const std::uintptr_t* terms, const double* coefs,
+              std::size_t count, std::int64_t threads) {
+  const auto* rows = reinterpret_cast<const float*>(guidance_rows);
+  parallel_ranges((n + kChunk - 1) / kChunk, kChunksPerThread, threads, [&](std::int64_t first, std::int64_t last) {
+    step_t(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
+           count, first * kChunk, std::min(last * kChunk, n));
+  });
+}
+
+}  // namespace
+
 void solver_step_cpu(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point,
                      std::int64_t n, bool guided, const std::string& dtype, double c_skip, double c_out,
                      double guidance_scale, const std::vector<std::uintptr_t>& terms,
@@ -161,20 +193,61 @@ void solver_step_cpu(std::uintptr_t denoised, std::uintptr_t x_next, std::uintpt
                      std::int64_t row_size) {
   check_solver_step_args(denoised, x_next, out, point, n, terms, coefs, /*denoised_optional=*/true);
   check_threads("solver_step_cpu", threads);
-  if (guidance_rows != 0 && (row_size < 1 || n % row_size != 0)) {
-    throw std::invalid_argument("solver_step_cpu: with guidance_rows, row_size must be >= 1 and divide n (" +
-                                std::to_string(n) + "), got " + std::to_string(row_size));
+  check_rows("solver_step_cpu", n, guidance_rows, row_size);
+  run_step(step_for(dtype, "solver_step_cpu"), denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale,
+           guidance_rows, row_size, terms.data(), coefs.data(), terms.size(), threads);
+}
+
+SolverStepPlan::SolverStepPlan(const std::vector<std::optional<StageTuple>>& stages) {
+  stages_.reserve(stages.size());
+  for (const auto& stage : stages) {
+    if (!stage) {
+      stages_.emplace_back();
+      continue;
+    }
+    const auto& [c_skip, c_out, coefs] = *stage;
+    if (coefs.size() > static_cast<std::size_t>(kMaxSolverStepTerms)) {
+      throw std::invalid_argument("SolverStepPlan: at most " + std::to_string(kMaxSolverStepTerms) +
+                                  " terms a stage, got " + std::to_string(coefs.size()));
+    }
+    stages_.emplace_back(Stage{c_skip, c_out, coefs});
   }
-  const auto* rows = reinterpret_cast<const float*>(guidance_rows);
-  auto* step_t = dtype == "float32" ? step_f32 : dtype == "float64" ? step_f64 : nullptr;
-  if (step_t == nullptr) {
-    throw std::invalid_argument("solver_step_cpu: dtype must be float32 or float64, got '" + dtype + "'");
+}
+
+SolverStepRun::SolverStepRun(std::shared_ptr<const SolverStepPlan> plan, std::int64_t n, const std::string& dtype,
+                             bool guided, double guidance_scale, std::uintptr_t guidance_rows, std::int64_t row_size,
+                             std::int64_t threads)
+    : plan_(std::move(plan)),
+      n_(n),
+      guided_(guided),
+      guidance_scale_(guidance_scale),
+      guidance_rows_(guidance_rows),
+      row_size_(row_size),
+      threads_(threads) {
+  if (plan_ == nullptr) throw std::invalid_argument("SolverStepRun: plan must not be None");
+  if (n < 0) throw std::invalid_argument("SolverStepRun: n must be >= 0, got " + std::to_string(n));
+  check_threads("SolverStepRun", threads);
+  check_rows("SolverStepRun", n, guidance_rows, row_size);
+  float64_ = step_for(dtype, "SolverStepRun") == step_f64;
+}
+
+void SolverStepRun::operator()(std::int64_t stage, std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
+                               std::uintptr_t point, const std::uintptr_t* terms, std::size_t count) const {
+  const auto& stages = plan_->stages();
+  if (stage < 0 || stage >= static_cast<std::int64_t>(stages.size()) || !stages[stage]) {
+    throw std::invalid_argument("solver_step_stage: stage " + std::to_string(stage) + " is not a fused stage of a " +
+                                std::to_string(stages.size()) + "-stage plan");
   }
-  // Whole chunks per thread: every element is computed the same way whatever the split (the same bits).
-  parallel_ranges((n + kChunk - 1) / kChunk, kChunksPerThread, threads, [&](std::int64_t first, std::int64_t last) {
-    step_t(denoised, x_next, out, point, n, guided, c_skip, c_out, guidance_scale, rows, row_size, terms, coefs,
-           first * kChunk, std::min(last * kChunk, n));
-  });
+  const SolverStepPlan::Stage& s = *stages[stage];
+  if (count != s.coefs.size()) {
+    throw std::invalid_argument("solver_step_stage: stage " + std::to_string(stage) + " takes " +
+                                std::to_string(s.coefs.size()) + " terms, got " + std::to_string(count));
+  }
+  if (n_ > 0 && (x_next == 0 || out == 0 || point == 0)) {
+    throw std::invalid_argument("solver_step_stage: x_next, out and point must be non-null pointers");
+  }
+  run_step(float64_ ? step_f64 : step_f32, denoised, x_next, out, point, n_, guided_, s.c_skip, s.c_out,
+           guidance_scale_, guidance_rows_, row_size_, terms, s.coefs.data(), count, threads_);
 }
 
 }  // namespace blitzdiff

@@ -13,8 +13,11 @@ by the Denoiser's own ops first, and the kernel does the rest.
 
 Why not through the op `blitzdiff::solver_step`: the op validates every argument on every call (about 20 us on small
 CPU tensors: more than the five ops of a DPM-Solver++ stage it replaces). Within one loop the shapes, dtype and
-device of the state, its histories and its noise never change, so the stages are prepared once (once per plan:
-Plan.memo) and per call only the tensors' dtype and layout are looked at. Eager only (`PlanRun` with step_backend
+device of the state, its histories and its noise never change, so the stages are prepared once: their scalars and
+coefficients once per plan (Plan.memo) in a `blitzdiff._C.SolverStepPlan`, what a run adds (size, dtype, guidance,
+threads) once per run in a `SolverStepRun`, and a stage's call passes only its pointers (`_C.solver_step_stage`:
+0.14 us a call with an empty state, against 0.55 us for `solver_step_cpu`'s 15 arguments). Per call only the
+tensors' dtype and layout are looked at. Eager only (`PlanRun` with step_backend
 "cpu"): torch.compile and export trace `combine`'s plain ops, which inductor fuses by itself, and CUDA graphs keep
 the "ref" path.
 """
@@ -61,9 +64,24 @@ class FusedStage(NamedTuple):  # a tuple: built for every stage of a plan, at a 
     c_out: float
     sources: tuple[tuple[str, int], ...]
     coefs: tuple[float, ...]
-    kernel: Callable  # blitzdiff._C.solver_step_cpu, looked up once per plan
+    kernel: Callable  # blitzdiff._C.solver_step_stage, looked up once per plan
     noise: bool  # whether a term reads fresh noise (the caller draws it)
     store: bool  # whether a later stage reads this stage's denoised estimate; if not, it is never written
+
+
+class FusedPlan(NamedTuple):
+    """What the loop derives from a plan (and the Denoiser's scalars) to run it fused: fused_plan."""
+
+    stages: list[FusedStage | None]  # per stage, its FusedStage or None (run unfused)
+    kernel: object  # the kernel's copy: a blitzdiff._C.SolverStepPlan of each fused stage's scalars and coefficients
+    histories: bool  # keeps_histories(plan)
+
+
+def fused_plan(plan: Plan, denoiser: Denoiser) -> FusedPlan:
+    """The plan's FusedPlan for the Denoiser's scalars, made once (Plan.memo): plans are shared by every run of a
+    sampler. Not per guidance scale, which run_constants reads from the Denoiser: a server's requests may bring any
+    number of scales. Where x0 is post-processed nothing is fused (fused_stages)."""
+    return plan.memo(("fused_plan", denoiser.scalars_key), lambda: _fused_plan(plan, denoiser.scalars))
 
 
 def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> list[FusedStage | None]:
@@ -71,13 +89,11 @@ def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> 
     the kernel takes); all None when x0 is post-processed."""
     if postprocess is not None:
         return [None] * len(plan.stages)
-    # once per plan and scalars (Plan.memo): plans are shared by every run of a sampler. Not per guidance scale,
-    # which run_constants reads from the Denoiser: a server's requests may bring any number of scales.
-    return plan.memo(("fused_stages", denoiser.scalars_key), lambda: _fused_stages(plan, denoiser.scalars))
+    return fused_plan(plan, denoiser).stages
 
 
-def _fused_stages(plan: Plan, scalars: Sequence) -> list[FusedStage | None]:
-    kernel = native("solver_step", "cpu").solver_step_cpu
+def _fused_plan(plan: Plan, scalars: Sequence) -> FusedPlan:
+    C = native("solver_step", "cpu")
     read = _read_later(plan)
     stages: list[FusedStage | None] = []
     for stage, c, store in zip(plan.stages, scalars, read, strict=True):
@@ -87,8 +103,10 @@ def _fused_stages(plan: Plan, scalars: Sequence) -> list[FusedStage | None]:
             stages.append(None)
             continue
         sources, coefs = zip(*terms, strict=True) if terms else ((), ())
-        stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, kernel, ("noise", 0) in sources, store))
-    return stages
+        stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, C.solver_step_stage, ("noise", 0) in sources,
+                                 store))
+    kernel = C.SolverStepPlan([None if f is None else (f.c_skip, f.c_out, list(f.coefs)) for f in stages])
+    return FusedPlan(stages, kernel, keeps_histories(plan))
 
 
 def _read_later(plan: Plan) -> list[bool]:
@@ -108,14 +126,13 @@ def _read_later(plan: Plan) -> list[bool]:
 
 def keeps_histories(plan: Plan) -> bool:
     """Whether a stage reads an earlier stage's denoised estimate or evaluation point (multistep samplers): the loop
-    must then keep them. A point combination's P_j is P_{m-1-j}; an update's P_j, j >= 1, is P_{m-j}. Once per plan."""
+    must then keep them. A point combination's P_j is P_{m-1-j}; an update's P_j, j >= 1, is P_{m-j}."""
 
     def reads_earlier_point(stage) -> bool:
         point = stage.point is not None and any(coef != 0.0 for coef in stage.point.points)
         return point or (stage.update is not None and any(coef != 0.0 for coef in stage.update.points[1:]))
 
-    return plan.memo("keeps_histories",
-                     lambda: any(_read_later(plan)) or any(reads_earlier_point(s) for s in plan.stages))
+    return any(_read_later(plan)) or any(reads_earlier_point(s) for s in plan.stages)
 
 
 def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
@@ -128,21 +145,17 @@ def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
 
 
 class RunConstants(NamedTuple):
-    """What every fused stage of one run passes the kernel besides its tensors and terms (run_constants)."""
+    """One run's kernel (run_constants): what every fused stage passes it besides its tensors is bound in it."""
 
-    n: int  # elements of the state x
-    dtype: str  # the kernel's name for x's dtype
-    threads: int
-    guided: bool  # whether the kernel applies guidance (out = [uncond; cond])
-    scale: float  # a number scale (guided, rows == 0), else 1
-    rows: int  # the data pointer of a float32 CPU scale tensor the kernel reads per sample, else 0
-    row_size: int  # elements per scale: x.numel() // scale.numel()
+    address: int  # kernel.address: what solver_step_stage takes
     guide_first: bool  # a scale of another dtype or device: the Denoiser's ops guide, the kernel does the rest
+    kernel: object  # the blitzdiff._C.SolverStepRun (held so that the address stays valid)
 
 
-def run_constants(denoiser: Denoiser, x: torch.Tensor) -> RunConstants:
-    """The kernel's per-run arguments, for the state x (float32 / float64 on the CPU: resolve_step_backend). A tensor
-    scale is read by the kernel from memory at every call, so a run keeps its pointer, not its values."""
+def run_constants(denoiser: Denoiser, x: torch.Tensor, plan: object) -> RunConstants:
+    """The run's kernel for the state x (float32 / float64 on the CPU: resolve_step_backend) and the kernel plan
+    `plan` (kernel_plan). A tensor scale is read by the kernel from memory at every call, so a run keeps its pointer,
+    not its values."""
     scale, rows, row_size, guided, guide_first = denoiser.guidance_scale, 0, 0, denoiser.guided, False
     if guided and isinstance(scale, torch.Tensor):  # per sample [B] or one 0-d scale
         if scale.dtype is torch.float32 and scale.is_cpu and scale.numel() in (1, x.shape[0]) and \
@@ -151,16 +164,17 @@ def run_constants(denoiser: Denoiser, x: torch.Tensor) -> RunConstants:
         else:  # another dtype or device
             guided, guide_first = False, True
     number = float(scale) if guided and not rows else 1.0
-    return RunConstants(x.numel(), _DTYPES[x.dtype], torch.get_num_threads(), guided, number, rows, row_size,
-                        guide_first)
+    kernel = native("solver_step", "cpu").SolverStepRun(plan, x.numel(), _DTYPES[x.dtype], guided, number, rows,
+                                                        row_size, torch.get_num_threads())
+    return RunConstants(kernel.address, guide_first, kernel)
 
 
 def run_fused(
-    step: FusedStage, run: RunConstants, denoiser: Denoiser, out: torch.Tensor, x: torch.Tensor,
+    step: FusedStage, k: int, run: RunConstants, denoiser: Denoiser, out: torch.Tensor, x: torch.Tensor,
     point: torch.Tensor, history: Sequence[torch.Tensor | None], points: Sequence[torch.Tensor],
     noise: torch.Tensor | None, plain: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-    """(denoised, x_next) of a fused stage from the network output `out` (Denoiser.network's), or None when a tensor
+    """(denoised, x_next) of fused stage k from the network output `out` (Denoiser.network's), or None when a tensor
     does not suit the kernel: another dtype or device than x (e.g. a half-precision network output), or a loop
     tensor that is not contiguous (e.g. a channels-last initial state); the caller then runs the stage unfused. An
     output in another layout (a convolution network with channels-last weights returns channels-last) is copied
@@ -191,9 +205,8 @@ def run_fused(
         out = denoiser.guide(out)
     # contiguous, as x is; an estimate no later stage reads is not stored (None in the loop's history)
     denoised, x_next = torch.empty_like(x) if step.store else None, torch.empty_like(x)
-    step.kernel(0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), point.data_ptr(),
-                run.n, run.guided, run.dtype, step.c_skip, step.c_out, run.scale, pointers, step.coefs, run.threads,
-                run.rows, run.row_size)
+    step.kernel(run.address, k, 0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(),
+                point.data_ptr(), *pointers)
     return denoised, x_next
 
 

@@ -16,8 +16,7 @@ from .denoiser import Denoiser
 from .fused_step import (
     FusedStage,
     draw_noise,
-    fused_stages,
-    keeps_histories,
+    fused_plan,
     resolve_step_backend,
     run_constants,
     run_fused,
@@ -91,16 +90,19 @@ class PlanRun:
         self.points: list[torch.Tensor] = []  # where each of them was evaluated
         self.raw: torch.Tensor | None = None
         self.depth = plan.history
-        fuse = resolve_step_backend(step_backend, x.device, x.dtype) == "cpu" and isinstance(denoise, Denoiser)
-        self.fused = fused_stages(plan, denoise, postprocess) if fuse else [None] * len(plan.stages)
+        # x0 post-processing (clip, thresholding) runs between the network and the update: not fused
+        fuse = resolve_step_backend(step_backend, x.device, x.dtype) == "cpu" and isinstance(denoise, Denoiser) and \
+            postprocess is None
+        fused = fused_plan(plan, denoise) if fuse else None
+        self.fused = fused.stages if fuse else [None] * len(plan.stages)
         # Whether every tensor the loop holds (x, histories, points, noise) is contiguous of x's dtype, so that a
         # fused stage checks only the network's output: true of the kernel's outputs (like x) and of `combine`'s
         # ops on such tensors; a stage run by the Denoiser's ops (on an output of any layout or dtype) rechecks.
         self.plain = fuse and x.is_contiguous()
         # Whether a fused stage must record its estimate and point: not where no stage reads an earlier stage's
         # (DDIM, Euler, ...; a stage run by the Denoiser's ops records its own, which its update reads).
-        self.histories = fuse and keeps_histories(plan)
-        self.constants = run_constants(denoise, x) if fuse else None
+        self.histories = fuse and fused.histories
+        self.constants = run_constants(denoise, x, fused.kernel) if fuse else None
 
     def _combine(self, c: Combination, stream: int) -> torch.Tensor:
         return combine(c, self.x, self.history, self.points, self.raw, self.seeds, stream, self.noise_backend)
@@ -132,11 +134,11 @@ class PlanRun:
         """The update of a fused stage from the network output `out`: one kernel call where it takes `out`."""
         noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
         if self.scope is None:
-            result = run_fused(fused, self.constants, self.denoise, out, self.x, point, self.history, self.points,
-                               noise, self.plain)
+            result = run_fused(fused, k, self.constants, self.denoise, out, self.x, point, self.history,
+                               self.points, noise, self.plain)
         else:  # profiled: the kernel is not a torch op, so it gets a range of its own that the op tables list
             with torch.profiler.record_function(FUSED_RANGE):
-                result = run_fused(fused, self.constants, self.denoise, out, self.x, point, self.history,
+                result = run_fused(fused, k, self.constants, self.denoise, out, self.x, point, self.history,
                                    self.points, noise, self.plain)
         if result is None:  # a network output the kernel does not take: the Denoiser's ops
             return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)

@@ -500,3 +500,73 @@ def test_cpu_denoised_zero_is_not_stored_and_x_next_is_unchanged(dtype):
     torch.testing.assert_close(stored[None], want[1])
     with pytest.raises(ValueError, match="x_next, out and point must be non-null"):
         solver_step_cpu(0, 0, out.data_ptr(), x.data_ptr(), n, True, name, 1.1, -0.2, 2.5, terms, coefs, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("guidance", ["none", "number", "rows"])
+def test_cpu_prepared_stages_equal_solver_step_cpu(dtype, guidance):
+    """A SolverStepRun (the eager loop's per-run kernel) called through solver_step_stage gives solver_step_cpu's bits
+    for each fused stage of its plan (its scalars and coefficients), and the spec's values to rounding; stages of
+    2 threads' worth of chunks, with a tail."""
+    from blitzdiff._C import SolverStepPlan, SolverStepRun, solver_step_cpu, solver_step_stage
+
+    batch, size = 2, 40 * 1024 + 3
+    gen = torch.Generator().manual_seed(3)
+    guided = guidance != "none"
+    out = torch.randn(2 * batch if guided else batch, size, generator=gen, dtype=dtype)
+    x, h = (torch.randn(batch, size, generator=gen, dtype=dtype) for _ in range(2))
+    scales = torch.tensor([2.0, -1.5])  # float32, one per sample
+    rows, row_size = (scales.data_ptr(), size) if guidance == "rows" else (0, 0)
+    number = 3.0 if guidance == "number" else 1.0
+    name = str(dtype).removeprefix("torch.")
+    stages = [None, (1.1, -0.2, [0.9, 0.3, 0.1]), (0.0, 0.7, [0.5])]  # stage 2: sample prediction, D_0 alone
+    run = SolverStepRun(SolverStepPlan(stages), x.numel(), name, guided, number, rows, row_size, 2)
+    for k, terms in ((1, [x.data_ptr(), 0, h.data_ptr()]), (2, [0])):
+        c_skip, c_out, coefs = stages[k]
+        got, want = (torch.empty_like(x), torch.empty_like(x)), (torch.empty_like(x), torch.empty_like(x))
+        solver_step_stage(run.address, k, got[0].data_ptr(), got[1].data_ptr(), out.data_ptr(), x.data_ptr(), *terms)
+        solver_step_cpu(want[0].data_ptr(), want[1].data_ptr(), out.data_ptr(), x.data_ptr(), x.numel(), guided, name,
+                        c_skip, c_out, number, terms, coefs, 1, rows, row_size)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        for i in range(batch):  # the spec, sample by sample with its scale
+            sample = torch.stack([out[i], out[batch + i]]) if guided else out[i:i + 1]
+            scale = scales[i].item() if guidance == "rows" else number
+            b, history = ([coefs[1], coefs[2]], [h[i:i + 1]]) if k == 1 else ([coefs[0]], [])
+            spec = solver_step_ref(sample, x[i:i + 1], None, history, [], None, c_skip, c_out, scale,
+                                   coefs[0] if k == 1 else 0.0, b, [], 0.0)
+            torch.testing.assert_close(got[0][i:i + 1], spec[0])
+            torch.testing.assert_close(got[1][i:i + 1], spec[1])
+
+
+def test_cpu_prepared_stage_refuses_bad_calls():
+    """Each wrong call of the prepared kernel says what was wrong, and writes nothing."""
+    from blitzdiff._C import SolverStepPlan, SolverStepRun, solver_step_stage
+
+    x, out, x_next = torch.randn(8), torch.randn(8), torch.zeros(8)
+    plan = SolverStepPlan([None, (1.0, -0.5, [0.9, 0.1])])
+    run = SolverStepRun(plan, 8, "float32", False, 1.0, 0, 0, 1)
+    pointers = (x_next.data_ptr(), out.data_ptr(), x.data_ptr())
+    bad = {
+        "stage 0 is not a fused stage of a 2-stage plan": (run.address, 0, 0, *pointers, x.data_ptr(), 0),
+        "stage 2 is not a fused stage": (run.address, 2, 0, *pointers, x.data_ptr(), 0),
+        "stage 1 takes 2 terms, got 1": (run.address, 1, 0, *pointers, x.data_ptr()),
+        "x_next, out and point must be non-null": (run.address, 1, 0, 0, *pointers[1:], x.data_ptr(), 0),
+        "a SolverStepRun's address, got 0": (0, 1, 0, *pointers, x.data_ptr(), 0),
+        "at most 10 term pointers, got 5 arguments": (run.address, 1, 0, *pointers[:2]),
+        "can't convert negative int": (run.address, -1, 0, *pointers, x.data_ptr(), 0),
+        "an integer is required": (run.address, 1, 0, *pointers, 1.5, 0),
+    }
+    for message, args in bad.items():
+        with pytest.raises((ValueError, TypeError, OverflowError), match=message):
+            solver_step_stage(*args)
+    assert torch.equal(x_next, torch.zeros(8))
+    for message, args in {
+        "dtype must be float32 or float64, got 'float16'": (plan, 8, "float16", False, 1.0, 0, 0, 1),
+        "threads must be >= 1, got 0": (plan, 8, "float32", False, 1.0, 0, 0, 0),
+        r"row_size must be >= 1 and divide n \(8\), got 3": (plan, 8, "float32", True, 1.0, x.data_ptr(), 3, 1),
+        "n must be >= 0, got -1": (plan, -1, "float32", False, 1.0, 0, 0, 1),
+    }.items():
+        with pytest.raises(ValueError, match=message):
+            SolverStepRun(*args)
+    with pytest.raises(ValueError, match="at most 10 terms a stage, got 11"):
+        SolverStepPlan([(1.0, 1.0, [0.1] * 11)])
