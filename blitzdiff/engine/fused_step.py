@@ -24,6 +24,7 @@ the "ref" path.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -172,7 +173,7 @@ def run_constants(denoiser: Denoiser, x: torch.Tensor, plan: object) -> RunConst
 def run_fused(
     step: FusedStage, k: int, run: RunConstants, denoiser: Denoiser, out: torch.Tensor, x: torch.Tensor,
     point: torch.Tensor, history: Sequence[torch.Tensor | None], points: Sequence[torch.Tensor],
-    noise: torch.Tensor | None, plain: bool = False,
+    noise: torch.Tensor | None, plain: bool = False, buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """(denoised, x_next) of fused stage k from the network output `out` (Denoiser.network's), or None when a tensor
     does not suit the kernel: another dtype or device than x (e.g. a half-precision network output), or a loop
@@ -182,8 +183,9 @@ def run_fused(
     no later stage reads it (step.store). run: run_constants(denoiser, x) of the run's initial state (the states
     after it keep its shape, dtype and device). history / points: the loop's, oldest first, before this stage's
     entries; x, point, noise: [B, ...] on the CPU. plain: the caller knows x, point, noise and the histories to be
-    contiguous of x's dtype (PlanRun tracks it), so only `out` is checked. Per call this does no more than the checks
-    that keep the kernel's pointers valid: it runs once per stage of every eager sampling loop."""
+    contiguous of x's dtype (PlanRun tracks it), so only `out` is checked. buffer: where to write x_next, a contiguous
+    tensor like x that nothing else references (unshared), else None: a new one. Per call this does no more than the
+    checks that keep the kernel's pointers valid: it runs once per stage of every eager sampling loop."""
     dtype = x.dtype
     if out.dtype is not dtype or not out.is_cpu:
         return None
@@ -204,10 +206,20 @@ def run_fused(
     if run.guide_first:
         out = denoiser.guide(out)
     # contiguous, as x is; an estimate no later stage reads is not stored (None in the loop's history)
-    denoised, x_next = torch.empty_like(x) if step.store else None, torch.empty_like(x)
+    denoised = torch.empty_like(x) if step.store else None
+    x_next = torch.empty_like(x) if buffer is None else buffer
     step.kernel(run.address, k, 0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(),
                 point.data_ptr(), *pointers)
     return denoised, x_next
+
+
+def unshared(t: torch.Tensor) -> bool:
+    """Whether the caller's attribute is the only reference to tensor t and its memory: no other Python reference
+    (getrefcount counts the attribute, this parameter and its own argument), no C++ one to the tensor (a view's
+    base, a DLPack capsule) and none to its storage but the tensor's and its Python object's (views, `set_`,
+    `.numpy()` arrays). Then writing into t changes nothing anyone can read (tests/engine/test_fused_step.py)."""
+    return sys.getrefcount(t) == 3 and t._use_count() == 1 and \
+        torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
 
 
 def draw_noise(seeds: torch.Tensor, stream: int, like: torch.Tensor, backend: str) -> torch.Tensor:

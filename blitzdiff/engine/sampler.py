@@ -20,6 +20,7 @@ from .fused_step import (
     resolve_step_backend,
     run_constants,
     run_fused,
+    unshared,
 )
 from .noise import gaussian
 from .plan import Combination, Plan, Stage
@@ -71,7 +72,10 @@ class PlanRun:
     "cpu" (guidance, preconditioning and update in one kernel call where a stage allows it: blitzdiff.engine.
     fused_step; float32 / float64 CPU tensors, `denoise` a Denoiser, an eager loop) or "auto" ("cpu" where it can).
     Tensors are never mutated in place: a stage only rebinds x and the histories, so the tensors one captured stage
-    leaves behind are the static inputs of the next.
+    leaves behind are the static inputs of the next. The one exception, in fused CPU runs that keep no histories: the
+    state two stages back, a buffer this run's kernel wrote, is written again when nothing but the loop references it
+    any more (`unshared`), which keeps a run's state in two buffers (glibc's aligned allocations would otherwise cycle
+    through three or more: a larger cache footprint).
     """
 
     def __init__(self, plan: Plan, denoise: Denoise, x: torch.Tensor, seeds: torch.Tensor,
@@ -90,6 +94,8 @@ class PlanRun:
         self.points: list[torch.Tensor] = []  # where each of them was evaluated
         self.raw: torch.Tensor | None = None
         self.depth = plan.history
+        self.spare: torch.Tensor | None = None  # the previous state, a kernel output of this run (recycled)
+        self.ours = False  # whether x is a kernel output of this run
         # x0 post-processing (clip, thresholding) runs between the network and the update: not fused
         fuse = resolve_step_backend(step_backend, x.device, x.dtype) == "cpu" and isinstance(denoise, Denoiser) and \
             postprocess is None
@@ -102,6 +108,9 @@ class PlanRun:
         # Whether a fused stage must record its estimate and point: not where no stage reads an earlier stage's
         # (DDIM, Euler, ...; a stage run by the Denoiser's ops records its own, which its update reads).
         self.histories = fuse and fused.histories
+        # Whether a fused stage may write its x_next into the previous state's buffer (never where histories hold
+        # states, or the checks would only cost time)
+        self.recycle = fuse and not self.histories
         self.constants = run_constants(denoise, x, fused.kernel) if fuse else None
 
     def _combine(self, c: Combination, stream: int) -> torch.Tensor:
@@ -133,16 +142,22 @@ class PlanRun:
     def _update_fused(self, stage: Stage, k: int, fused: FusedStage, out: torch.Tensor, point: torch.Tensor) -> None:
         """The update of a fused stage from the network output `out`: one kernel call where it takes `out`."""
         noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
+        buffer = self.spare if self.spare is not None and unshared(self.spare) else None
+        self.spare = None
         if self.scope is None:
             result = run_fused(fused, k, self.constants, self.denoise, out, self.x, point, self.history,
-                               self.points, noise, self.plain)
+                               self.points, noise, self.plain, buffer)
         else:  # profiled: the kernel is not a torch op, so it gets a range of its own that the op tables list
             with torch.profiler.record_function(FUSED_RANGE):
                 result = run_fused(fused, k, self.constants, self.denoise, out, self.x, point, self.history,
-                                   self.points, noise, self.plain)
+                                   self.points, noise, self.plain, buffer)
         if result is None:  # a network output the kernel does not take: the Denoiser's ops
+            self.ours = False
             return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
+        if self.recycle and self.ours:
+            self.spare = self.x
         self.raw, self.x = result
+        self.ours = True
         if self.histories:
             self._remember(self.raw, point)
 

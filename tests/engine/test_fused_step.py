@@ -338,3 +338,65 @@ def test_seeds_of_another_batch_than_the_state_are_named(shape):
         with pytest.raises(ValueError, match=re.escape(f"seeds must hold one seed per sample, shape (2,) for the "
                                                        f"state x of shape (2, 3, 6, 5), got {shape}")):
             run_plan(plan, denoiser, x, wrong, post, "cpu", step_backend=backend)
+
+
+def run_stages(plan, denoiser, x, seeds, post):
+    """(the fused run's output, the data pointers of its states after each stage)."""
+    run = PlanRun(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu")
+    pointers = []
+    for k in range(len(plan.stages)):
+        run.stage(k)
+        pointers.append(run.x.data_ptr())
+    return run.output(), pointers
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "euler_ancestral"])
+def test_a_first_order_run_keeps_its_state_in_two_buffers(name):
+    """Where no history holds states, a fused stage writes its x_next into the state two stages back, a buffer of the
+    run's own that nothing else references: two buffers for the whole run, and the unfused loop's samples."""
+    plan, denoiser, x, seeds, post = parts(name, 3.0, steps=8)
+    out, pointers = run_stages(plan, denoiser, x, seeds, post)
+    assert len(set(pointers)) == 2 and pointers[2::2] == [pointers[0]] * len(pointers[2::2])
+    torch.testing.assert_close(out, run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref"),
+                               rtol=1e-12, atol=1e-12)
+
+
+KEEPERS = {  # how a network may keep what it was given: each must keep the buffer from being written again
+    "the tensor": lambda x: x,
+    "a view": lambda x: x.view(-1),
+    "a slice": lambda x: x[:1],
+    "a numpy array": lambda x: x.numpy(),
+    "a DLPack capsule": torch.utils.dlpack.to_dlpack,
+    "a tensor sharing its storage": lambda x: torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), 0, x.shape),
+    "an autograd graph": lambda x: saved_by_autograd(x),
+}
+
+
+def saved_by_autograd(x):
+    """x * w with w requiring grad: the graph's node holds x itself (C++), not its Python object."""
+    with torch.enable_grad():
+        return x * torch.ones((), dtype=x.dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("keep", list(KEEPERS))
+@pytest.mark.parametrize("name", ["euler", "ddim"])
+def test_a_state_the_network_kept_is_never_written(name, keep):
+    """A network that keeps its inputs (or views, arrays or capsules of their memory) finds them unchanged after the
+    run, and the run's samples are the unfused loop's."""
+    kept, copies = [], []
+
+    def keeping(x, t, y):
+        kept.append(KEEPERS[keep](x))
+        copies.append(x.clone())
+        return network(x, t, y)
+
+    plan, denoiser, x, seeds, post = parts(name, 1.0, fn=keeping, steps=8)
+    out, pointers = run_stages(plan, denoiser, x, seeds, post)
+    assert len(set(pointers)) == len(pointers)  # nothing recycled
+    for held, copy in zip(kept, copies, strict=True):
+        held = torch.utils.dlpack.from_dlpack(held) if keep == "a DLPack capsule" else held
+        held = torch.from_numpy(held) if keep == "a numpy array" else held
+        held = held.grad_fn._saved_self if keep == "an autograd graph" else held
+        assert torch.equal(held.reshape(-1)[:held.numel()], copy.reshape(-1)[:held.numel()])
+    torch.testing.assert_close(out, run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref"),
+                               rtol=1e-12, atol=1e-12)
