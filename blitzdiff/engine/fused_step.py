@@ -94,7 +94,7 @@ def fused_stages(plan: Plan, denoiser: Denoiser, postprocess: object | None) -> 
 
 
 def _fused_plan(plan: Plan, scalars: Sequence) -> FusedPlan:
-    C = native("solver_step", "cpu")
+    extension = native("solver_step", "cpu")
     read = _read_later(plan)
     stages: list[FusedStage | None] = []
     for stage, c, store in zip(plan.stages, scalars, read, strict=True):
@@ -104,9 +104,9 @@ def _fused_plan(plan: Plan, scalars: Sequence) -> FusedPlan:
             stages.append(None)
             continue
         sources, coefs = zip(*terms, strict=True) if terms else ((), ())
-        stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, C.solver_step_stage, ("noise", 0) in sources,
-                                 store))
-    kernel = C.SolverStepPlan([None if f is None else (f.c_skip, f.c_out, list(f.coefs)) for f in stages])
+        stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, extension.solver_step_stage,
+                                 ("noise", 0) in sources, store))
+    kernel = extension.SolverStepPlan([None if f is None else (f.c_skip, f.c_out, list(f.coefs)) for f in stages])
     return FusedPlan(stages, kernel, keeps_histories(plan))
 
 
@@ -155,8 +155,8 @@ class RunConstants(NamedTuple):
 
 def run_constants(denoiser: Denoiser, x: torch.Tensor, plan: object) -> RunConstants:
     """The run's kernel for the state x (float32 / float64 on the CPU: resolve_step_backend) and the kernel plan
-    `plan` (kernel_plan). A tensor scale is read by the kernel from memory at every call, so a run keeps its pointer,
-    not its values."""
+    `plan` (FusedPlan.kernel). A tensor scale is read by the kernel from memory at every call, so a run keeps its
+    pointer, not its values."""
     scale, rows, row_size, guided, guide_first = denoiser.guidance_scale, 0, 0, denoiser.guided, False
     if guided and isinstance(scale, torch.Tensor):  # per sample [B] or one 0-d scale
         if scale.dtype is torch.float32 and scale.is_cpu and scale.numel() in (1, x.shape[0]) and \

@@ -152,7 +152,6 @@ class PlanRun:
                 result = run_fused(fused, k, self.constants, self.denoise, out, self.x, point, self.history,
                                    self.points, noise, self.plain, buffer)
         if result is None:  # a network output the kernel does not take: the Denoiser's ops
-            self.ours = False
             return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
         if self.recycle and self.ours:
             self.spare = self.x
@@ -163,7 +162,7 @@ class PlanRun:
 
     def _record(self, stage: Stage, k: int, raw: torch.Tensor, point: torch.Tensor) -> None:
         """The end of a stage run by the Denoiser's and `combine`'s ops, from its denoised estimate `raw`."""
-        self.raw = raw
+        self.raw, self.ours = raw, False
         clean = raw if self.postprocess is None else self.postprocess(raw)
         self._remember(clean, point)
         if stage.update is not None:
