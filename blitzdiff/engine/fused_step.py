@@ -215,11 +215,33 @@ def run_fused(
 
 def unshared(t: torch.Tensor) -> bool:
     """Whether the caller's attribute is the only reference to tensor t and its memory: no other Python reference
-    (getrefcount counts the attribute, this parameter and its own argument), no C++ one to the tensor (a view's
+    (getrefcount as for an object held by one attribute alone: _SOLE_REFERENCE), no C++ one to the tensor (a view's
     base, a DLPack capsule) and none to its storage but the tensor's and its Python object's (views, `set_`,
     `.numpy()` arrays). Then writing into t changes nothing anyone can read (tests/engine/test_fused_step.py)."""
-    return sys.getrefcount(t) == 3 and t._use_count() == 1 and \
+    return sys.getrefcount(t) == _SOLE_REFERENCE and t._use_count() == 1 and \
         torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+
+
+def _references(t: object) -> int:
+    """sys.getrefcount(t) as unshared reads it (the same call shape)."""
+    return sys.getrefcount(t)
+
+
+class _Holder:
+    only: object
+
+
+def _sole_reference() -> int:
+    """What _references reports for an object held by one attribute alone, passed as unshared's argument is: 3 on
+    CPython 3.11 (the attribute, the parameter, getrefcount's own argument). Measured rather than assumed, since
+    interpreters that borrow references to locals count fewer, and a count assumed too high would let a shared
+    tensor pass for unshared."""
+    holder = _Holder()
+    holder.only = object()
+    return _references(holder.only)
+
+
+_SOLE_REFERENCE = _sole_reference()
 
 
 def draw_noise(seeds: torch.Tensor, stream: int, like: torch.Tensor, backend: str) -> torch.Tensor:
