@@ -138,6 +138,16 @@ BLITZDIFF_CPU_CLONES void step_f64(std::uintptr_t denoised, std::uintptr_t x_nex
            count, begin, end);
 }
 
+// std::invalid_argument ("<op>: x_next, out and point must be non-null pointers", denoised too unless optional)
+// when a call with n > 0 elements lacks one of its buffers.
+void check_pointers(const std::string& op, std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
+                    std::uintptr_t point, std::int64_t n, bool denoised_optional) {
+  if (n > 0 && ((denoised == 0 && !denoised_optional) || x_next == 0 || out == 0 || point == 0)) {
+    throw std::invalid_argument(op + (denoised_optional ? ": " : ": denoised, ") +
+                                "x_next, out and point must be non-null pointers");
+  }
+}
+
 }  // namespace
 
 void check_solver_step_args(std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out, std::uintptr_t point,
@@ -152,11 +162,7 @@ void check_solver_step_args(std::uintptr_t denoised, std::uintptr_t x_next, std:
     throw std::invalid_argument("solver_step: at most " + std::to_string(kMaxSolverStepTerms) + " terms, got " +
                                 std::to_string(terms.size()));
   }
-  if (n > 0 && ((denoised == 0 && !denoised_optional) || x_next == 0 || out == 0 || point == 0)) {
-    throw std::invalid_argument(denoised_optional
-                                    ? "solver_step: x_next, out and point must be non-null pointers"
-                                    : "solver_step: denoised, x_next, out and point must be non-null pointers");
-  }
+  check_pointers("solver_step", denoised, x_next, out, point, n, denoised_optional);
 }
 
 namespace {
@@ -247,9 +253,7 @@ void SolverStepRun::operator()(std::int64_t stage, std::uintptr_t denoised, std:
     throw std::invalid_argument("solver_step_stage: stage " + std::to_string(stage) + " takes " +
                                 std::to_string(s.coefs.size()) + " terms, got " + std::to_string(count));
   }
-  if (n_ > 0 && (x_next == 0 || out == 0 || point == 0)) {
-    throw std::invalid_argument("solver_step_stage: x_next, out and point must be non-null pointers");
-  }
+  check_pointers("solver_step_stage", denoised, x_next, out, point, n_, /*denoised_optional=*/true);
   run_step(float64_ ? step_f64 : step_f32, denoised, x_next, out, point, n_, guided_, s.c_skip, s.c_out,
            guidance_scale_, guidance_rows_, row_size_, terms, s.coefs.data(), count, threads_);
 }
