@@ -148,9 +148,8 @@ def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
 class RunConstants(NamedTuple):
     """One run's kernel (run_constants): what every fused stage passes it besides its tensors is bound in it."""
 
-    address: int  # kernel.address: what solver_step_stage takes
     guide_first: bool  # a scale of another dtype or device: the Denoiser's ops guide, the kernel does the rest
-    kernel: object  # the blitzdiff._C.SolverStepRun (held so that the address stays valid)
+    kernel: object  # the blitzdiff._C.SolverStepRun: what solver_step_stage takes
 
 
 def run_constants(denoiser: Denoiser, x: torch.Tensor, plan: object) -> RunConstants:
@@ -167,7 +166,7 @@ def run_constants(denoiser: Denoiser, x: torch.Tensor, plan: object) -> RunConst
     number = float(scale) if guided and not rows else 1.0
     kernel = native("solver_step", "cpu").SolverStepRun(plan, x.numel(), _DTYPES[x.dtype], guided, number, rows,
                                                         row_size, torch.get_num_threads())
-    return RunConstants(kernel.address, guide_first, kernel)
+    return RunConstants(guide_first, kernel)
 
 
 def run_fused(
@@ -208,7 +207,7 @@ def run_fused(
     # contiguous, as x is; an estimate no later stage reads is not stored (None in the loop's history)
     denoised = torch.empty_like(x) if step.store else None
     x_next = torch.empty_like(x) if buffer is None else buffer
-    step.kernel(run.address, k, 0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(),
+    step.kernel(run.kernel, k, 0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(),
                 point.data_ptr(), *pointers)
     return denoised, x_next
 

@@ -524,7 +524,7 @@ def test_cpu_prepared_stages_equal_solver_step_cpu(dtype, guidance):
     for k, terms in ((1, [x.data_ptr(), 0, h.data_ptr()]), (2, [0])):
         c_skip, c_out, coefs = stages[k]
         got, want = (torch.empty_like(x), torch.empty_like(x)), (torch.empty_like(x), torch.empty_like(x))
-        solver_step_stage(run.address, k, got[0].data_ptr(), got[1].data_ptr(), out.data_ptr(), x.data_ptr(), *terms)
+        solver_step_stage(run, k, got[0].data_ptr(), got[1].data_ptr(), out.data_ptr(), x.data_ptr(), *terms)
         solver_step_cpu(want[0].data_ptr(), want[1].data_ptr(), out.data_ptr(), x.data_ptr(), x.numel(), guided, name,
                         c_skip, c_out, number, terms, coefs, 1, rows, row_size)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
@@ -547,14 +547,15 @@ def test_cpu_prepared_stage_refuses_bad_calls():
     run = SolverStepRun(plan, 8, "float32", False, 1.0, 0, 0, 1)
     pointers = (x_next.data_ptr(), out.data_ptr(), x.data_ptr())
     bad = {
-        "stage 0 is not a fused stage of a 2-stage plan": (run.address, 0, 0, *pointers, x.data_ptr(), 0),
-        "stage 2 is not a fused stage": (run.address, 2, 0, *pointers, x.data_ptr(), 0),
-        "stage 1 takes 2 terms, got 1": (run.address, 1, 0, *pointers, x.data_ptr()),
-        "x_next, out and point must be non-null": (run.address, 1, 0, 0, *pointers[1:], x.data_ptr(), 0),
-        "a SolverStepRun's address, got 0": (0, 1, 0, *pointers, x.data_ptr(), 0),
-        "at most 10 term pointers, got 5 arguments": (run.address, 1, 0, *pointers[:2]),
-        "can't convert negative int": (run.address, -1, 0, *pointers, x.data_ptr(), 0),
-        "an integer is required": (run.address, 1, 0, *pointers, 1.5, 0),
+        "stage 0 is not a fused stage of a 2-stage plan": (run, 0, 0, *pointers, x.data_ptr(), 0),
+        "stage 2 is not a fused stage": (run, 2, 0, *pointers, x.data_ptr(), 0),
+        "stage 1 takes 2 terms, got 1": (run, 1, 0, *pointers, x.data_ptr()),
+        "x_next, out and point must be non-null": (run, 1, 0, 0, *pointers[1:], x.data_ptr(), 0),
+        "run must be a SolverStepRun, got int": (0, 1, 0, *pointers, x.data_ptr(), 0),
+        "run must be a SolverStepRun, got blitzdiff._C.SolverStepPlan": (plan, 1, 0, *pointers, x.data_ptr(), 0),
+        "at most 10 term pointers, got 5 arguments": (run, 1, 0, *pointers[:2]),
+        "can't convert negative int": (run, -1, 0, *pointers, x.data_ptr(), 0),
+        "an integer is required": (run, 1, 0, *pointers, 1.5, 0),
     }
     for message, args in bad.items():
         with pytest.raises((ValueError, TypeError, OverflowError), match=message):
