@@ -9,6 +9,7 @@
 
 #include "attention.h"
 #include "adaln_modulate.h"
+#include "conv2d.h"
 #include "gaussian_noise.h"
 #include "gelu.h"
 #include "group_norm.h"
@@ -147,6 +148,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), py::arg("channels_last"), py::arg("silu"), py::arg("dtype"), py::arg("param_dtype"),
         py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
         "out = GroupNorm(x) [* weight + bias] [* (1 + scale) + shift] [-> SiLU] [+ residual]; 0 drops a term.");
+
+  py::class_<blitzdiff::Conv2dNhwc>(m, "Conv2dNhwc",
+                                    "A direct NHWC float32 convolution with its packed weight (conv2d.h).")
+      .def(py::init<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                    std::int64_t, std::uintptr_t>(),
+           py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_h"), py::arg("kernel_w"),
+           py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("packed_weight"))
+      .def("run", &blitzdiff::Conv2dNhwc::run, py::arg("out"), py::arg("x"), py::arg("bias"), py::arg("batch"),
+           py::arg("height"), py::arg("width"), py::arg("threads"), py::arg("generic") = false,
+           py::call_guard<py::gil_scoped_release>(),
+           "out [batch, out_h, out_w, out_channels] = conv(x [batch, height, width, in_channels]) + bias (0: none) on "
+           "up to `threads` threads; generic: the portable loop even where the AVX-512 one runs.");
+  m.def("conv2d_nhwc_isa", &blitzdiff::conv2d_nhwc_isa,
+        "'avx512f' where this CPU runs Conv2dNhwc's AVX-512 loop, else 'generic'.");
 
 #ifdef BLITZDIFF_WITH_CUDA
   m.def("solver_update_cuda", &blitzdiff::solver_update_cuda, py::arg("out"), py::arg("x"), py::arg("d0"),

@@ -27,16 +27,32 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ..kernels._backends import eager_cpu
+from ..kernels._backends import cpu_kernel, eager_cpu
 
 # PyTorch's own threshold: a batch-1 input with more elements runs oneDNN there too (use_mkldnn, see above)
 ONEDNN_MIN_INPUT = 20480
+DIRECT_LANES = 16  # output channels per block of the direct kernel's packed weight (csrc/conv2d.h)
 
 
 @functools.cache
 def onednn_available() -> bool:
     """Whether this torch build has oneDNN (x86 and ARM wheels do)."""
     return torch.backends.mkldnn.is_available()
+
+
+def direct_pays(shape: torch.Size) -> bool:
+    """Whether a convolution of an input of `shape` runs faster by blitzdiff's direct NHWC kernel
+    (blitzdiff._C.Conv2dNhwc, csrc/conv2d_cpu.cpp) than by PyTorch's own call: where PyTorch takes its im2col path
+    (not `prepack_pays`) on a CPU where the kernel's AVX-512 loop runs, the only one it was measured on (module
+    docstring)."""
+    return not prepack_pays(shape) and direct_isa() == "avx512f"
+
+
+@functools.cache
+def direct_isa() -> str | None:
+    """The loop blitzdiff._C.Conv2dNhwc runs on this CPU ("avx512f" or "generic"), None without blitzdiff._C."""
+    isa = cpu_kernel("conv2d_nhwc_isa")
+    return None if isa is None else isa()
 
 
 def prepack_pays(shape: torch.Size) -> bool:
@@ -50,17 +66,19 @@ def prepack_pays(shape: torch.Size) -> bool:
 
 
 class PrepackedWeight:
-    """A Conv2d's prepacking state: `plan` = (input shape, whether prepacking pays for it: `prepack_pays` and the
-    module's own settings), `entry` = (a weak reference to the weight it was made from, that weight's address and
-    version counter then, the weight in oneDNN's layout). The weight itself is compared too, not only its address: a
-    replaced parameter may be given a freed one's memory. An opaque oneDNN tensor has no storage to copy or pickle,
-    so copies of the module start without either."""
+    """A Conv2d's packing state: `plan` = (input shape, the path calls of that shape take when their tensors allow
+    it: "onednn", "direct" or None for PyTorch's own call), and per path an entry (a weak reference to the weight it
+    was made from, that weight's address and version counter then, what was made from it: for "onednn" the weight in
+    oneDNN's layout, for "direct" the blocked weight and the blitzdiff._C.Conv2dNhwc reading it). The weight itself
+    is compared too, not only its address: a replaced parameter may be given a freed one's memory. Neither an opaque
+    oneDNN tensor nor a C++ object can be copied or pickled, so copies of the module start without them."""
 
-    __slots__ = ("plan", "entry")
+    __slots__ = ("plan", "onednn", "direct")
 
     def __init__(self):
-        self.plan: tuple[torch.Size, bool] | None = None
-        self.entry: tuple[weakref.ref, int, int, Tensor] | None = None
+        self.plan: tuple[torch.Size, str | None] | None = None
+        self.onednn: tuple[weakref.ref, int, int, Tensor] | None = None
+        self.direct: tuple[weakref.ref, int, int, tuple[Tensor, object]] | None = None
 
     def __deepcopy__(self, memo: dict) -> PrepackedWeight:
         return PrepackedWeight()
@@ -69,11 +87,36 @@ class PrepackedWeight:
         return PrepackedWeight, ()
 
 
+def _made_from(entry: tuple | None, weight: Tensor) -> bool:
+    """Whether a PrepackedWeight entry was made from `weight` as it is now (same tensor, address and version; an
+    inference tensor, which has no version counter and stays one, is entered with version None and nothing made)."""
+    return (entry is not None and entry[0]() is weight and entry[1] == weight.data_ptr()
+            and (entry[2] is None or entry[2] == weight._version))
+
+
+def _entry(weight: Tensor, make) -> tuple:
+    """A PrepackedWeight entry for `weight`: make(weight) for a float32 weight that is no inference tensor, else
+    None (PyTorch's call runs)."""
+    if weight.is_inference():
+        return weakref.ref(weight), weight.data_ptr(), None, None
+    return weakref.ref(weight), weight.data_ptr(), weight._version, (
+        make(weight) if weight.dtype == torch.float32 else None)
+
+
+def pack_direct(weight: Tensor) -> Tensor:
+    """[O, C, KH, KW] -> blitzdiff._C.Conv2dNhwc's blocked weight [ceil(O / 16), KH, KW, C, 16], zero past O."""
+    out_channels, in_channels, kernel_h, kernel_w = weight.shape
+    blocks = -(-out_channels // DIRECT_LANES)
+    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, 0, 0, 0, 0, blocks * DIRECT_LANES - out_channels))
+    return padded.reshape(blocks, DIRECT_LANES, in_channels, kernel_h, kernel_w).permute(0, 3, 4, 2, 1).contiguous()
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters, state-dict keys and results, within float rounding) whose eager CPU float32
-    calls on the "auto" backend run oneDNN with the weight reordered once, where `prepack_pays` (module docstring).
-    What does not depend on the call's tensors is decided once per input shape, so a call that PyTorch runs costs
-    a shape comparison (about 0.2 us) more than nn.Conv2d's."""
+    calls on the "auto" backend run oneDNN with the weight reordered once where `prepack_pays`, and blitzdiff's
+    direct convolution where `direct_pays` (module docstring). What does not depend on the call's tensors is decided
+    once per input shape, so a call that PyTorch runs costs a shape comparison (about 0.2 us) more than
+    nn.Conv2d's."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -87,35 +130,76 @@ class Conv2d(nn.Conv2d):
             if plan is None or plan[0] != x.shape:  # a new shape: decided in eager calls only (not under compile)
                 if not eager_cpu(x):
                     return self._conv_forward(x, self.weight, self.bias)
-                plan = self.prepacked.plan = (x.shape, self._pays(x))
-            if plan[1] and eager_cpu(x) and (out := self._prepacked_conv(x)) is not None:
-                return out
+                plan = self.prepacked.plan = self._plan(x)
+            if plan[1] is not None and eager_cpu(x):
+                parameters = self._parameters  # what self.weight reads, without nn.Module's __getattr__ (0.5 us)
+                weight, bias = parameters["weight"], parameters["bias"]
+                if self._takes(x, weight, bias, plan[1]):
+                    if plan[1] == "direct" and (kernel := self._direct_kernel(weight)) is not None:
+                        out = torch.empty(plan[2], memory_format=torch.channels_last)
+                        kernel.run(out.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), *plan[3],
+                                   torch.get_num_threads())
+                        return out
+                    if plan[1] == "onednn" and (packed := self._onednn_weight(weight, x)) is not None:
+                        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *plan[2], self.groups,
+                                                                       "none", [], "")
         return self._conv_forward(x, self.weight, self.bias)
 
-    def _pays(self, x: Tensor) -> bool:
-        """Whether calls on inputs of x's shape take the prepacked path (when their tensors allow it): 4-D, zeros
-        padding given as numbers, a torch with oneDNN, and `prepack_pays`."""
-        return (x.dim() == 4 and self.weight.dim() == 4 and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and onednn_available() and prepack_pays(x.shape))
+    def _plan(self, x: Tensor) -> tuple:
+        """(x's shape, the path calls of that shape take when their tensors allow it, what the path's call needs):
+        for 4-D inputs and zeros padding given as numbers, "onednn" where `prepack_pays` (a torch with oneDNN) with
+        its padding, stride and dilation lists; else "direct" where `direct_pays` (one group, no dilation) with the
+        output shape and the kernel's (batch, height, width); else None (PyTorch's call)."""
+        shape = x.shape
+        if not (x.dim() == 4 and self.weight.dim() == 4 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str)):
+            return shape, None
+        if prepack_pays(shape):
+            if not onednn_available():
+                return shape, None
+            return shape, "onednn", (list(self.padding), list(self.stride), list(self.dilation))
+        if self.groups == 1 and self.dilation == (1, 1) and direct_pays(shape):
+            batch, _, height, width = shape
+            out_size = [(size + 2 * pad - kernel) // stride + 1
+                        for size, pad, kernel, stride in zip((height, width), self.padding, self.kernel_size,
+                                                             self.stride, strict=True)]
+            return shape, "direct", (batch, self.out_channels, *out_size), (batch, height, width)
+        return shape, None
 
-    def _prepacked_conv(self, x: Tensor) -> Tensor | None:
-        """The convolution of the eager CPU tensor x by oneDNN with the prepacked weight, or None where PyTorch's
-        call runs: not float32, gradients, inference-mode weights, or a layout whose output PyTorch would give
-        contiguous (the prepacked call returns channels-last, as PyTorch does when x or the weight is)."""
-        weight, bias = self.weight, self.bias
-        if (x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.is_inference()
-                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                 or (bias is not None and bias.requires_grad)))
-                or not (x.is_contiguous(memory_format=torch.channels_last)
-                        or weight.is_contiguous(memory_format=torch.channels_last))):
-            return None
-        entry = self.prepacked.entry
-        if (entry is None or entry[0]() is not weight or entry[1] != weight.data_ptr()
-                or entry[2] != weight._version):
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                list(x.shape))
+    @staticmethod
+    def _takes(x: Tensor, weight: Tensor, bias: Tensor | None, path: str) -> bool:
+        """Whether this call's tensors allow `path`: float32 x without gradients, and a layout whose result
+        PyTorch's call returns channels-last too, as both paths do: x or the weight channels-last, and for "direct"
+        x itself (the kernel reads it as dense NHWC). The weight itself is looked at where it is packed (_entry)."""
+        if x.dtype != torch.float32 or (torch.is_grad_enabled() and (
+                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+            return False
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return True
+        return path == "onednn" and weight.is_contiguous(memory_format=torch.channels_last)
+
+    def _onednn_weight(self, weight: Tensor, x: Tensor) -> Tensor | None:
+        """The weight in oneDNN's layout (made again when the weight changed), or None (_entry)."""
+        entry = self.prepacked.onednn
+        if not _made_from(entry, weight):
             # one assignment: a concurrent call sees the old entry or the new one whole
-            entry = self.prepacked.entry = (weakref.ref(weight), weight.data_ptr(), weight._version, packed)
-        return torch.ops.mkldnn._convolution_pointwise(x, entry[3], bias, list(self.padding), list(self.stride),
-                                                       list(self.dilation), self.groups, "none", [], "")
+            entry = self.prepacked.onednn = _entry(weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+                w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
+        return entry[3]
+
+    def _direct_kernel(self, weight: Tensor):
+        """The blitzdiff._C.Conv2dNhwc of the blocked weight (made again when the weight changed), or None (_entry;
+        or without blitzdiff._C)."""
+        entry = self.prepacked.direct
+        if not _made_from(entry, weight):
+            factory = cpu_kernel("Conv2dNhwc")
+            if factory is None:
+                return None
+
+            def make(w: Tensor) -> tuple[Tensor, object]:
+                packed = pack_direct(w)
+                return packed, factory(self.in_channels, self.out_channels, *self.kernel_size, *self.stride,
+                                       *self.padding, packed.data_ptr())
+
+            entry = self.prepacked.direct = _entry(weight, make)
+        return None if entry[3] is None else entry[3][1]

@@ -1,9 +1,13 @@
-"""The models' Conv2d (models.conv): oneDNN with the weight prepacked once in eager CPU inference on "auto", PyTorch's
-own convolution everywhere else, and never a stale weight.
+"""The models' Conv2d (models.conv): in eager CPU inference on "auto", oneDNN with the weight prepacked once where
+PyTorch runs oneDNN too, blitzdiff's direct NHWC kernel where PyTorch runs its im2col path (on AVX-512 CPUs: the
+tests make every CPU count as one, the kernel's portable loop then runs), PyTorch's own convolution everywhere else,
+and never a stale weight.
 
 The reference is F.conv2d in float64 on the same weights; the prepacked result must be as close to it as PyTorch's
-own float32 convolution is (within 2x its error). Whether the prepacked path ran is read from the profiler
-(`mkldnn::_convolution_pointwise`), so a test of it cannot pass by running PyTorch's call instead.
+own float32 convolution is (within 2x its error), the direct one within the error budget of
+tests/kernels/test_conv2d_nhwc.py (8x). Which path ran is read from the profiler (`mkldnn::_convolution_pointwise`
+for oneDNN, `aten::convolution` for PyTorch's call, neither for the direct kernel), so a test of a path cannot pass by
+running another.
 """
 
 from __future__ import annotations
@@ -17,12 +21,23 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import blitzdiff
+from blitzdiff.models import conv as conv_module
 from blitzdiff.models import set_backend
-from blitzdiff.models.conv import Conv2d, onednn_available, prepack_pays
+from blitzdiff.models.conv import Conv2d, direct_pays, onednn_available, prepack_pays
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
 PREPACKED_OP = "mkldnn::_convolution_pointwise"
+TORCH_OP = "aten::convolution"
+ERROR_FACTOR = {"onednn": 2, "direct": 8}
+# an input shape per packed path, for the tests that hold for both
+PATH_INPUTS = {"onednn": (2, 8, 6, 6), "direct": (1, 8, 6, 6)}
+
+
+@pytest.fixture(autouse=True)
+def direct_kernel_everywhere(monkeypatch):
+    """direct_pays as on an AVX-512 CPU, so the direct path runs on any CI machine (its portable loop elsewhere)."""
+    monkeypatch.setattr(conv_module, "direct_isa", lambda: "avx512f")
 
 
 def make_conv(cin: int, cout: int, kernel: int, *, stride: int = 1, padding: int = 1, bias: bool = True,
@@ -43,25 +58,28 @@ def reference(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x.double(), conv.weight.double(), bias, conv.stride, conv.padding)
 
 
-def ran_prepacked(conv: Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def ran_path(conv: Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """conv(x) and the path it took: "onednn", "torch" or "direct" (the kernel is no torch op: neither shows)."""
     with torch.profiler.profile() as prof:
         out = conv(x)
-    return out, any(event.name == PREPACKED_OP for event in prof.events())
+    names = {event.name for event in prof.events()}
+    return out, "onednn" if PREPACKED_OP in names else "torch" if TORCH_OP in names else "direct"
 
 
-def assert_as_close_as_torch(out: torch.Tensor, conv: Conv2d, x: torch.Tensor) -> None:
+def assert_as_close_as_torch(out: torch.Tensor, conv: Conv2d, x: torch.Tensor, factor: float = 2) -> None:
     exact = reference(conv, x)
     torch_error = (conv._conv_forward(x, conv.weight, conv.bias).double() - exact).abs().max().item()
     error = (out.double() - exact).abs().max().item()
-    assert error <= 2 * torch_error + 1e-6, (error, torch_error)
+    assert error <= factor * torch_error + 1e-6, (error, torch_error)
 
 
-def prepacked_and_accurate(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) in inference mode, which must run the prepacked path and be as close as PyTorch's own."""
+def packed_and_accurate(conv: Conv2d, x: torch.Tensor, path: str) -> torch.Tensor:
+    """conv(x) in inference mode, which must run `path` and be as close as PyTorch's own (within its factor)."""
     with torch.inference_mode():
-        out, prepacked = ran_prepacked(conv, x)
-    assert prepacked
-    assert_as_close_as_torch(out, conv, x)
+        out, ran = ran_path(conv, x)
+    assert ran == path
+    assert_as_close_as_torch(out, conv, x, ERROR_FACTOR[path])
+    assert out.is_contiguous(memory_format=torch.channels_last)  # as PyTorch's own call returns it
     return out
 
 
@@ -74,43 +92,85 @@ CASES = [  # (cin, cout, kernel, stride, padding, bias, input shape): inputs whe
 ]
 
 
+DIRECT_CASES = [  # batch-1 inputs of at most ONEDNN_MIN_INPUT elements: PyTorch's im2col path
+    (32, 32, 3, 1, 1, True, (1, 32, 16, 16)),   # 8192 elements
+    (1, 32, 3, 1, 1, True, (1, 1, 16, 16)),     # unet-digits' conv_in
+    (32, 1, 3, 1, 1, True, (1, 32, 16, 16)),    # and conv_out
+    (64, 64, 3, 2, 1, False, (1, 64, 8, 8)),    # Downsample2D, no bias
+    (96, 64, 1, 1, 0, True, (1, 96, 8, 8)),     # 1x1 shortcut
+    (5, 20, 3, 1, 0, True, (1, 5, 9, 7)),       # odd sizes, no padding
+]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_prepacked_matches_float64_conv_as_closely_as_torch(case):
     cin, cout, kernel, stride, padding, bias, shape = case
     conv, x = make_conv(cin, cout, kernel, stride=stride, padding=padding, bias=bias), channels_last_input(*shape)
     assert prepack_pays(x.shape)
-    out = prepacked_and_accurate(conv, x)
+    out = packed_and_accurate(conv, x, "onednn")
     assert out.shape == conv._conv_forward(x, conv.weight, conv.bias).shape
-    assert out.is_contiguous(memory_format=torch.channels_last)  # as PyTorch's own call returns it
 
 
-def test_small_batch_one_inputs_keep_torchs_call():
-    conv, x = make_conv(32, 32, 3), channels_last_input(1, 32, 16, 16)  # 8192 elements: PyTorch's im2col path
-    assert not prepack_pays(x.shape)
+@pytest.mark.parametrize("case", DIRECT_CASES)
+def test_direct_matches_float64_conv_within_budget(case):
+    cin, cout, kernel, stride, padding, bias, shape = case
+    conv, x = make_conv(cin, cout, kernel, stride=stride, padding=padding, bias=bias), channels_last_input(*shape)
+    assert direct_pays(x.shape) and not prepack_pays(x.shape)
+    out = packed_and_accurate(conv, x, "direct")
+    assert out.shape == conv._conv_forward(x, conv.weight, conv.bias).shape
+
+
+def test_small_batch_one_inputs_keep_torchs_call_without_avx512(monkeypatch):
+    monkeypatch.setattr(conv_module, "direct_isa", lambda: "generic")  # the only loop measured is AVX-512's
+    conv, x = make_conv(32, 32, 3), channels_last_input(1, 32, 16, 16)
+    assert not direct_pays(x.shape)
     with torch.inference_mode():
-        out, prepacked = ran_prepacked(conv, x)
-    assert not prepacked
+        out, path = ran_path(conv, x)
+    assert path == "torch"
     torch.testing.assert_close(out.double(), reference(conv, x), rtol=1e-5, atol=1e-5)
 
 
-def test_torchs_call_wherever_the_prepacked_one_does_not_apply():
-    x = channels_last_input(2, 8, 6, 6)
+def test_grouped_and_dilated_convolutions_keep_torchs_call():
+    x = channels_last_input(1, 8, 6, 6)
+    for conv in (Conv2d(8, 8, 3, padding=1, groups=2), Conv2d(8, 8, 3, padding=2, dilation=2)):
+        conv.backend = "auto"
+        conv = conv.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out, path = ran_path(conv, x)
+        assert path == "torch"
+        torch.testing.assert_close(out.double(), reference_of(conv, x), rtol=1e-5, atol=1e-5)
+
+
+def reference_of(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
+@pytest.mark.parametrize("path", ["onednn", "direct"])
+def test_torchs_call_wherever_the_packed_ones_do_not_apply(path):
+    x = channels_last_input(*PATH_INPUTS[path])
     conv = make_conv(8, 8, 3)
+    with torch.inference_mode():
+        assert ran_path(conv, x)[1] == path
     conv.backend = "ref"
     with torch.inference_mode():
-        assert not ran_prepacked(conv, x)[1]  # another backend
+        assert ran_path(conv, x)[1] == "torch"  # another backend
     conv.backend = "auto"
-    assert not ran_prepacked(conv, x.requires_grad_())[1]  # gradients: autograd must see PyTorch's op
+    assert ran_path(conv, x.requires_grad_())[1] == "torch"  # gradients: autograd must see PyTorch's op
     x = x.detach()
     as64 = copy.deepcopy(conv).double()
     with torch.inference_mode():
-        out, prepacked = ran_prepacked(as64, x.double())  # float64
-    assert not prepacked
+        out, ran = ran_path(as64, x.double())  # float64
+    assert ran == "torch"
     torch.testing.assert_close(out, reference(as64, x))
     contiguous = make_conv(8, 8, 3, channels_last=False)
     with torch.inference_mode():
-        out, prepacked = ran_prepacked(contiguous, x.contiguous())  # PyTorch returns NCHW here; so must we
-    assert not prepacked and out.is_contiguous()
+        out, ran = ran_path(contiguous, x.contiguous())  # PyTorch returns NCHW here; so must we
+    assert ran == "torch" and out.is_contiguous()
+    with torch.inference_mode():
+        out, ran = ran_path(conv, x.contiguous())  # NCHW x, channels-last weight: PyTorch returns channels-last
+    assert ran == ("onednn" if path == "onednn" else "torch")  # the direct kernel reads only dense NHWC
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
@@ -124,37 +184,46 @@ def test_dispatch_modes_and_tracing_see_torchs_call():
             self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    conv, x = make_conv(8, 8, 3), channels_last_input(2, 8, 6, 6)
-    with torch.inference_mode(), Recorder() as recorder:
-        conv(x)
-    assert "aten.conv2d.default" in recorder.ops
-    assert not any("_convolution_pointwise" in op for op in recorder.ops)
-    with torch.no_grad():
-        graph = str(torch.jit.trace(conv, x).graph)  # records only the ops it sees: they must be PyTorch's own
-    assert "aten::_convolution" in graph and "_convolution_pointwise" not in graph
+    for shape in PATH_INPUTS.values():
+        conv, x = make_conv(8, 8, 3), channels_last_input(*shape)
+        with torch.inference_mode(), Recorder() as recorder:
+            conv(x)
+        assert "aten.conv2d.default" in recorder.ops
+        assert not any("_convolution_pointwise" in op for op in recorder.ops)
+        assert conv.prepacked.direct is None and conv.prepacked.onednn is None
+        with torch.no_grad():
+            graph = str(torch.jit.trace(conv, x).graph)  # records only the ops it sees: they must be PyTorch's own
+        assert "aten::_convolution" in graph and "_convolution_pointwise" not in graph
 
 
-def test_weights_written_in_place_are_repacked():
-    conv, x = make_conv(8, 16, 3), channels_last_input(2, 8, 6, 6)
+@pytest.mark.parametrize("path", ["onednn", "direct"])
+def test_weights_written_in_place_are_repacked(path):
+    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
     with torch.inference_mode():
         before = conv(x)
     state = {name: value * 2 for name, value in conv.state_dict().items()}
     conv.load_state_dict(state)  # copies in place: same address, new version
     with torch.inference_mode():
-        after, prepacked = ran_prepacked(conv, x)
-    assert prepacked
+        after, ran = ran_path(conv, x)
+    assert ran == path
     torch.testing.assert_close(after, before * 2, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         conv.weight.zero_()
     with torch.inference_mode():
-        assert ran_prepacked(conv, x)[0].sub(conv.bias[:, None, None]).abs().max().item() == 0
+        assert ran_path(conv, x)[0].sub(conv.bias[:, None, None]).abs().max().item() == 0
+    with torch.no_grad():
+        conv.bias.copy_(torch.arange(16.0))  # the bias is read per call, never packed
+    with torch.inference_mode():
+        assert torch.equal(ran_path(conv, x)[0], torch.arange(16.0)[:, None, None].expand(1, 16, 6, 6).expand_as(
+            before))
 
 
-def test_a_replaced_weight_is_repacked_even_at_the_old_address_and_version():
+@pytest.mark.parametrize("path", ["onednn", "direct"])
+def test_a_replaced_weight_is_repacked_even_at_the_old_address_and_version(path):
     """An allocator may give a new parameter a freed one's memory, and both start at version 0: the packing must
     compare the tensor itself. Here the new parameter shares the old one's memory (from_numpy: a fresh version
     counter) and its values are written through NumPy, which no version counter sees."""
-    conv, x = make_conv(8, 16, 3), channels_last_input(2, 8, 6, 6)
+    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
     conv.weight = torch.nn.Parameter(conv.weight.detach().clone(memory_format=torch.channels_last))  # version 0
     with torch.inference_mode():
         conv(x)
@@ -162,46 +231,59 @@ def test_a_replaced_weight_is_repacked_even_at_the_old_address_and_version():
     assert (shared.data_ptr(), shared._version) == (conv.weight.data_ptr(), conv.weight._version)
     shared.numpy()[:] *= -1
     conv.weight = torch.nn.Parameter(shared)
-    prepacked_and_accurate(conv, x)
+    packed_and_accurate(conv, x, path)
 
 
-def test_moved_weights_are_repacked():
-    conv, x = make_conv(8, 16, 3), channels_last_input(2, 8, 6, 6)
+@pytest.mark.parametrize("path", ["onednn", "direct"])
+def test_moved_weights_are_repacked(path):
+    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
     with torch.inference_mode():
         conv(x)
     conv.double().float()  # new float32 parameters at new addresses
     with torch.no_grad():
         conv.weight.mul_(-1)
-    prepacked_and_accurate(conv, x)
+    packed_and_accurate(conv, x, path)
 
 
-def test_copies_and_pickles_of_a_prepacked_conv_work():
-    conv, x = make_conv(8, 16, 3), channels_last_input(2, 8, 6, 6)
+@pytest.mark.parametrize("path", ["onednn", "direct"])
+def test_copies_and_pickles_of_a_packed_conv_work(path):
+    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
     with torch.inference_mode():
         expected = conv(x)
-    assert conv.prepacked.entry is not None  # an opaque oneDNN tensor: neither copyable nor picklable
+    assert getattr(conv.prepacked, path) is not None  # an opaque oneDNN tensor or a C++ object: no copy, no pickle
     for twin in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
-        assert twin.prepacked.entry is None
+        assert twin.prepacked.onednn is None and twin.prepacked.direct is None
         with torch.inference_mode():
-            out, prepacked = ran_prepacked(twin, x)
-        assert prepacked
+            out, ran = ran_path(twin, x)
+        assert ran == path
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_inference_mode_weights_keep_torchs_call():
+@pytest.mark.parametrize("path", ["onednn", "direct"])
+def test_inference_mode_weights_keep_torchs_call(path):
     with torch.inference_mode():
-        conv, x = make_conv(8, 16, 3), channels_last_input(2, 8, 6, 6)  # no version counter to watch
-        out, prepacked = ran_prepacked(conv, x)
-    assert not prepacked
+        conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])  # no version counter to watch
+        out, ran = ran_path(conv, x)
+    assert ran == "torch"
     torch.testing.assert_close(out.double(), reference(conv, x), rtol=1e-5, atol=1e-5)
 
 
-def test_loaded_models_prepack_their_large_convolutions_and_sample_as_torch_does():
+@pytest.mark.parametrize("n, path", [(4, PREPACKED_OP), (1, None)])
+def test_loaded_models_pack_their_convolutions_and_sample_as_torch_does(n, path):
+    """unet-digits at batch 4 prepacks for oneDNN; at batch 1 (every input under PyTorch's oneDNN threshold but the
+    96-channel 16x16 ones) runs the direct kernel, so PyTorch's convolution op runs only for those."""
     pipe = blitzdiff.load("unet-digits")
-    kwargs = dict(n=4, steps=3, seeds=0, output_type="raw")
+    kwargs = dict(n=n, steps=3, seeds=0, output_type="raw")
     with torch.profiler.profile() as prof:
-        prepacked = pipe.sample(**kwargs)
-    assert sum(event.name == PREPACKED_OP for event in prof.events()) > 0
+        packed = pipe.sample(**kwargs)
+    names = [event.name for event in prof.events()]
+    if path is not None:
+        assert names.count(path) > 0
+    else:
+        direct = [m for m in pipe.model.modules() if isinstance(m, Conv2d) and m.prepacked.direct is not None]
+        assert len(direct) > 20
+        convolutions = sum(isinstance(m, Conv2d) for m in pipe.model.modules())
+        assert names.count(TORCH_OP) <= 3 * (convolutions - len(direct))  # 3 steps, the rest only
     set_backend(pipe.model, "ref")  # PyTorch's convolutions (and the kernel specs)
     plain = pipe.sample(**kwargs)
-    torch.testing.assert_close(prepacked, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
