@@ -25,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _timing import QUICK_HELP, cpu_threads  # benchmarks/ is on sys.path when run as a script
+import torch
+from _timing import QUICK_HELP, cpu_threads, device_name  # benchmarks/ is on sys.path when run as a script
 from cpu_best import write_unet32
 
 from blitzdiff.bench.interleave import rotated
@@ -109,7 +110,8 @@ def main() -> None:
                     print(f"{variant:<18} {name:<12} {batch:>5} {statistics.median(times):>10.2f} "
                           f"{f'[{min(times):.2f}-{max(times):.2f}]':>17} {faults:>10.0f} {ratio:>8.2f}x")
     if args.json:
-        meta = {"threads": threads.record(), "steps": args.steps, "runs": args.runs, "rounds": args.rounds,
+        meta = {"device": device_name(torch.device("cpu")), "torch": torch.__version__,
+                "threads": threads.record(), "steps": args.steps, "runs": args.runs, "rounds": args.rounds,
                 "command": sys.argv}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "warnings": threads.warnings()},
                                               indent=2) + "\n")

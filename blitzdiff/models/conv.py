@@ -1,4 +1,5 @@
-"""The models' 2-D convolution: nn.Conv2d whose eager CPU calls run oneDNN with the weight reordered once.
+"""The models' 2-D convolution: nn.Conv2d whose eager CPU calls run oneDNN with the weight reordered once, or
+blitzdiff's own direct NHWC kernel at small batch-1 sizes.
 
 PyTorch (2.13) runs a float32 CPU convolution through oneDNN for a batch above 1 or a batch-1 input of more than
 20480 elements (`use_mkldnn` in aten/src/ATen/native/Convolution.cpp), and through its own im2col + GEMM below
@@ -7,16 +8,20 @@ that. On the oneDNN path it reorders the weight into oneDNN's blocked layout on 
 inductor's freezing pass emits for a frozen weight), the same oneDNN convolution skips that copy, which in a forward
 reads a weight gone cold in the cache. Measured on a Sapphire Rapids Xeon, 2 threads, DPM-Solver++(2M) 10 steps,
 two checkouts alternating in fresh processes (benchmarks/results/cpu_conv_prepack/): unet-digits at batch 8 took
-0.895x the time, a 6.5 M-parameter 32x32 UNet2D at batch 1 0.909x (README "CPU: the default path"). Where PyTorch
-takes its own path (batch 1, small inputs) its call stays (see `prepack_pays`).
+0.895x the time, a 6.5 M-parameter 32x32 UNet2D at batch 1 0.909x (README "CPU: the default path").
 
-Only eager calls on plain float32 CPU tensors without gradients take it (kernels._backends.eager_cpu): tracing,
-torch.compile, export and training see the plain nn.Conv2d. The reordered weight is a copy (the weight's size
+Where PyTorch takes its own im2col path (`direct_pays`), blitzdiff._C.Conv2dNhwc (csrc/conv2d_cpu.cpp) runs the
+convolution on the NHWC activations directly, from a weight blocked once by `pack_direct`: no im2col buffer, and
+about 1.4 us of fixed cost a call where PyTorch's path costs 15-20 us even on a 4x4 input. It is taken only on CPUs
+where its AVX-512 loop runs, the one measured (benchmarks/results/cpu_direct_conv/; README "CPU: the default path").
+
+Only eager calls on plain float32 CPU tensors without gradients take either path (kernels._backends.eager_cpu):
+tracing, torch.compile, export and training see the plain nn.Conv2d. The packed weight is a copy (the weight's size
 again, while the module lives); it is made on the first such call and again whenever the weight was replaced,
 moved or written in place (another tensor, or its address or version counter changed: `load_state_dict`,
 `pipe.load_weights`, optimizer steps, `.to()`). A write through `weight.data`, which hides from the version
 counter, is not seen. Inference-mode weights have no version counter, so they keep PyTorch's call. The copy is never
-pickled or deep-copied.
+pickled or deep-copied; the bias is read at every call, never copied.
 """
 
 from __future__ import annotations
