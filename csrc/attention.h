@@ -16,6 +16,16 @@
 
 namespace blitzdiff {
 
+// The CPU kernel (csrc/attention_cpu.cpp), float32 only: the same operands and output layout, any head_dim >= 1 and
+// any strides (unit head-dim stride), on up to `threads` threads (the same bits for any count); generic: the portable
+// loop even where the AVX-512 one could run (for tests).
+void attention_cpu(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::int64_t batch,
+                   std::int64_t heads, std::int64_t len_q, std::int64_t len_k, std::int64_t head_dim,
+                   std::int64_t q_stride_b, std::int64_t q_stride_h, std::int64_t q_stride_l,
+                   std::int64_t k_stride_b, std::int64_t k_stride_h, std::int64_t k_stride_l,
+                   std::int64_t v_stride_b, std::int64_t v_stride_h, std::int64_t v_stride_l, double scale,
+                   std::int64_t threads, bool generic);
+
 #ifdef BLITZDIFF_WITH_CUDA
 // Enqueues the kernel on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream) of the device
 // whose context is current; does not synchronize, so it is safe inside CUDA graph capture.

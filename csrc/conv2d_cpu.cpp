@@ -1,12 +1,9 @@
 // CPU kernel of the direct NHWC convolution; see conv2d.h for the contract.
 //
 // The output is cut into tiles of up to kTilePixels consecutive pixels of one output row times up to kTileBlocks
-// blocks of 16 output channels. A tile's accumulators stay in registers (8 x 2 zmm) while the loop runs over the
-// kernel window (ky, kx) and the input channels: per input channel it loads the weight vectors once and broadcasts
-// each pixel's input value into one FMA per block (the usual direct-convolution micro-kernel; no im2col buffer).
+// blocks of 16 output channels, each computed by tile_kernel.h's register-tiled micro-kernel over the kernel window
+// and the input channels (the usual direct-convolution micro-kernel; no im2col buffer).
 // Zero padding: the input is first copied into a zero-bordered scratch image, so the tile loop has no bounds tests.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -14,145 +11,12 @@
 
 #include "conv2d.h"
 #include "parallel.h"
+#include "tile_kernel.h"
 
 namespace blitzdiff {
 namespace {
 
-constexpr int kLanes = 16;       // output channels per block (one zmm of float32)
-constexpr int kTilePixels = 8;   // output pixels per tile (R)
-constexpr int kTileBlocks = 2;   // channel blocks per tile (NV): 8 x 2 accumulators + 2 weights + 1 broadcast
 constexpr std::int64_t kMinMacsPerThread = std::int64_t{1} << 18;  // ~1-2 us of one core's work per thread
-
-// What a tile needs to find its input, weights and output (pointers already offset to the tile's first pixel, its
-// first channel block and its window's top-left input element).
-struct Tile {
-  const float* x;         // input element (window top-left, channel 0) of the tile's first pixel
-  const float* w;         // packed weight of the tile's first block
-  const float* bias;      // bias of the tile's first block's first channel, or null
-  float* out;             // output element (channel of the first block) of the tile's first pixel
-  std::int64_t pixel_step;  // input floats between consecutive output pixels (stride_w * in_channels)
-  std::int64_t row_step;    // input floats between image rows
-  std::int64_t block_step;  // packed-weight floats between channel blocks (kh * kw * in_channels * 16)
-  std::int64_t out_step;    // output floats between pixels (out_channels)
-  std::int64_t in_channels;
-  int kernel_h, kernel_w;
-  int last_lanes;           // valid lanes of the tile's last block (16 unless out_channels % 16)
-};
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define BLITZDIFF_HAVE_AVX512_TILE 1
-
-template <int R, int NV>
-__attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
-  const __mmask16 last = static_cast<__mmask16>((1u << t.last_lanes) - 1u);
-  __m512 start[NV];
-#pragma GCC unroll 2
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 lanes = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
-    start[v] = t.bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, t.bias + v * kLanes);
-  }
-  __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[r][v] = start[v];
-  }
-  const std::int64_t cin = t.in_channels;
-  for (int ky = 0; ky < t.kernel_h; ++ky) {
-    for (int kx = 0; kx < t.kernel_w; ++kx) {
-      const float* x = t.x + ky * t.row_step + kx * cin;
-      const float* w = t.w + (ky * t.kernel_w + kx) * cin * kLanes;
-      for (std::int64_t c = 0; c < cin; ++c) {
-        __m512 wv[NV];
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(w + v * t.block_step + c * kLanes);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const __m512 xb = _mm512_set1_ps(x[r * t.pixel_step + c]);
-#pragma GCC unroll 2
-          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xb, wv[v], acc[r][v]);
-        }
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      float* out = t.out + r * t.out_step + v * kLanes;
-      if (v == NV - 1 && t.last_lanes < kLanes) {
-        _mm512_mask_storeu_ps(out, last, acc[r][v]);
-      } else {
-        _mm512_storeu_ps(out, acc[r][v]);
-      }
-    }
-  }
-}
-
-// tile_avx512<R, NV> for runtime R in 1..8, NV in 1..2.
-template <int R>
-void tile_avx512_blocks(const Tile& t, int blocks) {
-  if (blocks == 2) {
-    tile_avx512<R, 2>(t);
-  } else {
-    tile_avx512<R, 1>(t);
-  }
-}
-
-void tile_avx512_any(const Tile& t, int pixels, int blocks) {
-  switch (pixels) {
-    case 1: return tile_avx512_blocks<1>(t, blocks);
-    case 2: return tile_avx512_blocks<2>(t, blocks);
-    case 3: return tile_avx512_blocks<3>(t, blocks);
-    case 4: return tile_avx512_blocks<4>(t, blocks);
-    case 5: return tile_avx512_blocks<5>(t, blocks);
-    case 6: return tile_avx512_blocks<6>(t, blocks);
-    case 7: return tile_avx512_blocks<7>(t, blocks);
-    default: return tile_avx512_blocks<8>(t, blocks);
-  }
-}
-#endif
-
-// The portable loop: the same tiles and summation order, a multiply and an add per term (no FMA).
-void tile_generic(const Tile& t, int pixels, int blocks) {
-  float acc[kTilePixels][kTileBlocks * kLanes] = {};
-  const int channels = (blocks - 1) * kLanes + t.last_lanes;
-  if (t.bias != nullptr) {
-    for (int r = 0; r < pixels; ++r) std::copy(t.bias, t.bias + channels, acc[r]);
-  }
-  const std::int64_t cin = t.in_channels;
-  for (int ky = 0; ky < t.kernel_h; ++ky) {
-    for (int kx = 0; kx < t.kernel_w; ++kx) {
-      const float* x = t.x + ky * t.row_step + kx * cin;
-      const float* w = t.w + (ky * t.kernel_w + kx) * cin * kLanes;
-      for (std::int64_t c = 0; c < cin; ++c) {
-        for (int r = 0; r < pixels; ++r) {
-          const float xv = x[r * t.pixel_step + c];
-          for (int v = 0; v < blocks; ++v) {
-            const float* wv = w + v * t.block_step + c * kLanes;
-            float* a = acc[r] + v * kLanes;
-            for (int l = 0; l < kLanes; ++l) a[l] += xv * wv[l];
-          }
-        }
-      }
-    }
-  }
-  for (int r = 0; r < pixels; ++r) {
-    for (int v = 0; v < blocks; ++v) {
-      const int lanes = v == blocks - 1 ? t.last_lanes : kLanes;
-      std::copy(acc[r] + v * kLanes, acc[r] + v * kLanes + lanes, t.out + r * t.out_step + v * kLanes);
-    }
-  }
-}
-
-bool cpu_has_avx512() {
-#ifdef BLITZDIFF_HAVE_AVX512_TILE
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // x [height, width, channels] -> scratch [height + 2 ph, width + 2 pw, channels] with zero borders.
 void pad_image(const float* x, std::int64_t height, std::int64_t width, std::int64_t channels, std::int64_t pad_h,
@@ -265,13 +129,7 @@ void Conv2dNhwc::run(std::uintptr_t out, std::uintptr_t x, std::uintptr_t bias, 
       t.out = output + ((b * out_h + oy) * out_w + ox) * out_channels + block * kLanes;
       const std::int64_t last_block = block + tile_blocks - 1;
       t.last_lanes = static_cast<int>(std::min<std::int64_t>(kLanes, out_channels - last_block * kLanes));
-#ifdef BLITZDIFF_HAVE_AVX512_TILE
-      if (avx512) {
-        tile_avx512_any(t, pixels, tile_blocks);
-        continue;
-      }
-#endif
-      tile_generic(t, pixels, tile_blocks);
+      run_tile(t, pixels, tile_blocks, avx512);
     }
   });
 }

@@ -160,6 +160,14 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>(),
            "out [batch, out_h, out_w, out_channels] = conv(x [batch, height, width, in_channels]) + bias (0: none) on "
            "up to `threads` threads; generic: the portable loop even where the AVX-512 one runs.");
+  m.def("attention_cpu", &blitzdiff::attention_cpu, py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("batch"), py::arg("heads"), py::arg("len_q"), py::arg("len_k"), py::arg("head_dim"),
+        py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_l"), py::arg("k_stride_b"),
+        py::arg("k_stride_h"), py::arg("k_stride_l"), py::arg("v_stride_b"), py::arg("v_stride_h"),
+        py::arg("v_stride_l"), py::arg("scale"), py::arg("threads") = 1, py::arg("generic") = false,
+        py::call_guard<py::gil_scoped_release>(),
+        "out (dense [B, Lq, H, D]) = softmax(q k^T * scale) v, float32, q / k / v read through their strides; on up "
+        "to `threads` threads.");
   m.def("conv2d_nhwc_isa", &blitzdiff::conv2d_nhwc_isa,
         "'avx512f' where this CPU runs Conv2dNhwc's AVX-512 loop, else 'generic'.");
 

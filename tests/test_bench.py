@@ -40,6 +40,7 @@ from blitzdiff.bench.threads import rule_threads
 from blitzdiff.cli import main
 from blitzdiff.engine.pipeline import Pipeline
 from blitzdiff.malloc import malloc_record
+from blitzdiff.models import layers
 from blitzdiff.models.presets import build_random
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -277,6 +278,8 @@ def test_defaults_skip_cuda_only_modes_off_cuda_and_options_resolve():
                            "blitzdiff.models.layers.Attention takes ref, triton, cuda, auto"),
 ])
 def test_cli_errors_are_one_line(args, message, capsys, monkeypatch):
+    # every shipped layer takes every backend: a layer without a "cpu" kernel is played by attention here
+    monkeypatch.setattr(layers.Attention, "KERNEL_BACKENDS", ("ref", "triton", "cuda", "auto"))
     monkeypatch.setattr(bench_suite.Job, "step_split", lambda self: pytest.fail("profiled before refusing"))
     assert main(["bench", "--model", "unet-digits", "--quick", *args]) == 2
     captured = capsys.readouterr()

@@ -1,4 +1,4 @@
-"""Flash attention: the Triton and CUDA kernels vs PyTorch's SDPA backends and torch.compile of the spec.
+"""Attention: the Triton, CUDA and C++ kernels vs PyTorch's SDPA backends and torch.compile of the spec.
 
     python benchmarks/kernels/bench_attention.py [--device cpu|cuda] [--dtypes float16 bfloat16] [--repeats 30]
         [--threads N] [--quick]
@@ -8,9 +8,11 @@ to 77 text tokens; 1024 tokens in heads of 80 one level down) with a classifier-
 DiT-XL/2 (16 heads of 72) at 256 tokens (256 px) and 1024 tokens (512 px), batch 16 (8 images with guidance).
 Rows on a GPU: "ref" (SDPA with PyTorch's own backend choice), "sdpa:<backend>" (one SDPA backend forced through
 torch.nn.attention.sdpa_kernel; "n/a" where it refuses the shape or dtype), "compile(ref)" (torch.compile of
-attention_ref), then "triton" and "cuda" through the op. On the CPU, smaller shapes (batch 1, 1024 / 256 tokens),
-"ref" (PyTorch's fused CPU flash kernel) and "sdpa:math" only: the Triton kernel runs there only in its
-interpreter, which says nothing about speed, and the CUDA one not at all, so the kernels' figures need a GPU.
+attention_ref), then "triton" and "cuda" through the op. On the CPU, the embedded models' shapes (unet-digits' 64
+tokens in 2 heads of 32; dit-digits' 64 tokens in 4 heads of 24, guided: batch 2 and 16) and smaller SD / DiT ones
+(batch 1, 1024 / 256 tokens): "ref" (PyTorch's fused CPU flash kernel), "sdpa:math" and "cpu" (the C++ kernel through
+the op); the Triton kernel runs there only in its interpreter, which says nothing about speed, and the CUDA one not
+at all, so their figures need a GPU.
 Each figure is a median over `repeats` timed blocks of calls after warm-up (CUDA: events around each block).
 TFLOP/s counts 4 * B * H * Lq * Lk * D (two matmuls, a multiply-add being 2 flops); softmax work is not counted.
 """
@@ -38,6 +40,9 @@ GPU_SHAPES = {
     "DiT-XL/2 512px": (16, 16, 1024, 1024, 72),
 }
 CPU_SHAPES = {
+    "unet-digits 8x8": (1, 2, 64, 64, 32),
+    "dit-digits b1": (2, 4, 64, 64, 24),
+    "dit-digits b8": (16, 4, 64, 64, 24),
     "SD 32x32 self": (1, 8, 1024, 1024, 40),
     "SD 32x32 cross": (1, 8, 1024, 77, 40),
     "DiT-XL/2 256px": (1, 16, 256, 256, 72),
@@ -58,7 +63,8 @@ def forced_sdpa(backend: SDPBackend):
 def variants(device: torch.device, compile_ref: bool) -> dict:
     """name -> callable(q, k, v) for every variant that exists on `device`."""
     if device.type != "cuda":
-        return {"ref": attention_ref, "sdpa:math": forced_sdpa(SDPBackend.MATH)}
+        return {"ref": attention_ref, "sdpa:math": forced_sdpa(SDPBackend.MATH),
+                "cpu": lambda q, k, v: attention(q, k, v, backend="cpu")}
     rows = {"ref": attention_ref}
     rows.update({f"sdpa:{name}": forced_sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
     if compile_ref:
@@ -86,7 +92,7 @@ def main() -> None:
     with cpu_threads(args.threads):
         print(f"device: {device_name(device)}, torch {torch.__version__}")
         if not on_gpu:
-            print("CPU run: PyTorch's SDPA only; the Triton and CUDA kernels' figures need a GPU (run this there)")
+            print("CPU run: PyTorch's SDPA and the C++ kernel; the Triton and CUDA kernels' figures need a GPU")
         print(f"{'shape':>16} {'B,H,Lq,Lk,D':>20} {'dtype':>9} {'variant':>15} {'ms':>9} {'TFLOP/s':>8} "
               f"{'ref/this':>8}")
         rows = variants(device, compile_ref=not (args.quick or args.no_compile))
@@ -100,7 +106,7 @@ def main() -> None:
                 torch._dynamo.reset()  # compile(ref) afresh per shape and dtype, never past dynamo's recompile limit
                 for name, run in rows.items():
                     prefix = f"{shape_name:>16} {f'{b},{h},{lq},{lk},{d}':>20} {str(dtype)[6:]:>9} {name:>15}"
-                    if name in ("triton", "cuda") and kernel_limits(q, k) is not None:
+                    if name in ("triton", "cuda", "cpu") and kernel_limits(q, k, name) is not None:
                         print(f"{prefix} {'n/a':>9}")
                         continue
                     try:

@@ -1,14 +1,16 @@
 """Scaled dot-product attention for self- and cross-attention in UNets and DiTs.
 
 `attention_ref` is the specification: softmax(q k^T * scale) v by PyTorch's scaled_dot_product_attention (a
-standard op: it runs anywhere and exports to ONNX; on the CPU it is itself a fused flash kernel, so there is no
-"cpu" backend). The op `blitzdiff::attention` computes it with a backend chosen per call (ARCHITECTURE.md contract
-5): "ref" (the spec), "triton" (kernels/triton/attention.py, imported on first use), "cuda" (csrc/attention_cuda.cu
-through blitzdiff._C: pointers, strides and a stream, no torch linkage) or "auto". The two kernels are
-FlashAttention-2 forwards: online softmax in float32, the [Lq, Lk] score matrix never in memory, q / k / v read
-in place through their strides (the [B, L, H, D] -> [B, H, L, D] transposes models make cost no copy). The op
-returns its result stored as [B, Lq, H, D], so merging the heads back into [B, Lq, H * D] is a view too;
-`attention(..., backend="ref")` runs the spec itself, whose layout is SDPA's (see `attention`).
+standard op: it runs anywhere and exports to ONNX). The op `blitzdiff::attention` computes it with a backend chosen
+per call (ARCHITECTURE.md contract 5): "ref" (the spec), "triton" (kernels/triton/attention.py, imported on first
+use), "cuda" (csrc/attention_cuda.cu through blitzdiff._C: pointers, strides and a stream, no torch linkage),
+"cpu" (csrc/attention_cpu.cpp, float32) or "auto". The GPU kernels are FlashAttention-2 forwards: online softmax in
+float32, the [Lq, Lk] score matrix never in memory; the CPU kernel computes 8 query rows at a time (their scores in
+L1, then softmax, then p v) with the register-tiled micro-kernel of the direct convolution, 1.1-2.1x faster than
+PyTorch's CPU SDPA (its flash kernel) at every shape measured (README "Fused kernels"). All read q / k / v in place
+through their strides (the [B, L, H, D] -> [B, H, L, D] transposes models make cost no copy) and store the result as
+[B, Lq, H, D], so merging the heads back into [B, Lq, H * D] is a view too; `attention(..., backend="ref")` runs the
+spec itself, whose layout is SDPA's (see `attention`).
 """
 
 import math
@@ -17,11 +19,23 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ._backends import DTYPE_NAMES, check_backend, check_device, device_guard, refuse_grad
+from ._backends import (
+    DTYPE_NAMES,
+    backend_installed,
+    check_backend,
+    check_device,
+    cpu_kernel,
+    device_guard,
+    eager_cpu,
+    needs_grad,
+    profiled,
+    refuse_grad,
+)
 from ._library import define, launch
 
-BACKENDS = ("ref", "triton", "cuda", "auto")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # both kernels; "ref" takes any floating dtype
+BACKENDS = ("ref", "triton", "cuda", "cpu", "auto")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the GPU kernels; "ref" takes any floating dtype
+CPU_DTYPES = (torch.float32,)  # the CPU kernel
 MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 128, 8  # the kernels' head dims: 16, 24, ..., 128
 _MAX_LEN = 2**30  # the kernels index rows in int32, with a tile of headroom
 
@@ -31,9 +45,11 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def kernel_limits(q: Tensor, k: Tensor) -> str | None:
-    """Why the fused kernels cannot take q [B, H, Lq, D] / k [B, H, Lk, D] (dtype, head dim, lengths), or None."""
+def kernel_limits(q: Tensor, k: Tensor, backend: str = "cuda") -> str | None:
+    """Why `backend`'s kernel cannot take q [B, H, Lq, D] / k [B, H, Lk, D] (dtype, head dim, lengths), or None."""
     head_dim = q.shape[-1]
+    if backend == "cpu":
+        return None if q.dtype in CPU_DTYPES else f"takes float32, got {q.dtype}"
     if q.dtype not in KERNEL_DTYPES:
         return f"takes float16, bfloat16 or float32, got {q.dtype}"
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM or head_dim % HEAD_DIM_MULTIPLE:
@@ -59,7 +75,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, backend: str) -> None:
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if backend in ("ref", "auto"):
         return
-    if (problem := kernel_limits(q, k)) is not None:
+    if (problem := kernel_limits(q, k, backend)) is not None:
         raise ValueError(f"attention: backend {backend!r} {problem}; use backend='ref' (or 'auto', which falls back)")
     check_device("attention", backend, q.device)
 
@@ -85,12 +101,36 @@ def _output_strides(q: Tensor) -> tuple[int, ...]:
     return (len_q * heads * head_dim, head_dim, heads * head_dim, 1)
 
 
+# Multiply-adds of q k^T from which the op's "auto" runs the C++ kernel: below, the op's own call around it cost more
+# than it saved (unet-digits' 1x2x64x64x32, 262144: 25 against SDPA's 23 us through the op; the models call the
+# kernel directly, where it took 16 against 22 us).
+CPU_MIN_MACS = 2**19
+
+
+def auto_backend(q: Tensor, k: Tensor, v: Tensor) -> str:
+    """What "auto" runs: "cpu" for float32 CPU tensors of at least CPU_MIN_MACS when blitzdiff._C is built and no
+    gradient is needed, else "ref": PyTorch's SDPA, which on an H200 (torch 2.11, cuDNN attention) ran 1.0-2.7x
+    faster than the CUDA kernel and 1.4-4x faster than the Triton one at every shape of
+    benchmarks/kernels/bench_attention.py (results/gpu-NVIDIA-H200-20261204/kernels.md)."""
+    if (q.device.type == "cpu" and q.dtype in CPU_DTYPES and q.numel() * k.shape[2] >= CPU_MIN_MACS
+            and not needs_grad(q, k, v) and backend_installed("cpu")):
+        return "cpu"
+    return "ref"
+
+
+def _cpu_operand(t: Tensor) -> tuple[Tensor, list[int]]:
+    """(t, its batch / head / row strides) when the CPU kernel can read t in place (unit head-dim stride), else a
+    dense copy's."""
+    if t.stride(3) != 1:
+        t = t.contiguous()
+    return t, list(t.stride()[:3])
+
+
 def _attention_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str) -> Tensor:
     _check_inputs(q, k, v, backend)
-    if backend in ("auto", "ref"):
-        # "auto" runs PyTorch's SDPA on every device: a fused flash kernel on the CPU, and on an H200 (torch 2.11,
-        # cuDNN attention) 1.0-2.7x faster than the CUDA kernel and 1.4-4x faster than the Triton one at every shape
-        # of benchmarks/kernels/bench_attention.py (results/gpu-NVIDIA-H200-20261204/kernels.md).
+    if backend == "auto":
+        backend = auto_backend(q, k, v)
+    if backend == "ref":
         result = attention_ref(q, k, v, scale)
         # SDPA's layout depends on its own backend: keep its result when it is the op's layout already.
         if result.stride() == _output_strides(q) and result.storage_offset() == 0:
@@ -105,6 +145,11 @@ def _attention_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
     if len_k == 0:
         return out.zero_()  # the spec's value: an empty weighted sum (PyTorch's SDPA returns zeros)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if backend == "cpu":
+        (q, q_strides), (k, k_strides), (v, v_strides) = _cpu_operand(q), _cpu_operand(k), _cpu_operand(v)
+        launch("attention", "cpu", q.device, out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads,
+               len_q, len_k, head_dim, *q_strides, *k_strides, *v_strides, scale, threaded=True)
+        return out
     if backend == "triton":
         from .triton.attention import attention_forward
 
@@ -129,13 +174,36 @@ _attention_op = define(
 )
 
 
+def attention_module_cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """A model's own attention by the "cpu" kernel, called directly: attention(..., backend="cpu")'s result (default
+    scale), or None where the op or the spec must run: not float32, tracing or torch.compile, a dispatch mode or a
+    tensor subclass, gradients, no keys, a head dimension with a stride, or without blitzdiff._C. For the modules'
+    calls in eager sampling (q, k, v from the module's own projections, shapes already right): the op's dispatch and
+    checks would cost about as much as the kernel on a batch-1 UNet's 64 tokens."""
+    if (q.dtype not in CPU_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or not eager_cpu(q)
+            or needs_grad(q, k, v) or k.shape[2] == 0 or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1):
+        return None
+    kernel = cpu_kernel("attention_cpu")
+    if kernel is None:
+        return None
+    batch, heads, len_q, head_dim = q.shape
+    out = torch.empty((batch, len_q, heads, head_dim))  # the op's layout: [B, H, Lq, D] as a view
+    if out.numel():
+        with profiled("attention"):
+            kernel(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, len_q, k.shape[2],
+                   head_dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 1.0 / math.sqrt(head_dim),
+                   torch.get_num_threads())
+    return out.transpose(1, 2)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str = "ref") -> Tensor:
     """attention_ref's result computed by `backend` (see BACKENDS): `blitzdiff::attention`.
 
     q: [B, H, Lq, D], k and v: [B, H, Lk, D], one dtype and device, any strides; scale defaults to 1 / sqrt(D).
     "triton" and "cuda" take float16 / bfloat16 / float32 with D a multiple of 8 in [16, 128] (CUDA tensors; the
-    Triton kernel also CPU ones under TRITON_INTERPRET=1) and refuse inputs that require grad while grad mode is
-    on; "auto" falls back to "ref" wherever they cannot run. Returns a new [B, H, Lq, D] tensor; from the op (every
+    Triton kernel also CPU ones under TRITON_INTERPRET=1), "cpu" float32 CPU tensors of any D; all refuse inputs
+    that require grad while grad mode is on. "auto" runs "cpu" for float32 CPU tensors but the smallest and "ref"
+    (SDPA) everywhere else (see auto_backend). Returns a new [B, H, Lq, D] tensor; from the op (every
     backend but "ref") it is stored as a dense [B, Lq, H, D], so out.transpose(1, 2).reshape(B, Lq, H * D) merges
     the heads without a copy.
 

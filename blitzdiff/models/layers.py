@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..kernels import attention, attention_ref, group_norm, group_norm_ref, timestep_embedding, timestep_embedding_ref
 from ..kernels._backends import module_call
 from ..kernels.attention import BACKENDS as ATTENTION_BACKENDS
+from ..kernels.attention import attention_module_cpu
 from ..kernels.group_norm import group_norm_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 from .conv import Conv2d
@@ -238,10 +239,13 @@ class Upsample2D(nn.Module):
 # --- attention ----------------------------------------------------------------------------------------------------
 
 def attend(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """kernels.attention of a model's own q [B, H, Lq, D] and k, v [B, H, Lk, D]; "ref", and "auto" on the CPU
-    (where the op's choice is SDPA too), run the spec directly, as `norm` does: the op's argument checks would repeat
-    SDPA's."""
-    on_cpu_auto = backend == "auto" and q.device.type == "cpu"  # the op's "auto" is SDPA on the CPU: without the op
+    """kernels.attention of a model's own q [B, H, Lq, D] and k, v [B, H, Lk, D]. "auto" in eager CPU sampling calls
+    the C++ kernel directly (kernels.attention_module_cpu); "ref", and "auto" on the CPU where the kernel does not
+    take the call (other dtypes, gradients, tracing and torch.compile), run the spec directly, as `norm` does: the
+    op's argument checks would repeat SDPA's."""
+    if backend == "auto" and (out := attention_module_cpu(q, k, v)) is not None:
+        return out
+    on_cpu_auto = backend == "auto" and q.device.type == "cpu"
     return attention_ref(q, k, v) if backend == "ref" or on_cpu_auto else attention(q, k, v, backend=backend)
 
 

@@ -80,7 +80,7 @@ def set_channels_last(model: nn.Module, channels_last: bool) -> nn.Module:
 
 def check_backend(model: nn.Module, backend: str) -> list[nn.Module]:
     """The modules of `model` that call a kernel (have a `backend` attribute); ValueError when `backend` is unknown
-    or some of them lack it (a module's KERNEL_BACKENDS: e.g. attention has no "cpu" kernel)."""
+    or some of them lack it (a module's KERNEL_BACKENDS: the backends its ops have kernels for)."""
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; backends are {', '.join(ALL_BACKENDS)}")
     modules = [module for module in model.modules() if hasattr(module, "backend")]

@@ -30,6 +30,7 @@ from torch import nn
 from blitzdiff.models import (
     MODEL_CLASSES,
     describe,
+    dit,
     load_component,
     load_model,
     model_class,
@@ -481,7 +482,7 @@ def test_unet_pipeline_and_pipeline_errors(saved, tmp_path):
         load_model(root)
 
 
-def test_set_backend_and_registry(saved):
+def test_set_backend_and_registry(saved, monkeypatch):
     model = load_model(saved["dit"][1])
     with_backend = [m for m in model.modules() if hasattr(m, "backend")]
     assert with_backend and all(m.backend == "ref" for m in with_backend)
@@ -489,7 +490,12 @@ def test_set_backend_and_registry(saved):
     assert all(m.backend == "triton" for m in with_backend)
     with pytest.raises(ValueError, match=r"unknown kernel backend 'fast'; backends are ref, triton, cuda, cpu"):
         set_backend(model, "fast")
-    # attention has no C++ CPU kernel: refused up front, every layer left as it was
+    assert set_backend(model, "cpu") is model  # every layer has a C++ kernel
+    assert all(m.backend == "cpu" for m in with_backend)
+    set_backend(model, "triton")
+    # a layer without the backend (attention played it, before it had a C++ one): refused up front, every layer
+    # left as it was
+    monkeypatch.setattr(dit.Attention, "KERNEL_BACKENDS", ("ref", "triton", "cuda", "auto"))
     with pytest.raises(ValueError, match=r"kernel backend 'cpu' is not available for every layer of DiT: "
                                          r"blitzdiff.models.dit.Attention takes ref, triton, cuda, auto"):
         set_backend(model, "cpu")

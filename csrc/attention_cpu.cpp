@@ -1,0 +1,201 @@
+// CPU kernel of the attention op, float32: out = softmax(q k^T * scale) v; see attention.h for the contract.
+//
+// Work item: one (sample, head) and up to kQueryBlock query rows. The item packs k^T as [ceil(Lk / 16), D, 16] and v
+// as [ceil(D / 16), Lk, 16] (zero lanes past Lk / D), then per tile of kTilePixels query rows: the scores s = q k^T
+// by tile_kernel.h's micro-kernel (rows: queries, read in place through their stride; inner dimension: D), a
+// softmax over each row (max subtracted, exp, normalized, scale applied inside the exp), and p v by the same
+// micro-kernel (inner dimension: Lk), written straight into out's [B, Lq, H, D] rows. The score rows of a tile stay
+// in L1 (8 x Lk floats); nothing of size Lq x Lk is stored. Every query row's result depends only on its own
+// (sample, head), whatever the split over threads.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention.h"
+#include "parallel.h"
+#include "tile_kernel.h"
+#include "vectorize.h"
+
+namespace blitzdiff {
+namespace {
+
+constexpr std::int64_t kQueryBlock = 64;                           // query rows per work item
+constexpr std::int64_t kMinMacsPerThread = std::int64_t{1} << 18;  // as the direct convolution's split
+
+// Row r of s (n scores, row stride `stride`) -> softmax(scale * s): max subtracted, exp_approx (vectorize.h), then
+// divided by the row's sum. The portable loop.
+void softmax_rows_generic(float* s, int rows, std::int64_t stride, std::int64_t n, float scale) {
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * stride;
+    float top = -std::numeric_limits<float>::infinity();
+    for (std::int64_t j = 0; j < n; ++j) top = std::max(top, row[j]);
+    float sum = 0;
+    for (std::int64_t j = 0; j < n; ++j) {
+      row[j] = exp_approx((row[j] - top) * scale);
+      sum += row[j];
+    }
+    const float inverse = 1.0f / sum;
+    for (std::int64_t j = 0; j < n; ++j) row[j] *= inverse;
+  }
+}
+
+#ifdef BLITZDIFF_HAVE_AVX512_TILE
+// exp_approx's polynomial (vectorize.h) on 16 lanes, for x <= 0 (scores minus their row's max): clamped below at
+// -87, where exp stays a normal float.
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_add_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f))),
+                                 _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// softmax_rows_generic with 16-lane max, exp and sums (a masked tail).
+__attribute__((target("avx512f"))) void softmax_rows_avx512(float* s, int rows, std::int64_t stride, std::int64_t n,
+                                                            float scale) {
+  const std::int64_t full = n - n % kLanes;
+  const auto tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * stride;
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (std::int64_t j = 0; j < full; j += kLanes) top = _mm512_max_ps(top, _mm512_loadu_ps(row + j));
+    if (tail) top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, row + full));
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (std::int64_t j = 0; j < full; j += kLanes) {
+      const __m512 p = exp_nonpositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift), scale_v));
+      _mm512_storeu_ps(row + j, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    if (tail) {
+      const __m512 p = exp_nonpositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + full), shift),
+                                                     scale_v));
+      _mm512_mask_storeu_ps(row + full, tail, p);
+      sum = _mm512_mask_add_ps(sum, tail, sum, p);
+    }
+    const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (std::int64_t j = 0; j < full; j += kLanes) {
+      _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inverse));
+    }
+    if (tail) _mm512_mask_storeu_ps(row + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, row + full), inverse));
+  }
+}
+#endif
+
+void softmax_rows(float* s, int rows, std::int64_t stride, std::int64_t n, float scale, bool avx512) {
+#ifdef BLITZDIFF_HAVE_AVX512_TILE
+  if (avx512) {
+    softmax_rows_avx512(s, rows, stride, n, scale);
+    return;
+  }
+#endif
+  softmax_rows_generic(s, rows, stride, n, scale);
+}
+
+struct Operand {
+  const float* data;
+  std::int64_t stride_b, stride_h, stride_l;
+  const float* row(std::int64_t b, std::int64_t h, std::int64_t l) const {
+    return data + b * stride_b + h * stride_h + l * stride_l;
+  }
+};
+
+// A product over the micro-kernel: `rows` rows of x (row stride x_step, `inner` values each) times the packed
+// [blocks, inner, 16] matrix w, the first `columns` columns written to out (row stride out_step).
+void tiled_product(const float* x, std::int64_t x_step, int rows, std::int64_t inner, const float* w,
+                   std::int64_t columns, float* out, std::int64_t out_step, bool avx512) {
+  const std::int64_t blocks = (columns + kLanes - 1) / kLanes;
+  Tile t{};
+  t.x = x;
+  t.pixel_step = x_step;
+  t.block_step = inner * kLanes;
+  t.out_step = out_step;
+  t.in_channels = inner;
+  t.kernel_h = t.kernel_w = 1;
+  for (std::int64_t block = 0; block < blocks; block += kTileBlocks) {
+    const int tile_blocks = static_cast<int>(std::min<std::int64_t>(kTileBlocks, blocks - block));
+    t.w = w + block * t.block_step;
+    t.out = out + block * kLanes;
+    t.last_lanes = static_cast<int>(std::min<std::int64_t>(kLanes, columns - (block + tile_blocks - 1) * kLanes));
+    run_tile(t, rows, tile_blocks, avx512);
+  }
+}
+
+}  // namespace
+
+void attention_cpu(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::int64_t batch,
+                   std::int64_t heads, std::int64_t len_q, std::int64_t len_k, std::int64_t head_dim,
+                   std::int64_t q_stride_b, std::int64_t q_stride_h, std::int64_t q_stride_l,
+                   std::int64_t k_stride_b, std::int64_t k_stride_h, std::int64_t k_stride_l,
+                   std::int64_t v_stride_b, std::int64_t v_stride_h, std::int64_t v_stride_l, double scale,
+                   std::int64_t threads, bool generic) {
+  check_threads("attention_cpu", threads);
+  if (batch < 0 || heads < 0 || len_q < 0 || len_k < 0 || head_dim < 1) {
+    throw std::invalid_argument("attention_cpu: need batch, heads, len_q, len_k >= 0 and head_dim >= 1, got " +
+                                std::to_string(batch) + ", " + std::to_string(heads) + ", " + std::to_string(len_q) +
+                                ", " + std::to_string(len_k) + ", " + std::to_string(head_dim));
+  }
+  if (batch * heads * len_q == 0) return;
+  if (len_k < 1) throw std::invalid_argument("attention_cpu: len_k must be >= 1 for a non-empty output");
+  if (out == 0 || q == 0 || k == 0 || v == 0) {
+    throw std::invalid_argument("attention_cpu: out, q, k and v must be non-null pointers");
+  }
+  const Operand qs{reinterpret_cast<const float*>(q), q_stride_b, q_stride_h, q_stride_l};
+  const Operand ks{reinterpret_cast<const float*>(k), k_stride_b, k_stride_h, k_stride_l};
+  const Operand vs{reinterpret_cast<const float*>(v), v_stride_b, v_stride_h, v_stride_l};
+  auto* output = reinterpret_cast<float*>(out);
+  const bool avx512 = !generic && cpu_has_avx512();
+  const auto scale_f = static_cast<float>(scale);
+  const std::int64_t key_blocks = (len_k + kLanes - 1) / kLanes, dim_blocks = (head_dim + kLanes - 1) / kLanes;
+  const std::int64_t padded_keys = key_blocks * kLanes;
+  const std::int64_t query_blocks = (len_q + kQueryBlock - 1) / kQueryBlock;
+  const std::int64_t items = batch * heads * query_blocks;
+  const std::int64_t macs_per_item = std::min(kQueryBlock, len_q) * len_k * head_dim * 2;
+
+  parallel_ranges(items, std::max<std::int64_t>(1, kMinMacsPerThread / macs_per_item), threads,
+                  [&](std::int64_t first, std::int64_t last) {
+    std::vector<float> keys(key_blocks * head_dim * kLanes, 0.0f);  // k^T [key block, d, 16]
+    std::vector<float> values(dim_blocks * len_k * kLanes, 0.0f);   // v [d block, key, 16]
+    std::vector<float> scores(kTilePixels * padded_keys);
+    std::int64_t packed = -1;  // the (sample, head) packed in keys / values
+    for (std::int64_t item = first; item < last; ++item) {
+      const std::int64_t pair = item / query_blocks, b = pair / heads, h = pair % heads;
+      if (pair != packed) {
+        for (std::int64_t j = 0; j < len_k; ++j) {
+          const float* key = ks.row(b, h, j);
+          const float* value = vs.row(b, h, j);
+          for (std::int64_t d = 0; d < head_dim; ++d) {
+            keys[((j / kLanes) * head_dim + d) * kLanes + j % kLanes] = key[d];
+            values[((d / kLanes) * len_k + j) * kLanes + d % kLanes] = value[d];
+          }
+        }
+        packed = pair;
+      }
+      const std::int64_t q0 = item % query_blocks * kQueryBlock, q1 = std::min(len_q, q0 + kQueryBlock);
+      for (std::int64_t r0 = q0; r0 < q1; r0 += kTilePixels) {
+        const int rows = static_cast<int>(std::min<std::int64_t>(kTilePixels, q1 - r0));
+        tiled_product(qs.row(b, h, r0), q_stride_l, rows, head_dim, keys.data(), len_k, scores.data(), padded_keys,
+                      avx512);
+        softmax_rows(scores.data(), rows, padded_keys, len_k, scale_f, avx512);
+        tiled_product(scores.data(), padded_keys, rows, len_k, values.data(), head_dim,
+                      output + ((b * len_q + r0) * heads + h) * head_dim, heads * head_dim, avx512);
+      }
+    }
+  });
+}
+
+}  // namespace blitzdiff
