@@ -31,6 +31,7 @@ group_norm_module = importlib.import_module("blitzdiff.kernels.group_norm")
 adaln_module = importlib.import_module("blitzdiff.kernels.adaln_modulate")
 gelu_module = importlib.import_module("blitzdiff.kernels.gelu")
 embedding_module = importlib.import_module("blitzdiff.kernels.timestep_embedding")
+attention_module = importlib.import_module("blitzdiff.kernels.attention")
 
 
 class PassThrough(TorchDispatchMode):
@@ -174,12 +175,15 @@ def test_auto_models_call_the_kernels_directly_in_eager_and_trace_the_spec(monke
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes]
     routed = ("group_norm", "adaln", "gelu", "timestep")  # the ops with a direct call: traced as their specs
     assert targets and not any(op in t for t in targets if "blitzdiff" in t for op in routed), targets
+    # attention too: the spec's SDPA (the op with the C++ kernel compiled within 1-3% of it, not routed so)
+    assert any("scaled_dot_product" in t for t in targets) and not any("blitzdiff.attention" in t for t in targets)
 
     def refuse(*args, **kwargs):
         raise AssertionError("an eager CPU call went through the op")
 
     for module, attr in ((group_norm_module, "_group_norm_op"), (adaln_module, "_adaln_modulate_op"),
-                         (gelu_module, "_gelu_tanh_op"), (embedding_module, "_embedding_op")):
+                         (gelu_module, "_gelu_tanh_op"), (embedding_module, "_embedding_op"),
+                         (attention_module, "_attention_op")):
         monkeypatch.setattr(module, attr, refuse)
     with torch.inference_mode():
         out = model(*inputs)
