@@ -187,7 +187,7 @@ def attention_module_cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     if kernel is None:
         return None
     batch, heads, len_q, head_dim = q.shape
-    out = torch.empty((batch, len_q, heads, head_dim))  # the op's layout: [B, H, Lq, D] as a view
+    out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device="cpu")  # the op's layout, viewed
     if out.numel():
         with profiled("attention"):
             kernel(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, len_q, k.shape[2],

@@ -141,7 +141,8 @@ class Conv2d(nn.Conv2d):
                 weight, bias = parameters["weight"], parameters["bias"]
                 if self._takes(x, weight, bias, plan[1]):
                     if plan[1] == "direct" and (kernel := self._direct_kernel(weight)) is not None:
-                        out = torch.empty(plan[2], memory_format=torch.channels_last)
+                        out = torch.empty(plan[2], dtype=torch.float32, device="cpu",
+                                          memory_format=torch.channels_last)
                         kernel.run(out.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), *plan[3],
                                    torch.get_num_threads())
                         return out

@@ -206,6 +206,19 @@ def test_module_call_is_the_ops_cpu_result_or_declines():
     assert attention_module_cpu(q.to("meta"), k.to("meta"), v.to("meta")) is None
 
 
+def test_module_call_ignores_torchs_default_dtype_and_device():
+    q, k, v = make_qkv(1, 2, 9, 9, 16, torch.float32, layout="blhd")
+    expected = attention_module_cpu(q, k, v)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            out = attention_module_cpu(q, k, v)
+    finally:
+        torch.set_default_dtype(previous)
+    assert out.dtype == torch.float32 and out.device.type == "cpu" and torch.equal(out, expected)
+
+
 CPU_NATIVE_BAD = {  # change to the arguments of a valid call: what the message must mention
     "threads": ({"threads": 0}, "threads must be >= 1, got 0"),
     "head_dim": ({"head_dim": 0}, "head_dim >= 1"),

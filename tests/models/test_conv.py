@@ -287,3 +287,20 @@ def test_loaded_models_pack_their_convolutions_and_sample_as_torch_does(n, path)
     set_backend(pipe.model, "ref")  # PyTorch's convolutions (and the kernel specs)
     plain = pipe.sample(**kwargs)
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["onednn", "direct"])
+def test_a_changed_default_dtype_or_device_changes_nothing(path):
+    """The direct path allocates its output itself: float32 on the CPU whatever torch's defaults say."""
+    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
+    with torch.inference_mode():
+        expected = conv(x)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.inference_mode(), torch.device("meta"):
+            out, ran = ran_path(conv, x)
+    finally:
+        torch.set_default_dtype(previous)
+    assert ran == path and out.dtype == torch.float32 and out.device.type == "cpu"
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
