@@ -114,6 +114,32 @@ struct Operand {
   }
 };
 
+// k^T of one (sample, head) as [ceil(Lk / 16), D, 16]: lane l of block kb, row d holds k[kb * 16 + l, d] (lanes
+// past Lk keep the zeros they were made with).
+void pack_keys(const Operand& k, std::int64_t b, std::int64_t h, std::int64_t len_k, std::int64_t head_dim,
+               float* out) {
+  for (std::int64_t j0 = 0; j0 < len_k; j0 += kLanes) {
+    const std::int64_t lanes = std::min<std::int64_t>(kLanes, len_k - j0);
+    float* block = out + j0 * head_dim;  // (j0 / 16) * D * 16
+    for (std::int64_t l = 0; l < lanes; ++l) {
+      const float* key = k.row(b, h, j0 + l);
+      for (std::int64_t d = 0; d < head_dim; ++d) block[d * kLanes + l] = key[d];
+    }
+  }
+}
+
+// v of one (sample, head) as [ceil(D / 16), Lk, 16]: block db, row j holds v[j, db * 16 .. db * 16 + 15] (lanes past
+// D keep their zeros): 16-value copies.
+void pack_values(const Operand& v, std::int64_t b, std::int64_t h, std::int64_t len_k, std::int64_t head_dim,
+                 float* out) {
+  for (std::int64_t j = 0; j < len_k; ++j) {
+    const float* value = v.row(b, h, j);
+    for (std::int64_t d0 = 0; d0 < head_dim; d0 += kLanes) {
+      std::copy(value + d0, value + std::min(head_dim, d0 + kLanes), out + (d0 * len_k + j * kLanes));
+    }
+  }
+}
+
 // A product over the micro-kernel: `rows` rows of x (row stride x_step, `inner` values each) times the packed
 // [blocks, inner, 16] matrix w, the first `columns` columns written to out (row stride out_step).
 void tiled_product(const float* x, std::int64_t x_step, int rows, std::int64_t inner, const float* w,
@@ -175,14 +201,8 @@ void attention_cpu(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::
     for (std::int64_t item = first; item < last; ++item) {
       const std::int64_t pair = item / query_blocks, b = pair / heads, h = pair % heads;
       if (pair != packed) {
-        for (std::int64_t j = 0; j < len_k; ++j) {
-          const float* key = ks.row(b, h, j);
-          const float* value = vs.row(b, h, j);
-          for (std::int64_t d = 0; d < head_dim; ++d) {
-            keys[((j / kLanes) * head_dim + d) * kLanes + j % kLanes] = key[d];
-            values[((d / kLanes) * len_k + j) * kLanes + d % kLanes] = value[d];
-          }
-        }
+        pack_keys(ks, b, h, len_k, head_dim, keys.data());
+        pack_values(vs, b, h, len_k, head_dim, values.data());
         packed = pair;
       }
       const std::int64_t q0 = item % query_blocks * kQueryBlock, q1 = std::min(len_q, q0 + kQueryBlock);
