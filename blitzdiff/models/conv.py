@@ -169,7 +169,8 @@ class Conv2d(nn.Conv2d):
             out_size = [(size + 2 * pad - kernel) // stride + 1
                         for size, pad, kernel, stride in zip((height, width), self.padding, self.kernel_size,
                                                              self.stride, strict=True)]
-            return shape, "direct", (batch, self.out_channels, *out_size), (batch, height, width)
+            if min(out_size) >= 1:  # else PyTorch's call says what is wrong with the sizes
+                return shape, "direct", (batch, self.out_channels, *out_size), (batch, height, width)
         return shape, None
 
     @staticmethod

@@ -304,3 +304,11 @@ def test_a_changed_default_dtype_or_device_changes_nothing(path):
         torch.set_default_dtype(previous)
     assert ran == path and out.dtype == torch.float32 and out.device.type == "cpu"
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_an_input_smaller_than_the_kernel_gets_torchs_own_error():
+    conv = Conv2d(4, 8, 3)  # no padding
+    conv.backend = "auto"
+    conv = conv.to(memory_format=torch.channels_last)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input"):
+        conv(channels_last_input(1, 4, 2, 2))
