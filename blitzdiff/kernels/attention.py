@@ -21,9 +21,9 @@ from torch.nn import functional as F
 
 from ._backends import (
     DTYPE_NAMES,
-    backend_installed,
     check_backend,
     check_device,
+    choose_backend,
     cpu_kernel,
     device_guard,
     eager_cpu,
@@ -31,7 +31,7 @@ from ._backends import (
     profiled,
     refuse_grad,
 )
-from ._library import define, launch
+from ._library import define, launch, native
 
 BACKENDS = ("ref", "triton", "cuda", "cpu", "auto")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the GPU kernels; "ref" takes any floating dtype
@@ -112,18 +112,23 @@ def auto_backend(q: Tensor, k: Tensor, v: Tensor) -> str:
     gradient is needed, else "ref": PyTorch's SDPA, which on an H200 (torch 2.11, cuDNN attention) ran 1.0-2.7x
     faster than the CUDA kernel and 1.4-4x faster than the Triton one at every shape of
     benchmarks/kernels/bench_attention.py (results/gpu-NVIDIA-H200-20261204/kernels.md)."""
-    if (q.device.type == "cpu" and q.dtype in CPU_DTYPES and q.numel() * k.shape[2] >= CPU_MIN_MACS
-            and not needs_grad(q, k, v) and backend_installed("cpu")):
-        return "cpu"
-    return "ref"
+    if q.numel() * k.shape[2] < CPU_MIN_MACS:
+        return "ref"
+    return choose_backend(q.device, q.dtype, {"cpu": CPU_DTYPES}, ("cpu",), q, k, v)
 
 
-def _cpu_operand(t: Tensor) -> tuple[Tensor, list[int]]:
-    """(t, its batch / head / row strides) when the CPU kernel can read t in place (unit head-dim stride), else a
-    dense copy's."""
-    if t.stride(3) != 1:
-        t = t.contiguous()
-    return t, list(t.stride()[:3])
+def _cpu_operand(t: Tensor) -> Tensor:
+    """t when the CPU kernel can read it in place (unit head-dim stride), else a dense copy."""
+    return t if t.stride(3) == 1 else t.contiguous()
+
+
+def _run_cpu(kernel, out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
+    """blitzdiff._C.attention_cpu (`kernel`) into the op's result buffer `out` (dense [B, Lq, H, D], viewed as
+    [B, H, Lq, D]) from q, k, v with unit head-dim strides, on torch's thread count: for the op and the models'
+    direct calls alike."""
+    batch, heads, len_q, head_dim = q.shape
+    kernel(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, len_q, k.shape[2], head_dim,
+           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale, torch.get_num_threads())
 
 
 def _attention_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str) -> Tensor:
@@ -146,9 +151,8 @@ def _attention_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
         return out.zero_()  # the spec's value: an empty weighted sum (PyTorch's SDPA returns zeros)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if backend == "cpu":
-        (q, q_strides), (k, k_strides), (v, v_strides) = _cpu_operand(q), _cpu_operand(k), _cpu_operand(v)
-        launch("attention", "cpu", q.device, out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads,
-               len_q, len_k, head_dim, *q_strides, *k_strides, *v_strides, scale, threaded=True)
+        _run_cpu(native("attention", "cpu").attention_cpu, out, _cpu_operand(q), _cpu_operand(k), _cpu_operand(v),
+                 scale)
         return out
     if backend == "triton":
         from .triton.attention import attention_forward
@@ -186,14 +190,11 @@ def attention_module_cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     kernel = cpu_kernel("attention_cpu")
     if kernel is None:
         return None
-    batch, heads, len_q, head_dim = q.shape
-    out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device="cpu")  # the op's layout, viewed
+    out = q.new_empty_strided(q.shape, _output_strides(q))  # the op's layout (q's dtype and device, not torch's)
     if out.numel():
         with profiled("attention"):
-            kernel(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, len_q, k.shape[2],
-                   head_dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 1.0 / math.sqrt(head_dim),
-                   torch.get_num_threads())
-    return out.transpose(1, 2)
+            _run_cpu(kernel, out, q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    return out
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str = "ref") -> Tensor:
