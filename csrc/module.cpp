@@ -10,6 +10,7 @@
 #include "attention.h"
 #include "adaln_modulate.h"
 #include "conv2d.h"
+#include "conv2d_winograd.h"
 #include "gaussian_noise.h"
 #include "gelu.h"
 #include "group_norm.h"
@@ -160,6 +161,17 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>(),
            "out [batch, out_h, out_w, out_channels] = conv(x [batch, height, width, in_channels]) + bias (0: none) on "
            "up to `threads` threads; generic: the portable loop even where the AVX-512 one runs.");
+  py::class_<blitzdiff::Conv2dWinograd>(m, "Conv2dWinograd",
+                                        "A Winograd F(2x2, 3x3) NHWC float32 convolution with its transformed weight "
+                                        "(conv2d_winograd.h).")
+      .def(py::init<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::uintptr_t>(),
+           py::arg("in_channels"), py::arg("out_channels"), py::arg("pad_h"), py::arg("pad_w"),
+           py::arg("packed_weight"))
+      .def("run", &blitzdiff::Conv2dWinograd::run, py::arg("out"), py::arg("x"), py::arg("bias"), py::arg("batch"),
+           py::arg("height"), py::arg("width"), py::arg("threads"), py::arg("generic") = false,
+           py::call_guard<py::gil_scoped_release>(),
+           "out [batch, height + 2 pad_h - 2, width + 2 pad_w - 2, out_channels] = conv3x3(x [batch, height, width, "
+           "in_channels]) + bias (0: none) on up to `threads` threads; generic: the portable product loop.");
   m.def("attention_cpu", &blitzdiff::attention_cpu, py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("batch"), py::arg("heads"), py::arg("len_q"), py::arg("len_k"), py::arg("head_dim"),
         py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_l"), py::arg("k_stride_b"),

@@ -48,7 +48,7 @@ def unet_digits_convolutions() -> collections.Counter:
 
 
 def time_convolution(conv: Conv2d, shape: tuple, repeats: int) -> dict:
-    """Median microseconds of PyTorch's call, the module's and (on the direct path) the kernel's on a random
+    """Median microseconds of PyTorch's call, the module's and (on a native path) the kernel's on a random
     channels-last input of `shape`; the module's path and GFLOP/s."""
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     torch_us = median_us(lambda: F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding), repeats)
@@ -56,8 +56,8 @@ def time_convolution(conv: Conv2d, shape: tuple, repeats: int) -> dict:
     path = conv.prepacked.plan[1]
     module_us = median_us(lambda: conv(x), repeats)
     kernel_us = None
-    if path == "direct":
-        kernel, sizes = conv.prepacked.direct[3][1], conv.prepacked.plan[3]
+    if path in ("direct", "winograd"):
+        kernel, sizes = getattr(conv.prepacked, path)[3][1], conv.prepacked.plan[3]
         kernel_us = median_us(lambda: kernel.run(out.data_ptr(), x.data_ptr(), conv.bias.data_ptr(), *sizes,
                                                  torch.get_num_threads()), repeats)
     flops = 2 * conv.weight.numel() * out.shape[2] * out.shape[3]

@@ -1,5 +1,5 @@
-"""The models' 2-D convolution: nn.Conv2d whose eager CPU calls run oneDNN with the weight reordered once, or
-blitzdiff's own direct NHWC kernel at small batch-1 sizes.
+"""The models' 2-D convolution: nn.Conv2d whose eager CPU calls run blitzdiff's Winograd kernel for 3x3 convolutions,
+its direct NHWC kernel at small batch-1 sizes, or oneDNN with the weight reordered once.
 
 PyTorch (2.13) runs a float32 CPU convolution through oneDNN for a batch above 1 or a batch-1 input of more than
 20480 elements (`use_mkldnn` in aten/src/ATen/native/Convolution.cpp), and through its own im2col + GEMM below
@@ -12,8 +12,17 @@ two checkouts alternating in fresh processes (benchmarks/results/cpu_conv_prepac
 
 Where PyTorch takes its own im2col path (`direct_pays`), blitzdiff._C.Conv2dNhwc (csrc/conv2d_cpu.cpp) runs the
 convolution on the NHWC activations directly, from a weight blocked once by `pack_direct`: no im2col buffer, and
-about 1.4 us of fixed cost a call where PyTorch's path costs 15-20 us even on a 4x4 input. It is taken only on CPUs
-where its AVX-512 loop runs, the one measured (benchmarks/results/cpu_direct_conv/; README "CPU: the default path").
+about 1.4 us of fixed cost a call where PyTorch's path costs 15-20 us even on a 4x4 input.
+
+3x3, stride-1 convolutions with at least WINOGRAD_MIN_IN_CHANNELS input channels and WINOGRAD_MIN_TILES output
+tiles (2x2 pixels each, over the batch) run blitzdiff._C.Conv2dWinograd (csrc/conv2d_winograd_cpu.cpp), at any
+batch: Winograd F(2x2, 3x3) from a weight transformed once by `pack_winograd`, 2.25x fewer multiply-adds than the
+direct or oneDNN convolution, results within float32 rounding of F.conv2d (tests/kernels/test_conv2d_winograd.py)
+but not its bits. Replayed alone it beat the other paths at every such shape measured (1.0-1.8x, AMD EPYC Zen 4, 2
+threads; benchmarks/kernels/bench_winograd.py); in a network, where its 16/9x larger weight is read cold, a
+convolution over fewer than 16 tiles was no faster, hence the tile threshold (README "Winograd convolutions").
+
+Both native kernels run only on CPUs where their AVX-512 loop runs (`direct_isa`), the one measured.
 
 Only eager calls on plain float32 CPU tensors without gradients take either path (kernels._backends.eager_cpu):
 tracing, torch.compile, export and training see the plain nn.Conv2d. The packed weight is a copy (the weight's size
@@ -36,7 +45,13 @@ from ..kernels._backends import cpu_kernel, eager_cpu
 
 # PyTorch's own threshold: a batch-1 input with more elements runs oneDNN there too (use_mkldnn, see above)
 ONEDNN_MIN_INPUT = 20480
-DIRECT_LANES = 16  # output channels per block of the direct kernel's packed weight (csrc/conv2d.h)
+DIRECT_LANES = 16  # output channels per block of the native kernels' packed weights (csrc/conv2d.h)
+# Winograd F(2x2, 3x3): fewer input channels leave its transforms costing more than the multiply-adds they save
+# (1-4 channels ran 2-4x slower than the direct kernel; 16 already 1.3x faster: benchmarks/kernels/bench_winograd.py)
+WINOGRAD_MIN_IN_CHANNELS = 16
+WINOGRAD_MIN_TILES = 16
+# G of F(2x2, 3x3): the weight's transform U = G g G^T (csrc/conv2d_winograd.h)
+WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
 @functools.cache
@@ -72,18 +87,20 @@ def prepack_pays(shape: torch.Size) -> bool:
 
 class PrepackedWeight:
     """A Conv2d's packing state: `plan` = (input shape, the path calls of that shape take when their tensors allow
-    it: "onednn", "direct" or None for PyTorch's own call), and per path an entry (a weak reference to the weight it
-    was made from, that weight's address and version counter then, what was made from it: for "onednn" the weight in
-    oneDNN's layout, for "direct" the blocked weight and the blitzdiff._C.Conv2dNhwc reading it). The weight itself
+    it: "onednn", "winograd", "direct" or None for PyTorch's own call), and per path an entry (a weak reference to
+    the weight it was made from, that weight's address and version counter then, what was made from it: for "onednn"
+    the weight in oneDNN's layout, for "direct" and "winograd" the packed weight and the blitzdiff._C kernel reading
+    it; one per path, so calls of shapes that take different paths do not repack in turn). The weight itself
     is compared too, not only its address: a replaced parameter may be given a freed one's memory. Neither an opaque
     oneDNN tensor nor a C++ object can be copied or pickled, so copies of the module start without them."""
 
-    __slots__ = ("plan", "onednn", "direct")
+    __slots__ = ("plan", "onednn", "direct", "winograd")
 
     def __init__(self):
         self.plan: tuple[torch.Size, str | None] | None = None
         self.onednn: tuple[weakref.ref, int, int, Tensor] | None = None
         self.direct: tuple[weakref.ref, int, int, tuple[Tensor, object]] | None = None
+        self.winograd: tuple[weakref.ref, int, int, tuple[Tensor, object]] | None = None
 
     def __deepcopy__(self, memo: dict) -> PrepackedWeight:
         return PrepackedWeight()
@@ -108,20 +125,34 @@ def _entry(weight: Tensor, make) -> tuple:
         make(weight) if weight.dtype == torch.float32 else None)
 
 
+def _lane_padded(weight: Tensor) -> Tensor:
+    """[O, ...] -> [ceil(O / 16) * 16, ...], zero past O."""
+    blocks = -(-weight.shape[0] // DIRECT_LANES)
+    return torch.nn.functional.pad(weight, (0, 0) * (weight.dim() - 1) + (0, blocks * DIRECT_LANES - weight.shape[0]))
+
+
 def pack_direct(weight: Tensor) -> Tensor:
     """[O, C, KH, KW] -> blitzdiff._C.Conv2dNhwc's blocked weight [ceil(O / 16), KH, KW, C, 16], zero past O."""
-    out_channels, in_channels, kernel_h, kernel_w = weight.shape
-    blocks = -(-out_channels // DIRECT_LANES)
-    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, 0, 0, 0, 0, blocks * DIRECT_LANES - out_channels))
-    return padded.reshape(blocks, DIRECT_LANES, in_channels, kernel_h, kernel_w).permute(0, 3, 4, 2, 1).contiguous()
+    _, in_channels, kernel_h, kernel_w = weight.shape
+    padded = _lane_padded(weight.detach())
+    return padded.reshape(-1, DIRECT_LANES, in_channels, kernel_h, kernel_w).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def pack_winograd(weight: Tensor) -> Tensor:
+    """[O, C, 3, 3] -> blitzdiff._C.Conv2dWinograd's transformed weight [16, ceil(O / 16), C, 16]: U = G g G^T per
+    (o, c), computed in float64 and rounded once, position p = 4 i + j of the 4x4 tile first, zero past O."""
+    g = torch.tensor(WINOGRAD_G, dtype=torch.float64)
+    transformed = torch.einsum("ik,ockl,jl->ocij", g, weight.detach().double(), g)  # [O, C, 4, 4]
+    padded = _lane_padded(transformed).to(weight.dtype)
+    return padded.reshape(-1, DIRECT_LANES, weight.shape[1], 16).permute(3, 0, 2, 1).contiguous()
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters, state-dict keys and results, within float rounding) whose eager CPU float32
-    calls on the "auto" backend run oneDNN with the weight reordered once where `prepack_pays`, and blitzdiff's
-    direct convolution where `direct_pays` (module docstring). What does not depend on the call's tensors is decided
-    once per input shape, so a call that PyTorch runs costs a shape comparison (about 0.2 us) more than
-    nn.Conv2d's."""
+    calls on the "auto" backend run blitzdiff's Winograd kernel where `_winograd_fits`, its direct convolution where
+    `direct_pays`, and oneDNN with the weight reordered once where `prepack_pays` (module docstring). What does not
+    depend on the call's tensors is decided once per input shape, so a call that PyTorch runs costs a shape
+    comparison (about 0.2 us) more than nn.Conv2d's."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -140,44 +171,54 @@ class Conv2d(nn.Conv2d):
                 parameters = self._parameters  # what self.weight reads, without nn.Module's __getattr__ (0.5 us)
                 weight, bias = parameters["weight"], parameters["bias"]
                 if self._takes(x, weight, bias, plan[1]):
-                    if plan[1] == "direct" and (kernel := self._direct_kernel(weight)) is not None:
+                    if plan[1] == "onednn":
+                        if (packed := self._onednn_weight(weight, x)) is not None:
+                            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *plan[2], self.groups,
+                                                                           "none", [], "")
+                    elif (kernel := self._native_kernel(weight, plan[1])) is not None:
                         out = torch.empty(plan[2], dtype=torch.float32, device="cpu",
                                           memory_format=torch.channels_last)
                         kernel.run(out.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), *plan[3],
                                    torch.get_num_threads())
                         return out
-                    if plan[1] == "onednn" and (packed := self._onednn_weight(weight, x)) is not None:
-                        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *plan[2], self.groups,
-                                                                       "none", [], "")
         return self._conv_forward(x, self.weight, self.bias)
 
     def _plan(self, x: Tensor) -> tuple:
         """(x's shape, the path calls of that shape take when their tensors allow it, what the path's call needs):
-        for 4-D inputs and zeros padding given as numbers, "onednn" where `prepack_pays` (a torch with oneDNN) with
-        its padding, stride and dilation lists; else "direct" where `direct_pays` (one group, no dilation) with the
-        output shape and the kernel's (batch, height, width); else None (PyTorch's call)."""
+        for 4-D inputs and zeros padding given as numbers, with one group and no dilation on a CPU where the native
+        kernels' AVX-512 loop runs, "winograd" where `_winograd_fits`, else "direct" where `direct_pays`, each with
+        the output shape and the kernel's (batch, height, width); else "onednn" where `prepack_pays` (a torch with
+        oneDNN) with its padding, stride and dilation lists; else None (PyTorch's call)."""
         shape = x.shape
         if not (x.dim() == 4 and self.weight.dim() == 4 and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str)):
             return shape, None
-        if prepack_pays(shape):
-            if not onednn_available():
-                return shape, None
-            return shape, "onednn", (list(self.padding), list(self.stride), list(self.dilation))
-        if self.groups == 1 and self.dilation == (1, 1) and direct_pays(shape):
+        if self.groups == 1 and self.dilation == (1, 1) and direct_isa() == "avx512f":
             batch, _, height, width = shape
             out_size = [(size + 2 * pad - kernel) // stride + 1
                         for size, pad, kernel, stride in zip((height, width), self.padding, self.kernel_size,
                                                              self.stride, strict=True)]
-            if min(out_size) >= 1:  # else PyTorch's call says what is wrong with the sizes
-                return shape, "direct", (batch, self.out_channels, *out_size), (batch, height, width)
+            native = "winograd" if self._winograd_fits(batch, out_size) else "direct" if direct_pays(shape) else None
+            if native is not None and min(out_size) >= 1:  # else PyTorch's call says what is wrong with the sizes
+                return shape, native, (batch, self.out_channels, *out_size), (batch, height, width)
+        if prepack_pays(shape) and onednn_available():
+            return shape, "onednn", (list(self.padding), list(self.stride), list(self.dilation))
         return shape, None
+
+    def _winograd_fits(self, batch: int, out_size: list[int]) -> bool:
+        """Whether blitzdiff._C.Conv2dWinograd runs this convolution (a 3x3 kernel, stride 1, at least
+        WINOGRAD_MIN_IN_CHANNELS input channels and WINOGRAD_MIN_TILES output tiles; groups and dilation looked at by
+        the caller)."""
+        tiles = batch * ((out_size[0] + 1) // 2) * ((out_size[1] + 1) // 2)
+        return (self.kernel_size == (3, 3) and self.stride == (1, 1)
+                and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS and tiles >= WINOGRAD_MIN_TILES)
 
     @staticmethod
     def _takes(x: Tensor, weight: Tensor, bias: Tensor | None, path: str) -> bool:
         """Whether this call's tensors allow `path`: float32 x without gradients, and a layout whose result
-        PyTorch's call returns channels-last too, as both paths do: x or the weight channels-last, and for "direct"
-        x itself (the kernel reads it as dense NHWC). The weight itself is looked at where it is packed (_entry)."""
+        PyTorch's call returns channels-last too, as every path does: x or the weight channels-last, and for the
+        native kernels x itself (they read it as dense NHWC). The weight itself is looked at where it is packed
+        (_entry)."""
         if x.dtype != torch.float32 or (torch.is_grad_enabled() and (
                 x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
             return False
@@ -194,19 +235,23 @@ class Conv2d(nn.Conv2d):
                 w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
         return entry[3]
 
-    def _direct_kernel(self, weight: Tensor):
-        """The blitzdiff._C.Conv2dNhwc of the blocked weight (made again when the weight changed), or None (_entry;
-        or without blitzdiff._C)."""
-        entry = self.prepacked.direct
+    def _native_kernel(self, weight: Tensor, path: str):
+        """The blitzdiff._C kernel object of `path` ("direct": Conv2dNhwc, "winograd": Conv2dWinograd) reading its
+        packed weight (made again when the weight changed), or None (_entry; or without blitzdiff._C)."""
+        entry = getattr(self.prepacked, path)
         if not _made_from(entry, weight):
-            factory = cpu_kernel("Conv2dNhwc")
+            factory = cpu_kernel("Conv2dWinograd" if path == "winograd" else "Conv2dNhwc")
             if factory is None:
                 return None
 
             def make(w: Tensor) -> tuple[Tensor, object]:
+                if path == "winograd":
+                    packed = pack_winograd(w)
+                    return packed, factory(self.in_channels, self.out_channels, *self.padding, packed.data_ptr())
                 packed = pack_direct(w)
                 return packed, factory(self.in_channels, self.out_channels, *self.kernel_size, *self.stride,
                                        *self.padding, packed.data_ptr())
 
-            entry = self.prepacked.direct = _entry(weight, make)
+            entry = _entry(weight, make)
+            setattr(self.prepacked, path, entry)  # one assignment: a concurrent call sees the old entry or the new
         return None if entry[3] is None else entry[3][1]

@@ -29,9 +29,11 @@ pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build
 
 PREPACKED_OP = "mkldnn::_convolution_pointwise"
 TORCH_OP = "aten::convolution"
-ERROR_FACTOR = {"onednn": 2, "direct": 8}
-# an input shape per packed path, for the tests that hold for both
-PATH_INPUTS = {"onednn": (2, 8, 6, 6), "direct": (1, 8, 6, 6)}
+ERROR_FACTOR = {"onednn": 2, "direct": 8, "winograd": 4}
+# an input shape per packed path (its channels the convolution's), for the tests that hold for all three: 8 input
+# channels keep the 3x3 convolutions off the Winograd kernel (WINOGRAD_MIN_IN_CHANNELS), 16 put them on it
+PATH_INPUTS = {"onednn": (2, 8, 6, 6), "direct": (1, 8, 6, 6), "winograd": (1, 16, 8, 8)}
+PATHS = list(PATH_INPUTS)
 
 
 @pytest.fixture(autouse=True)
@@ -59,11 +61,21 @@ def reference(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def ran_path(conv: Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """conv(x) and the path it took: "onednn", "torch" or "direct" (the kernel is no torch op: neither shows)."""
+    """conv(x) and the path it took: "onednn", "torch", or the native kernel the module planned ("direct" or
+    "winograd": no torch op, so neither op shows)."""
     with torch.profiler.profile() as prof:
         out = conv(x)
     names = {event.name for event in prof.events()}
-    return out, "onednn" if PREPACKED_OP in names else "torch" if TORCH_OP in names else "direct"
+    if PREPACKED_OP in names or TORCH_OP in names:
+        return out, "onednn" if PREPACKED_OP in names else "torch"
+    assert conv.prepacked.plan[1] in ("direct", "winograd")
+    return out, conv.prepacked.plan[1]
+
+
+def path_case(path: str, out_channels: int = 16, **kwargs) -> tuple[Conv2d, torch.Tensor]:
+    """A 3x3 convolution and a channels-last input that take `path` (PATH_INPUTS)."""
+    shape = PATH_INPUTS[path]
+    return make_conv(shape[1], out_channels, 3, **kwargs), channels_last_input(*shape)
 
 
 def assert_as_close_as_torch(out: torch.Tensor, conv: Conv2d, x: torch.Tensor, factor: float = 2) -> None:
@@ -84,8 +96,8 @@ def packed_and_accurate(conv: Conv2d, x: torch.Tensor, path: str) -> torch.Tenso
 
 
 CASES = [  # (cin, cout, kernel, stride, padding, bias, input shape): inputs where prepacking pays
-    (32, 64, 3, 1, 1, True, (2, 32, 9, 7)),     # batch > 1, odd sizes
-    (96, 32, 3, 1, 1, True, (1, 96, 16, 16)),   # batch 1 above PyTorch's oneDNN threshold (24576 elements)
+    (8, 64, 3, 1, 1, True, (2, 8, 9, 7)),       # batch > 1, odd sizes (8 input channels: not Winograd's)
+    (8, 32, 3, 1, 1, True, (1, 8, 64, 48)),     # batch 1 above PyTorch's oneDNN threshold (24576 elements)
     (96, 32, 1, 1, 0, True, (1, 96, 16, 16)),   # 1x1
     (16, 16, 3, 2, 1, False, (3, 16, 11, 12)),  # stride 2, no bias
     (3, 8, 3, 2, 0, True, (4, 3, 9, 9)),        # Downsample2D's padding 0 (after its own F.pad)
@@ -93,12 +105,20 @@ CASES = [  # (cin, cout, kernel, stride, padding, bias, input shape): inputs whe
 
 
 DIRECT_CASES = [  # batch-1 inputs of at most ONEDNN_MIN_INPUT elements: PyTorch's im2col path
-    (32, 32, 3, 1, 1, True, (1, 32, 16, 16)),   # 8192 elements
-    (1, 32, 3, 1, 1, True, (1, 1, 16, 16)),     # unet-digits' conv_in
-    (32, 1, 3, 1, 1, True, (1, 32, 16, 16)),    # and conv_out
+    (32, 32, 3, 1, 1, True, (1, 32, 6, 6)),     # 9 output tiles: under WINOGRAD_MIN_TILES
+    (1, 32, 3, 1, 1, True, (1, 1, 16, 16)),     # unet-digits' conv_in: 1 input channel
     (64, 64, 3, 2, 1, False, (1, 64, 8, 8)),    # Downsample2D, no bias
     (96, 64, 1, 1, 0, True, (1, 96, 8, 8)),     # 1x1 shortcut
     (5, 20, 3, 1, 0, True, (1, 5, 9, 7)),       # odd sizes, no padding
+]
+
+
+WINOGRAD_CASES = [  # 3x3, stride 1, >= 16 input channels and >= 16 output tiles, any batch
+    (32, 32, 3, 1, 1, True, (1, 32, 16, 16)),   # unet-digits' 16x16 convolutions
+    (32, 1, 3, 1, 1, True, (1, 32, 16, 16)),    # and its conv_out
+    (96, 32, 3, 1, 1, True, (1, 96, 16, 16)),   # batch 1 above PyTorch's oneDNN threshold
+    (32, 64, 3, 1, 1, True, (2, 32, 9, 7)),     # batch > 1, odd sizes
+    (16, 24, 3, 1, 0, False, (3, 16, 11, 12)),  # no padding, no bias
 ]
 
 
@@ -118,6 +138,35 @@ def test_direct_matches_float64_conv_within_budget(case):
     assert direct_pays(x.shape) and not prepack_pays(x.shape)
     out = packed_and_accurate(conv, x, "direct")
     assert out.shape == conv._conv_forward(x, conv.weight, conv.bias).shape
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_winograd_matches_float64_conv_within_budget(case):
+    cin, cout, kernel, stride, padding, bias, shape = case
+    conv, x = make_conv(cin, cout, kernel, stride=stride, padding=padding, bias=bias), channels_last_input(*shape)
+    out = packed_and_accurate(conv, x, "winograd")
+    assert out.shape == conv._conv_forward(x, conv.weight, conv.bias).shape
+
+
+def test_winograd_thresholds_decide_the_path():
+    """One input channel or tile fewer than the thresholds, and the same convolution runs the direct kernel."""
+    for cin, shape, path in [(16, (1, 16, 8, 8), "winograd"), (15, (1, 15, 8, 8), "direct"),
+                             (16, (1, 16, 7, 8), "winograd"), (16, (1, 16, 6, 8), "direct")]:
+        conv, x = make_conv(cin, 16, 3), channels_last_input(*shape)
+        packed_and_accurate(conv, x, path)
+    assert (conv_module.WINOGRAD_MIN_IN_CHANNELS, conv_module.WINOGRAD_MIN_TILES) == (16, 16)
+
+
+def test_shapes_taking_different_paths_keep_one_packed_weight_each():
+    """A model sampled at batch 1 and 8 in turn: a few-tile input runs direct, a larger one Winograd, and neither
+    path's packed weight is made again when the other runs."""
+    conv, small, large = make_conv(16, 16, 3), channels_last_input(1, 16, 4, 4), channels_last_input(8, 16, 4, 4)
+    packed_and_accurate(conv, small, "direct")
+    packed_and_accurate(conv, large, "winograd")
+    entries = (conv.prepacked.direct, conv.prepacked.winograd)
+    packed_and_accurate(conv, small, "direct")
+    packed_and_accurate(conv, large, "winograd")
+    assert (conv.prepacked.direct, conv.prepacked.winograd) == entries and all(e is not None for e in entries)
 
 
 def test_small_batch_one_inputs_keep_torchs_call_without_avx512(monkeypatch):
@@ -146,10 +195,9 @@ def reference_of(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
                     conv.groups)
 
 
-@pytest.mark.parametrize("path", ["onednn", "direct"])
+@pytest.mark.parametrize("path", PATHS)
 def test_torchs_call_wherever_the_packed_ones_do_not_apply(path):
-    x = channels_last_input(*PATH_INPUTS[path])
-    conv = make_conv(8, 8, 3)
+    conv, x = path_case(path, 8)
     with torch.inference_mode():
         assert ran_path(conv, x)[1] == path
     conv.backend = "ref"
@@ -163,13 +211,13 @@ def test_torchs_call_wherever_the_packed_ones_do_not_apply(path):
         out, ran = ran_path(as64, x.double())  # float64
     assert ran == "torch"
     torch.testing.assert_close(out, reference(as64, x))
-    contiguous = make_conv(8, 8, 3, channels_last=False)
+    contiguous = path_case(path, 8, channels_last=False)[0]
     with torch.inference_mode():
         out, ran = ran_path(contiguous, x.contiguous())  # PyTorch returns NCHW here; so must we
     assert ran == "torch" and out.is_contiguous()
     with torch.inference_mode():
         out, ran = ran_path(conv, x.contiguous())  # NCHW x, channels-last weight: PyTorch returns channels-last
-    assert ran == ("onednn" if path == "onednn" else "torch")  # the direct kernel reads only dense NHWC
+    assert ran == ("onednn" if path == "onednn" else "torch")  # the native kernels read only dense NHWC
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -184,21 +232,21 @@ def test_dispatch_modes_and_tracing_see_torchs_call():
             self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    for shape in PATH_INPUTS.values():
-        conv, x = make_conv(8, 8, 3), channels_last_input(*shape)
+    for path in PATHS:
+        conv, x = path_case(path, 8)
         with torch.inference_mode(), Recorder() as recorder:
             conv(x)
         assert "aten.conv2d.default" in recorder.ops
         assert not any("_convolution_pointwise" in op for op in recorder.ops)
-        assert conv.prepacked.direct is None and conv.prepacked.onednn is None
+        assert all(getattr(conv.prepacked, path) is None for path in PATHS)
         with torch.no_grad():
             graph = str(torch.jit.trace(conv, x).graph)  # records only the ops it sees: they must be PyTorch's own
         assert "aten::_convolution" in graph and "_convolution_pointwise" not in graph
 
 
-@pytest.mark.parametrize("path", ["onednn", "direct"])
+@pytest.mark.parametrize("path", PATHS)
 def test_weights_written_in_place_are_repacked(path):
-    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
+    conv, x = path_case(path)
     with torch.inference_mode():
         before = conv(x)
     state = {name: value * 2 for name, value in conv.state_dict().items()}
@@ -214,16 +262,15 @@ def test_weights_written_in_place_are_repacked(path):
     with torch.no_grad():
         conv.bias.copy_(torch.arange(16.0))  # the bias is read per call, never packed
     with torch.inference_mode():
-        assert torch.equal(ran_path(conv, x)[0], torch.arange(16.0)[:, None, None].expand(1, 16, 6, 6).expand_as(
-            before))
+        assert torch.equal(ran_path(conv, x)[0], torch.arange(16.0)[:, None, None].expand_as(before))
 
 
-@pytest.mark.parametrize("path", ["onednn", "direct"])
+@pytest.mark.parametrize("path", PATHS)
 def test_a_replaced_weight_is_repacked_even_at_the_old_address_and_version(path):
     """An allocator may give a new parameter a freed one's memory, and both start at version 0: the packing must
     compare the tensor itself. Here the new parameter shares the old one's memory (from_numpy: a fresh version
     counter) and its values are written through NumPy, which no version counter sees."""
-    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
+    conv, x = path_case(path)
     conv.weight = torch.nn.Parameter(conv.weight.detach().clone(memory_format=torch.channels_last))  # version 0
     with torch.inference_mode():
         conv(x)
@@ -234,9 +281,9 @@ def test_a_replaced_weight_is_repacked_even_at_the_old_address_and_version(path)
     packed_and_accurate(conv, x, path)
 
 
-@pytest.mark.parametrize("path", ["onednn", "direct"])
+@pytest.mark.parametrize("path", PATHS)
 def test_moved_weights_are_repacked(path):
-    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
+    conv, x = path_case(path)
     with torch.inference_mode():
         conv(x)
     conv.double().float()  # new float32 parameters at new addresses
@@ -245,24 +292,24 @@ def test_moved_weights_are_repacked(path):
     packed_and_accurate(conv, x, path)
 
 
-@pytest.mark.parametrize("path", ["onednn", "direct"])
+@pytest.mark.parametrize("path", PATHS)
 def test_copies_and_pickles_of_a_packed_conv_work(path):
-    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
+    conv, x = path_case(path)
     with torch.inference_mode():
         expected = conv(x)
     assert getattr(conv.prepacked, path) is not None  # an opaque oneDNN tensor or a C++ object: no copy, no pickle
     for twin in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
-        assert twin.prepacked.onednn is None and twin.prepacked.direct is None
+        assert all(getattr(twin.prepacked, other) is None for other in PATHS)
         with torch.inference_mode():
             out, ran = ran_path(twin, x)
         assert ran == path
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("path", ["onednn", "direct"])
+@pytest.mark.parametrize("path", PATHS)
 def test_inference_mode_weights_keep_torchs_call(path):
     with torch.inference_mode():
-        conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])  # no version counter to watch
+        conv, x = path_case(path)  # no version counter to watch
         out, ran = ran_path(conv, x)
     assert ran == "torch"
     torch.testing.assert_close(out.double(), reference(conv, x), rtol=1e-5, atol=1e-5)
@@ -270,8 +317,10 @@ def test_inference_mode_weights_keep_torchs_call(path):
 
 @pytest.mark.parametrize("n, path", [(4, PREPACKED_OP), (1, None)])
 def test_loaded_models_pack_their_convolutions_and_sample_as_torch_does(n, path):
-    """unet-digits at batch 4 prepacks for oneDNN; at batch 1 (every input under PyTorch's oneDNN threshold but the
-    96-channel 16x16 ones) runs the direct kernel, so PyTorch's convolution op runs only for those."""
+    """unet-digits at batch 4 runs its 1x1 and strided convolutions prepacked for oneDNN; at batch 1 (every input
+    under PyTorch's oneDNN threshold but the 96-channel 16x16 ones) those run the direct kernel; at either batch the
+    3x3 ones with enough input channels and tiles run the Winograd kernel. PyTorch's convolution op runs only for
+    the rest."""
     pipe = blitzdiff.load("unet-digits")
     kwargs = dict(n=n, steps=3, seeds=0, output_type="raw")
     with torch.profiler.profile() as prof:
@@ -280,7 +329,8 @@ def test_loaded_models_pack_their_convolutions_and_sample_as_torch_does(n, path)
     if path is not None:
         assert names.count(path) > 0
     else:
-        direct = [m for m in pipe.model.modules() if isinstance(m, Conv2d) and m.prepacked.direct is not None]
+        direct = [m for m in pipe.model.modules()
+                  if isinstance(m, Conv2d) and (m.prepacked.direct or m.prepacked.winograd) is not None]
         assert len(direct) > 20
         convolutions = sum(isinstance(m, Conv2d) for m in pipe.model.modules())
         assert names.count(TORCH_OP) <= 3 * (convolutions - len(direct))  # 3 steps, the rest only
@@ -289,10 +339,10 @@ def test_loaded_models_pack_their_convolutions_and_sample_as_torch_does(n, path)
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["onednn", "direct"])
+@pytest.mark.parametrize("path", PATHS)
 def test_a_changed_default_dtype_or_device_changes_nothing(path):
     """The direct path allocates its output itself: float32 on the CPU whatever torch's defaults say."""
-    conv, x = make_conv(8, 16, 3), channels_last_input(*PATH_INPUTS[path])
+    conv, x = path_case(path)
     with torch.inference_mode():
         expected = conv(x)
     previous = torch.get_default_dtype()
