@@ -162,11 +162,11 @@ PYBIND11_MODULE(_C, m) {
            "out [batch, out_h, out_w, out_channels] = conv(x [batch, height, width, in_channels]) + bias (0: none) on "
            "up to `threads` threads; generic: the portable loop even where the AVX-512 one runs.");
   py::class_<blitzdiff::Conv2dWinograd>(m, "Conv2dWinograd",
-                                        "A Winograd F(2x2, 3x3) NHWC float32 convolution with its transformed weight "
-                                        "(conv2d_winograd.h).")
-      .def(py::init<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::uintptr_t>(),
+                                        "A Winograd F(tile x tile, 3x3) NHWC float32 convolution with its transformed "
+                                        "weight (conv2d_winograd.h).")
+      .def(py::init<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::uintptr_t, std::int64_t>(),
            py::arg("in_channels"), py::arg("out_channels"), py::arg("pad_h"), py::arg("pad_w"),
-           py::arg("packed_weight"))
+           py::arg("packed_weight"), py::arg("tile") = 2)
       .def("run", &blitzdiff::Conv2dWinograd::run, py::arg("out"), py::arg("x"), py::arg("bias"), py::arg("batch"),
            py::arg("height"), py::arg("width"), py::arg("threads"), py::arg("generic") = false,
            py::call_guard<py::gil_scoped_release>(),

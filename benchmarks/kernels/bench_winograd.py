@@ -1,17 +1,19 @@
 """The models' 3x3 convolution on each CPU path, per input shape: PyTorch's call, oneDNN with the weight prepacked,
-blitzdiff's direct kernel (blitzdiff._C.Conv2dNhwc) and its Winograd F(2x2, 3x3) kernel (blitzdiff._C.Conv2dWinograd).
+blitzdiff's direct kernel (blitzdiff._C.Conv2dNhwc) and its Winograd F(2x2, 3x3) and F(4x4, 3x3) kernels
+(blitzdiff._C.Conv2dWinograd).
 
     python benchmarks/kernels/bench_winograd.py [--repeats 15] [--threads N] [--json out.json] [--quick]
 
 Each row ("b<batch> <in>-><out> <size>x<size>") is one input of a 3x3, stride-1, padding-1 convolution on a
 channels-last float32 input: the shapes of unet-digits and of cpu_best.py's 32x32 UNet2D at batches 1 and 8, a
-Stable Diffusion-sized one, and the few-channel and few-tile inputs where the Winograd kernel does not pay (the
-thresholds WINOGRAD_MIN_IN_CHANNELS and WINOGRAD_MIN_TILES in blitzdiff/models/conv.py). Every path is the models'
-Conv2d module with its plan forced (output allocation and Python checks included, as a forward pays them), a median
-over `repeats` timed blocks of calls after warm-up (benchmarks/_timing.py); "GMAC/s" counts the direct
-multiply-adds (9 per input channel, output channel and pixel) over the Winograd kernel's time. The last column is
-the fastest other path's time over Winograd's. Replayed alone, a shape's weights stay in the cache; in a network
-they are read cold (the reason for WINOGRAD_MIN_TILES: measured in the forward, README "Winograd convolutions").
+Stable Diffusion-sized one, and the few-channel and few-tile inputs where the Winograd kernels do not pay (the
+thresholds WINOGRAD_MIN_IN_CHANNELS, WINOGRAD_MIN_TILES and WINOGRAD4_MIN_PIXELS in blitzdiff/models/conv.py).
+Every path is the models' Conv2d module with its plan forced (output allocation and Python checks included, as a
+forward pays them), a median over `repeats` timed blocks of calls after warm-up (benchmarks/_timing.py); "GMAC/s"
+counts the direct multiply-adds (9 per input channel, output channel and pixel) over the faster Winograd kernel's
+time. The last column is the fastest other path's time over the faster Winograd kernel's. Replayed alone, a shape's
+weights stay in the cache; in a network they are read cold (the reason for the tile and pixel thresholds: measured
+in the forward, README "Winograd convolutions").
 """
 
 import argparse
@@ -33,7 +35,8 @@ SHAPES = [  # (batch, in, out, size)
     (1, 320, 320, 32),                                                            # Stable Diffusion's first level
     (1, 4, 32, 32), (1, 3, 16, 16), (1, 128, 128, 4), (1, 64, 64, 2),             # few channels, few tiles
 ]
-PATHS = ["torch", "onednn", "direct", "winograd"]
+PATHS = ["torch", "onednn", "direct", "winograd", "winograd4"]
+WINOGRAD = ("winograd", "winograd4")
 
 
 def forced(conv: conv_module.Conv2d, x: torch.Tensor, path: str) -> None:
@@ -59,8 +62,10 @@ def time_shape(batch: int, cin: int, cout: int, size: int, repeats: int) -> dict
         forced(conv, x, path)
         row[f"{path}_us"] = median_us(lambda: conv(x), repeats)
     macs = batch * size * size * cin * cout * 9
-    row["winograd_gmacs"] = macs / row["winograd_us"] / 1e3
-    row["best_other_over_winograd"] = min(row[f"{p}_us"] for p in PATHS[:-1] if f"{p}_us" in row) / row["winograd_us"]
+    winograd_us = min(row[f"{p}_us"] for p in WINOGRAD)
+    row["winograd_gmacs"] = macs / winograd_us / 1e3
+    row["best_other_over_winograd"] = min(row[f"{p}_us"] for p in PATHS if p not in WINOGRAD and f"{p}_us" in row
+                                          ) / winograd_us
     return row
 
 

@@ -16,11 +16,14 @@ about 1.4 us of fixed cost a call where PyTorch's path costs 15-20 us even on a 
 
 3x3, stride-1 convolutions with at least WINOGRAD_MIN_IN_CHANNELS input channels and WINOGRAD_MIN_TILES output
 tiles (2x2 pixels each, over the batch) run blitzdiff._C.Conv2dWinograd (csrc/conv2d_winograd_cpu.cpp), at any
-batch: Winograd F(2x2, 3x3) from a weight transformed once by `pack_winograd`, 2.25x fewer multiply-adds than the
-direct or oneDNN convolution, results within float32 rounding of F.conv2d (tests/kernels/test_conv2d_winograd.py)
-but not its bits. Replayed alone it beat the other paths at every such shape measured (1.0-1.8x, AMD EPYC Zen 4, 2
-threads; benchmarks/kernels/bench_winograd.py); in a network, where its 16/9x larger weight is read cold, a
-convolution over fewer than 16 tiles was no faster, hence the tile threshold (README "Winograd convolutions").
+batch, from a weight transformed once by `pack_winograd`: Winograd F(4x4, 3x3) from WINOGRAD4_MIN_PIXELS output
+pixels (4x fewer multiply-adds than a direct or oneDNN convolution, its largest error 10-43x PyTorch's measured,
+relative ~1e-5), F(2x2, 3x3) below (2.25x fewer, errors at PyTorch's level); within the componentwise Winograd
+error bound (tests/kernels/test_conv2d_winograd.py), not F.conv2d's bits. Replayed alone, F(2x2) beat the other paths
+at every such shape measured (1.1-2.0x, AMD EPYC Zen 4, 2 threads; benchmarks/kernels/bench_winograd.py) and F(4x4)
+beat F(2x2) by 1.5-1.65x; in a network, where the transformed weights (16/9x and 4x the weight) are read cold, a
+convolution over fewer than 16 tiles did not pay, nor F(4x4) on unet-digits' 8x8 level at batch 1, hence the
+thresholds (README "Winograd convolutions").
 
 Both native kernels run only on CPUs where their AVX-512 loop runs (`direct_isa`), the one measured.
 
@@ -50,8 +53,14 @@ DIRECT_LANES = 16  # output channels per block of the native kernels' packed wei
 # (1-4 channels ran 2-4x slower than the direct kernel; 16 already 1.3x faster: benchmarks/kernels/bench_winograd.py)
 WINOGRAD_MIN_IN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 16
-# G of F(2x2, 3x3): the weight's transform U = G g G^T (csrc/conv2d_winograd.h)
-WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# F(4x4, 3x3) from this many output pixels (over the batch) up; F(2x2, 3x3) below
+WINOGRAD4_MIN_PIXELS = 256
+# G of F(m x m, 3x3) per output tile size m: the weight's transform U = G g G^T (csrc/conv2d_winograd.h)
+WINOGRAD_G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
+}
 
 
 @functools.cache
@@ -94,13 +103,14 @@ class PrepackedWeight:
     is compared too, not only its address: a replaced parameter may be given a freed one's memory. Neither an opaque
     oneDNN tensor nor a C++ object can be copied or pickled, so copies of the module start without them."""
 
-    __slots__ = ("plan", "onednn", "direct", "winograd")
+    __slots__ = ("plan", "onednn", "direct", "winograd", "winograd4")
 
     def __init__(self):
         self.plan: tuple[torch.Size, str | None] | None = None
         self.onednn: tuple[weakref.ref, int, int, Tensor] | None = None
         self.direct: tuple[weakref.ref, int, int, tuple[Tensor, object]] | None = None
         self.winograd: tuple[weakref.ref, int, int, tuple[Tensor, object]] | None = None
+        self.winograd4: tuple[weakref.ref, int, int, tuple[Tensor, object]] | None = None
 
     def __deepcopy__(self, memo: dict) -> PrepackedWeight:
         return PrepackedWeight()
@@ -138,13 +148,14 @@ def pack_direct(weight: Tensor) -> Tensor:
     return padded.reshape(-1, DIRECT_LANES, in_channels, kernel_h, kernel_w).permute(0, 3, 4, 2, 1).contiguous()
 
 
-def pack_winograd(weight: Tensor) -> Tensor:
-    """[O, C, 3, 3] -> blitzdiff._C.Conv2dWinograd's transformed weight [16, ceil(O / 16), C, 16]: U = G g G^T per
-    (o, c), computed in float64 and rounded once, position p = 4 i + j of the 4x4 tile first, zero past O."""
-    g = torch.tensor(WINOGRAD_G, dtype=torch.float64)
-    transformed = torch.einsum("ik,ockl,jl->ocij", g, weight.detach().double(), g)  # [O, C, 4, 4]
+def pack_winograd(weight: Tensor, tile: int = 2) -> Tensor:
+    """[O, C, 3, 3] -> blitzdiff._C.Conv2dWinograd's transformed weight for output tiles of tile x tile pixels,
+    [(tile + 2)^2, ceil(O / 16), C, 16]: U = G g G^T per (o, c), computed in float64 and rounded once, position
+    p = (tile + 2) i + j of the transformed tile first, zero past O."""
+    g = torch.tensor(WINOGRAD_G[tile], dtype=torch.float64)
+    transformed = torch.einsum("ik,ockl,jl->ocij", g, weight.detach().double(), g)  # [O, C, tile + 2, tile + 2]
     padded = _lane_padded(transformed).to(weight.dtype)
-    return padded.reshape(-1, DIRECT_LANES, weight.shape[1], 16).permute(3, 0, 2, 1).contiguous()
+    return padded.reshape(-1, DIRECT_LANES, weight.shape[1], (tile + 2) ** 2).permute(3, 0, 2, 1).contiguous()
 
 
 class Conv2d(nn.Conv2d):
@@ -198,20 +209,23 @@ class Conv2d(nn.Conv2d):
             out_size = [(size + 2 * pad - kernel) // stride + 1
                         for size, pad, kernel, stride in zip((height, width), self.padding, self.kernel_size,
                                                              self.stride, strict=True)]
-            native = "winograd" if self._winograd_fits(batch, out_size) else "direct" if direct_pays(shape) else None
+            native = self._winograd_path(batch, out_size) or ("direct" if direct_pays(shape) else None)
             if native is not None and min(out_size) >= 1:  # else PyTorch's call says what is wrong with the sizes
                 return shape, native, (batch, self.out_channels, *out_size), (batch, height, width)
         if prepack_pays(shape) and onednn_available():
             return shape, "onednn", (list(self.padding), list(self.stride), list(self.dilation))
         return shape, None
 
-    def _winograd_fits(self, batch: int, out_size: list[int]) -> bool:
-        """Whether blitzdiff._C.Conv2dWinograd runs this convolution (a 3x3 kernel, stride 1, at least
-        WINOGRAD_MIN_IN_CHANNELS input channels and WINOGRAD_MIN_TILES output tiles; groups and dilation looked at by
-        the caller)."""
-        tiles = batch * ((out_size[0] + 1) // 2) * ((out_size[1] + 1) // 2)
-        return (self.kernel_size == (3, 3) and self.stride == (1, 1)
-                and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS and tiles >= WINOGRAD_MIN_TILES)
+    def _winograd_path(self, batch: int, out_size: list[int]) -> str | None:
+        """The blitzdiff._C.Conv2dWinograd path of this convolution, if any (a 3x3 kernel, stride 1, at least
+        WINOGRAD_MIN_IN_CHANNELS input channels and WINOGRAD_MIN_TILES output tiles of 2x2; groups and dilation
+        looked at by the caller): "winograd4" (F(4x4, 3x3)) from WINOGRAD4_MIN_PIXELS output pixels, else
+        "winograd" (F(2x2, 3x3))."""
+        if not (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS):
+            return None
+        if batch * out_size[0] * out_size[1] >= WINOGRAD4_MIN_PIXELS:
+            return "winograd4"
+        return "winograd" if batch * ((out_size[0] + 1) // 2) * ((out_size[1] + 1) // 2) >= WINOGRAD_MIN_TILES else None
 
     @staticmethod
     def _takes(x: Tensor, weight: Tensor, bias: Tensor | None, path: str) -> bool:
@@ -240,14 +254,16 @@ class Conv2d(nn.Conv2d):
         packed weight (made again when the weight changed), or None (_entry; or without blitzdiff._C)."""
         entry = getattr(self.prepacked, path)
         if not _made_from(entry, weight):
-            factory = cpu_kernel("Conv2dWinograd" if path == "winograd" else "Conv2dNhwc")
+            factory = cpu_kernel("Conv2dNhwc" if path == "direct" else "Conv2dWinograd")
             if factory is None:
                 return None
 
             def make(w: Tensor) -> tuple[Tensor, object]:
-                if path == "winograd":
-                    packed = pack_winograd(w)
-                    return packed, factory(self.in_channels, self.out_channels, *self.padding, packed.data_ptr())
+                if path != "direct":
+                    tile = 4 if path == "winograd4" else 2
+                    packed = pack_winograd(w, tile)
+                    return packed, factory(self.in_channels, self.out_channels, *self.padding, packed.data_ptr(),
+                                           tile)
                 packed = pack_direct(w)
                 return packed, factory(self.in_channels, self.out_channels, *self.kernel_size, *self.stride,
                                        *self.padding, packed.data_ptr())

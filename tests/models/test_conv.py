@@ -29,10 +29,11 @@ pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build
 
 PREPACKED_OP = "mkldnn::_convolution_pointwise"
 TORCH_OP = "aten::convolution"
-ERROR_FACTOR = {"onednn": 2, "direct": 8, "winograd": 4}
-# an input shape per packed path (its channels the convolution's), for the tests that hold for all three: 8 input
-# channels keep the 3x3 convolutions off the Winograd kernel (WINOGRAD_MIN_IN_CHANNELS), 16 put them on it
-PATH_INPUTS = {"onednn": (2, 8, 6, 6), "direct": (1, 8, 6, 6), "winograd": (1, 16, 8, 8)}
+ERROR_FACTOR = {"onednn": 2, "direct": 8, "winograd": 4, "winograd4": 64}  # tests/kernels/test_conv2d_winograd.py
+# an input shape per packed path (its channels the convolution's), for the tests that hold for all of them: 8 input
+# channels keep the 3x3 convolutions off the Winograd kernel (WINOGRAD_MIN_IN_CHANNELS), 16 put them on it, F(4x4)
+# from 256 output pixels (WINOGRAD4_MIN_PIXELS)
+PATH_INPUTS = {"onednn": (2, 8, 6, 6), "direct": (1, 8, 6, 6), "winograd": (1, 16, 8, 8), "winograd4": (1, 16, 16, 16)}
 PATHS = list(PATH_INPUTS)
 
 
@@ -61,14 +62,14 @@ def reference(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def ran_path(conv: Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """conv(x) and the path it took: "onednn", "torch", or the native kernel the module planned ("direct" or
-    "winograd": no torch op, so neither op shows)."""
+    """conv(x) and the path it took: "onednn", "torch", or the native kernel the module planned ("direct",
+    "winograd" or "winograd4": no torch op, so neither op shows)."""
     with torch.profiler.profile() as prof:
         out = conv(x)
     names = {event.name for event in prof.events()}
     if PREPACKED_OP in names or TORCH_OP in names:
         return out, "onednn" if PREPACKED_OP in names else "torch"
-    assert conv.prepacked.plan[1] in ("direct", "winograd")
+    assert conv.prepacked.plan[1] in ("direct", "winograd", "winograd4")
     return out, conv.prepacked.plan[1]
 
 
@@ -113,12 +114,13 @@ DIRECT_CASES = [  # batch-1 inputs of at most ONEDNN_MIN_INPUT elements: PyTorch
 ]
 
 
-WINOGRAD_CASES = [  # 3x3, stride 1, >= 16 input channels and >= 16 output tiles, any batch
-    (32, 32, 3, 1, 1, True, (1, 32, 16, 16)),   # unet-digits' 16x16 convolutions
-    (32, 1, 3, 1, 1, True, (1, 32, 16, 16)),    # and its conv_out
-    (96, 32, 3, 1, 1, True, (1, 96, 16, 16)),   # batch 1 above PyTorch's oneDNN threshold
-    (32, 64, 3, 1, 1, True, (2, 32, 9, 7)),     # batch > 1, odd sizes
-    (16, 24, 3, 1, 0, False, (3, 16, 11, 12)),  # no padding, no bias
+WINOGRAD_CASES = [  # 3x3, stride 1, >= 16 input channels and >= 16 output tiles, any batch; F(4x4) from 256 pixels
+    (32, 32, 3, 1, 1, True, (1, 32, 16, 16), "winograd4"),   # unet-digits' 16x16 convolutions
+    (32, 1, 3, 1, 1, True, (1, 32, 16, 16), "winograd4"),    # and its conv_out
+    (96, 32, 3, 1, 1, True, (1, 96, 16, 16), "winograd4"),   # batch 1 above PyTorch's oneDNN threshold
+    (64, 64, 3, 1, 1, True, (1, 64, 8, 8), "winograd"),      # its 8x8 ones
+    (32, 64, 3, 1, 1, True, (2, 32, 9, 7), "winograd"),      # batch > 1, odd sizes
+    (16, 24, 3, 1, 0, False, (3, 16, 11, 12), "winograd4"),  # no padding, no bias, partial 4x4 tiles
 ]
 
 
@@ -142,19 +144,23 @@ def test_direct_matches_float64_conv_within_budget(case):
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
 def test_winograd_matches_float64_conv_within_budget(case):
-    cin, cout, kernel, stride, padding, bias, shape = case
+    cin, cout, kernel, stride, padding, bias, shape, path = case
     conv, x = make_conv(cin, cout, kernel, stride=stride, padding=padding, bias=bias), channels_last_input(*shape)
-    out = packed_and_accurate(conv, x, "winograd")
+    out = packed_and_accurate(conv, x, path)
     assert out.shape == conv._conv_forward(x, conv.weight, conv.bias).shape
 
 
 def test_winograd_thresholds_decide_the_path():
-    """One input channel or tile fewer than the thresholds, and the same convolution runs the direct kernel."""
+    """One input channel or tile fewer than the thresholds, and the same convolution runs the direct kernel; a pixel
+    fewer than F(4x4)'s, and it runs F(2x2)."""
     for cin, shape, path in [(16, (1, 16, 8, 8), "winograd"), (15, (1, 15, 8, 8), "direct"),
-                             (16, (1, 16, 7, 8), "winograd"), (16, (1, 16, 6, 8), "direct")]:
+                             (16, (1, 16, 7, 8), "winograd"), (16, (1, 16, 6, 8), "direct"),
+                             (16, (1, 16, 16, 16), "winograd4"), (16, (1, 16, 15, 16), "winograd"),
+                             (15, (4, 15, 16, 16), "onednn")]:
         conv, x = make_conv(cin, 16, 3), channels_last_input(*shape)
         packed_and_accurate(conv, x, path)
-    assert (conv_module.WINOGRAD_MIN_IN_CHANNELS, conv_module.WINOGRAD_MIN_TILES) == (16, 16)
+    assert (conv_module.WINOGRAD_MIN_IN_CHANNELS, conv_module.WINOGRAD_MIN_TILES,
+            conv_module.WINOGRAD4_MIN_PIXELS) == (16, 16, 256)
 
 
 def test_shapes_taking_different_paths_keep_one_packed_weight_each():
