@@ -96,10 +96,10 @@ def prepack_pays(shape: torch.Size) -> bool:
 
 class PrepackedWeight:
     """A Conv2d's packing state: `plan` = (input shape, the path calls of that shape take when their tensors allow
-    it: "onednn", "winograd", "direct" or None for PyTorch's own call), and per path an entry (a weak reference to
-    the weight it was made from, that weight's address and version counter then, what was made from it: for "onednn"
-    the weight in oneDNN's layout, for "direct" and "winograd" the packed weight and the blitzdiff._C kernel reading
-    it; one per path, so calls of shapes that take different paths do not repack in turn). The weight itself
+    it: "onednn", "winograd4", "winograd", "direct" or None for PyTorch's own call), and per path an entry (a weak
+    reference to the weight it was made from, that weight's address and version counter then, what was made from it:
+    for "onednn" the weight in oneDNN's layout, for the native paths the packed weight and the blitzdiff._C kernel
+    reading it; one per path, so calls of shapes that take different paths do not repack in turn). The weight itself
     is compared too, not only its address: a replaced parameter may be given a freed one's memory. Neither an opaque
     oneDNN tensor nor a C++ object can be copied or pickled, so copies of the module start without them."""
 
@@ -160,10 +160,10 @@ def pack_winograd(weight: Tensor, tile: int = 2) -> Tensor:
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters, state-dict keys and results, within float rounding) whose eager CPU float32
-    calls on the "auto" backend run blitzdiff's Winograd kernel where `_winograd_fits`, its direct convolution where
-    `direct_pays`, and oneDNN with the weight reordered once where `prepack_pays` (module docstring). What does not
-    depend on the call's tensors is decided once per input shape, so a call that PyTorch runs costs a shape
-    comparison (about 0.2 us) more than nn.Conv2d's."""
+    calls on the "auto" backend run blitzdiff's Winograd kernels where `_winograd_path` names one, its direct
+    convolution where `direct_pays`, and oneDNN with the weight reordered once where `prepack_pays` (module
+    docstring). What does not depend on the call's tensors is decided once per input shape, so a call that PyTorch
+    runs costs a shape comparison (about 0.2 us) more than nn.Conv2d's."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -197,7 +197,7 @@ class Conv2d(nn.Conv2d):
     def _plan(self, x: Tensor) -> tuple:
         """(x's shape, the path calls of that shape take when their tensors allow it, what the path's call needs):
         for 4-D inputs and zeros padding given as numbers, with one group and no dilation on a CPU where the native
-        kernels' AVX-512 loop runs, "winograd" where `_winograd_fits`, else "direct" where `direct_pays`, each with
+        kernels' AVX-512 loop runs, the path `_winograd_path` names, else "direct" where `direct_pays`, each with
         the output shape and the kernel's (batch, height, width); else "onednn" where `prepack_pays` (a torch with
         oneDNN) with its padding, stride and dilation lists; else None (PyTorch's call)."""
         shape = x.shape
@@ -250,8 +250,9 @@ class Conv2d(nn.Conv2d):
         return entry[3]
 
     def _native_kernel(self, weight: Tensor, path: str):
-        """The blitzdiff._C kernel object of `path` ("direct": Conv2dNhwc, "winograd": Conv2dWinograd) reading its
-        packed weight (made again when the weight changed), or None (_entry; or without blitzdiff._C)."""
+        """The blitzdiff._C kernel object of `path` ("direct": Conv2dNhwc; "winograd", "winograd4": Conv2dWinograd of
+        2x2 / 4x4 tiles) reading its packed weight (made again when the weight changed), or None (_entry; or without
+        blitzdiff._C)."""
         entry = getattr(self.prepacked, path)
         if not _made_from(entry, weight):
             factory = cpu_kernel("Conv2dNhwc" if path == "direct" else "Conv2dWinograd")
