@@ -50,7 +50,7 @@ from ..kernels._backends import cpu_kernel, eager_cpu
 ONEDNN_MIN_INPUT = 20480
 DIRECT_LANES = 16  # output channels per block of the native kernels' packed weights (csrc/conv2d.h)
 # Winograd F(2x2, 3x3): fewer input channels leave its transforms costing more than the multiply-adds they save
-# (1-4 channels ran 2-4x slower than the direct kernel; 16 already 1.3x faster: benchmarks/kernels/bench_winograd.py)
+# (with 1-4 input channels it took 1.2-2x the direct kernel's time, with 16 0.75x: benchmarks/kernels/bench_winograd.py)
 WINOGRAD_MIN_IN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 16
 # F(4x4, 3x3) from this many output pixels (over the batch) up; F(2x2, 3x3) below
