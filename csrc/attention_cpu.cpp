@@ -24,7 +24,6 @@ namespace blitzdiff {
 namespace {
 
 constexpr std::int64_t kQueryBlock = 64;                           // query rows per work item
-constexpr std::int64_t kMinMacsPerThread = std::int64_t{1} << 18;  // as the direct convolution's split
 
 // Row r of s (n scores, row stride `stride`) -> softmax(scale * s): max subtracted, exp_approx (vectorize.h), then
 // divided by the row's sum. The portable loop.
@@ -192,7 +191,7 @@ void attention_cpu(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::
   const std::int64_t items = batch * heads * query_blocks;
   const std::int64_t macs_per_item = std::min(kQueryBlock, len_q) * len_k * head_dim * 2;
 
-  parallel_ranges(items, std::max<std::int64_t>(1, kMinMacsPerThread / macs_per_item), threads,
+  parallel_ranges(items, min_items_per_thread(macs_per_item), threads,
                   [&](std::int64_t first, std::int64_t last) {
     std::vector<float> keys(key_blocks * head_dim * kLanes, 0.0f);  // k^T [key block, d, 16]
     std::vector<float> values(dim_blocks * len_k * kLanes, 0.0f);   // v [d block, key, 16]

@@ -16,8 +16,6 @@
 namespace blitzdiff {
 namespace {
 
-constexpr std::int64_t kMinMacsPerThread = std::int64_t{1} << 18;  // ~1-2 us of one core's work per thread
-
 // x [height, width, channels] -> scratch [height + 2 ph, width + 2 pw, channels] with zero borders.
 void pad_image(const float* x, std::int64_t height, std::int64_t width, std::int64_t channels, std::int64_t pad_h,
                std::int64_t pad_w, float* padded) {
@@ -111,7 +109,7 @@ void Conv2dNhwc::run(std::uintptr_t out, std::uintptr_t x, std::uintptr_t bias, 
   base.kernel_h = static_cast<int>(kernel_h);
   base.kernel_w = static_cast<int>(kernel_w);
 
-  parallel_ranges(items, std::max<std::int64_t>(1, kMinMacsPerThread / macs_per_item), threads,
+  parallel_ranges(items, min_items_per_thread(macs_per_item), threads,
                   [&](std::int64_t first, std::int64_t last) {
     for (std::int64_t item = first; item < last; ++item) {
       const std::int64_t group = item % block_groups;

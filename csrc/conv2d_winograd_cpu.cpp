@@ -19,7 +19,6 @@ namespace blitzdiff {
 namespace {
 
 constexpr std::int64_t kChunkFloats = std::int64_t{1} << 16;       // V + M of a chunk: 256 KiB
-constexpr std::int64_t kMinMacsPerThread = std::int64_t{1} << 18;  // as the direct kernel
 
 // One line of a tile through B^T (input: N values -> N) or A^T (output: N values -> M), for T = float (the portable
 // loop, one channel) or a 16-float vector (the AVX-512 loop, 16 channels): the same operations in the same order,
@@ -220,7 +219,7 @@ void run_tiles(const Call& call) {
   base.in_channels = cin;
   base.kernel_h = base.kernel_w = 1;
 
-  parallel_ranges(chunks, std::max<std::int64_t>(1, kMinMacsPerThread / macs_per_chunk), call.threads,
+  parallel_ranges(chunks, min_items_per_thread(macs_per_chunk), call.threads,
                   [&](std::int64_t first, std::int64_t last) {
     // per thread, not zeroed: every element read is written first
     std::unique_ptr<float[]> v(new float[static_cast<std::size_t>(positions * chunk * cin)]);

@@ -145,6 +145,13 @@ inline void tile_generic(const Tile& t, int pixels, int blocks) {
   }
 }
 
+// parallel_ranges' min_per_thread for the micro-kernel's users (conv2d_cpu.cpp, conv2d_winograd_cpu.cpp,
+// attention_cpu.cpp), in work items of `macs_per_item` multiply-adds each: at least 2^18 multiply-adds per thread,
+// ~1-2 us of one core's work (a thread's wake-up costs microseconds).
+inline std::int64_t min_items_per_thread(std::int64_t macs_per_item) {
+  return std::max<std::int64_t>(1, (std::int64_t{1} << 18) / macs_per_item);
+}
+
 inline bool cpu_has_avx512() {
 #ifdef BLITZDIFF_HAVE_AVX512_TILE
   static const bool has = __builtin_cpu_supports("avx512f");

@@ -22,8 +22,11 @@ import torch.nn.functional as F
 
 from blitzdiff.models.conv import WINOGRAD_G, pack_winograd
 
+from .test_conv2d_nhwc import inputs  # (batch, in, out, size, kernel): x, a fan-in-scaled weight, a bias
+
 _C = pytest.importorskip("blitzdiff._C")
 
+KERNEL = (3, 3)
 LOOPS = [False, True]  # generic: the AVX-512 loop (where the CPU has it), then the portable one
 UNIT_ROUNDOFF = 2.0 ** -24
 TILES = [2, 4]  # F(2x2, 3x3) and F(4x4, 3x3)
@@ -55,13 +58,6 @@ def run(x, weight, bias, padding=(1, 1), *, tile=2, threads=1, generic=False):
     kernel.run(out.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), batch, height, width, threads,
                generic)
     return out
-
-
-def inputs(batch, in_channels, out_channels, size, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, in_channels, *size, generator=g)
-    weight = torch.randn(out_channels, in_channels, 3, 3, generator=g) / (in_channels * 9) ** 0.5
-    return x, weight, (torch.randn(out_channels, generator=g) if bias else None)
 
 
 def winograd_magnitude(x, weight, bias, padding, tile):
@@ -113,7 +109,7 @@ GEOMETRIES = [  # (batch, in, out, (H, W), padding)
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_matches_float64_conv_within_the_winograd_bound(geometry, generic, tile):
     batch, cin, cout, size, padding = geometry
-    x, weight, bias = inputs(batch, cin, cout, size)
+    x, weight, bias = inputs(batch, cin, cout, size, KERNEL)
     out = run(x, weight, bias, padding, tile=tile, threads=2, generic=generic)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_within_budget(out, x, weight, bias, padding, tile)
@@ -122,7 +118,7 @@ def test_matches_float64_conv_within_the_winograd_bound(geometry, generic, tile)
 @pytest.mark.parametrize("tile", TILES)
 def test_large_inputs_stay_within_budget(tile):
     """Inputs of magnitude 1e3 and a 256-channel sum: the bound scales with the magnitudes, not a fixed tolerance."""
-    x, weight, bias = inputs(1, 256, 32, (6, 6))
+    x, weight, bias = inputs(1, 256, 32, (6, 6), KERNEL)
     x = x * 1e3
     assert_within_budget(run(x, weight, bias, tile=tile), x, weight, bias, tile=tile)
 
@@ -130,7 +126,7 @@ def test_large_inputs_stay_within_budget(tile):
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("generic", LOOPS)
 def test_no_bias_and_a_bias_of_zeros_agree_bitwise(generic, tile):
-    x, weight, _ = inputs(2, 16, 24, (6, 6))
+    x, weight, _ = inputs(2, 16, 24, (6, 6), KERNEL)
     without = run(x, weight, None, tile=tile, generic=generic)
     assert torch.equal(without, run(x, weight, torch.zeros(24), tile=tile, generic=generic))
     assert_within_budget(without, x, weight, None, tile=tile)
@@ -141,7 +137,7 @@ def test_no_bias_and_a_bias_of_zeros_agree_bitwise(generic, tile):
 def test_same_bits_for_any_thread_count_and_batch_composition(generic, tile):
     """Each tile is computed alone (its chunk changes with the thread count, its arithmetic does not), so neither the
     split over threads nor a sample's batch-mates change a bit."""
-    x, weight, bias = inputs(4, 32, 64, (16, 16))
+    x, weight, bias = inputs(4, 32, 64, (16, 16), KERNEL)
     one = run(x, weight, bias, tile=tile, threads=1, generic=generic)
     for threads in (2, 3, 7):
         assert torch.equal(run(x, weight, bias, tile=tile, threads=threads, generic=generic), one)
@@ -153,7 +149,7 @@ def test_same_bits_for_any_thread_count_and_batch_composition(generic, tile):
 def test_the_two_loops_agree_to_rounding(tile):
     """The transforms run the same operations in both loops, and the products' sums have one chain per output in
     both (the AVX-512 one fused): within rounding of each other."""
-    x, weight, bias = inputs(1, 64, 40, (8, 8))
+    x, weight, bias = inputs(1, 64, 40, (8, 8), KERNEL)
     torch.testing.assert_close(run(x, weight, bias, tile=tile), run(x, weight, bias, tile=tile, generic=True),
                                rtol=1e-5, atol=1e-5)
 
@@ -161,7 +157,7 @@ def test_the_two_loops_agree_to_rounding(tile):
 def test_writes_only_its_output():
     """The output sits between guard zones that stay untouched, as does a batch-0 call's; the input and the
     transformed weight are never written."""
-    x, weight, bias = inputs(1, 16, 20, (5, 5))
+    x, weight, bias = inputs(1, 16, 20, (5, 5), KERNEL)
     packed = pack_winograd(weight)
     kernel = _C.Conv2dWinograd(16, 20, 1, 1, packed.data_ptr())
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -188,7 +184,7 @@ def test_bad_geometry_is_refused(args, message):
 def test_bad_calls_are_refused_and_write_nothing():
     with pytest.raises(ValueError, match="packed_weight must be a non-null pointer"):
         _C.Conv2dWinograd(8, 8, 1, 1, 0)
-    x, weight, _ = inputs(1, 8, 8, (4, 4))
+    x, weight, _ = inputs(1, 8, 8, (4, 4), KERNEL)
     packed = pack_winograd(weight)
     kernel = _C.Conv2dWinograd(8, 8, 0, 0, packed.data_ptr())
     out = torch.full((8 * 4 * 4,), 7.0)
