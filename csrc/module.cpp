@@ -23,6 +23,7 @@ namespace py = pybind11;
 namespace {
 
 constexpr Py_ssize_t kStageArgs = 6;  // run, stage, denoised, x_next, out, point; then the term pointers
+constexpr Py_ssize_t kPointArgs = 3;  // run, stage, point; then the term pointers
 constexpr std::int64_t kReleaseGilFrom = 4096;  // elements: below, a call's arithmetic (<~0.3 us) costs about as
                                                 // much as releasing and taking back the GIL
 
@@ -40,22 +41,22 @@ class GilRelease {
   PyThreadState* state_;
 };
 
-// solver_step_stage(run, stage, denoised, x_next, out, point, *terms): a SolverStepRun's call, taking ints only
-// through CPython's fast-call protocol rather than pybind11's argument machinery: ~0.1 us a call against ~0.5 us
-// for solver_step_cpu's 15 arguments, and the eager loop makes one per network evaluation. run: the SolverStepRun
-// itself, type-checked (about 5 ns more than an address, and no stray pointer can reach the kernel).
-PyObject* solver_step_stage(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs < kStageArgs || nargs > kStageArgs + blitzdiff::kMaxSolverStepTerms) {
-    PyErr_Format(PyExc_TypeError,
-                 "solver_step_stage takes run, stage, denoised, x_next, out, point and at most %d term pointers, got "
-                 "%zd arguments", blitzdiff::kMaxSolverStepTerms, nargs);
+// A SolverStepRun's fast calls (solver_step_stage, solver_point_stage) take ints only through CPython's fast-call
+// protocol rather than pybind11's argument machinery: ~0.1 us a call against ~0.5 us for solver_step_cpu's 15
+// arguments, and the eager loop makes one or two per network evaluation. run: the SolverStepRun itself, type-checked
+// (about 5 ns more than an address, and no stray pointer can reach the kernel). call(run, values, terms) runs the
+// kernel with values[1 .. fixed) the fixed ints after the run and `terms` the term pointers after them.
+template <typename Call>
+PyObject* run_call(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t fixed, const Call& call) {
+  if (nargs < fixed || nargs > fixed + blitzdiff::kMaxSolverStepTerms) {
+    PyErr_Format(PyExc_TypeError, "%s takes %zd leading arguments and at most %d term pointers, got %zd arguments",
+                 name, fixed, blitzdiff::kMaxSolverStepTerms, nargs);
     return nullptr;
   }
   // the run itself (its Python object, alive for the call): a wrong object is a TypeError, not a stray pointer
   py::detail::make_caster<blitzdiff::SolverStepRun> caster;
   if (!caster.load(py::handle(args[0]), /*convert=*/false)) {
-    PyErr_Format(PyExc_TypeError, "solver_step_stage: run must be a SolverStepRun, got %s",
-                 Py_TYPE(args[0])->tp_name);
+    PyErr_Format(PyExc_TypeError, "%s: run must be a SolverStepRun, got %s", name, Py_TYPE(args[0])->tp_name);
     return nullptr;
   }
   const auto& run = py::detail::cast_op<const blitzdiff::SolverStepRun&>(caster);
@@ -66,8 +67,7 @@ PyObject* solver_step_stage(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   }
   try {
     GilRelease gil(run.size() >= kReleaseGilFrom);
-    run(static_cast<std::int64_t>(values[1]), values[2], values[3], values[4], values[5], values + kStageArgs,
-           static_cast<std::size_t>(nargs - kStageArgs));
+    call(run, values, values + fixed, static_cast<std::size_t>(nargs - fixed));
   } catch (const std::invalid_argument& error) {
     PyErr_SetString(PyExc_ValueError, error.what());
     return nullptr;
@@ -78,11 +78,33 @@ PyObject* solver_step_stage(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   Py_RETURN_NONE;
 }
 
+// solver_step_stage(run, stage, denoised, x_next, out, point, *terms): the run's stage update.
+PyObject* solver_step_stage(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return run_call("solver_step_stage", args, nargs, kStageArgs,
+                  [](const blitzdiff::SolverStepRun& run, const std::uintptr_t* v, const std::uintptr_t* terms,
+                     std::size_t count) {
+                    run(static_cast<std::int64_t>(v[1]), v[2], v[3], v[4], v[5], terms, count);
+                  });
+}
+
+// solver_point_stage(run, stage, point, *terms): the run's evaluation point of a stage.
+PyObject* solver_point_stage(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return run_call("solver_point_stage", args, nargs, kPointArgs,
+                  [](const blitzdiff::SolverStepRun& run, const std::uintptr_t* v, const std::uintptr_t* terms,
+                     std::size_t count) { run.point(static_cast<std::int64_t>(v[1]), v[2], terms, count); });
+}
+
 PyMethodDef solver_step_stage_def = {
     "solver_step_stage", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(solver_step_stage)),
     METH_FASTCALL,
     "solver_step_stage(run, stage, denoised, x_next, out, point, *terms): stage `stage` of SolverStepRun `run` "
     "on these pointers (terms: the stage's live terms, 0 for the new denoised estimate)."};
+
+PyMethodDef solver_point_stage_def = {
+    "solver_point_stage", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(solver_point_stage)),
+    METH_FASTCALL,
+    "solver_point_stage(run, stage, point, *terms): point = the sum of stage `stage`'s point coefficients times "
+    "these term pointers' tensors, for SolverStepRun `run`."};
 
 }  // namespace
 
@@ -110,8 +132,12 @@ PYBIND11_MODULE(_C, m) {
         "on up to `threads` threads. w: guidance_scale, or float32 guidance_rows[i / row_size] where non-null; "
         "denoised = 0: not stored.");
   py::class_<blitzdiff::SolverStepPlan, std::shared_ptr<blitzdiff::SolverStepPlan>>(
-      m, "SolverStepPlan", "Per stage of a plan, (c_skip, c_out, coefs) for solver_step_cpu, or None (not fused).")
-      .def(py::init<const std::vector<std::optional<blitzdiff::SolverStepPlan::StageTuple>>&>(), py::arg("stages"));
+      m, "SolverStepPlan",
+      "Per stage of a plan, (c_skip, c_out, coefs) for solver_step_cpu, or None (not fused); points: empty, or per "
+      "stage its point's coefficients, or None (not fused).")
+      .def(py::init<const std::vector<std::optional<blitzdiff::SolverStepPlan::StageTuple>>&,
+                    const std::vector<blitzdiff::SolverStepPlan::Coefs>&>(),
+           py::arg("stages"), py::arg("points") = std::vector<blitzdiff::SolverStepPlan::Coefs>{});
   py::class_<blitzdiff::SolverStepRun>(m, "SolverStepRun",
                                        "A SolverStepPlan with one run's n, dtype, guidance and threads; called through "
                                        "solver_step_stage(run, ...).")
@@ -125,6 +151,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("guidance_rows"), py::arg("row_size"), py::arg("threads"));
   m.add_object("solver_step_stage",
                py::reinterpret_steal<py::object>(PyCFunction_NewEx(&solver_step_stage_def, nullptr, nullptr)));
+  m.add_object("solver_point_stage",
+               py::reinterpret_steal<py::object>(PyCFunction_NewEx(&solver_point_stage_def, nullptr, nullptr)));
   m.def("adaln_modulate_cpu", &blitzdiff::adaln_modulate_cpu, py::arg("out"), py::arg("x"), py::arg("shift"),
         py::arg("scale"), py::arg("rows"), py::arg("tokens"), py::arg("dim"), py::arg("param_stride"), py::arg("eps"),
         py::arg("dtype"), py::arg("threads") = 1, py::call_guard<py::gil_scoped_release>(),

@@ -47,13 +47,19 @@ class SolverStepPlan {
     std::vector<double> coefs;  // the live terms' coefficients, in the order their pointers are passed
   };
   using StageTuple = std::tuple<double, double, std::vector<double>>;  // (c_skip, c_out, coefs)
+  using Coefs = std::optional<std::vector<double>>;
 
-  // stages[k]: stage k's (c_skip, c_out, coefs), or nullopt where stage k is not run by the kernel.
-  explicit SolverStepPlan(const std::vector<std::optional<StageTuple>>& stages);
+  // stages[k]: stage k's (c_skip, c_out, coefs), or nullopt where stage k is not run by the kernel. points: empty,
+  // or per stage the coefficients of its evaluation point's live terms (the loop's point combination, computed
+  // before the network call), or nullopt where the kernel does not compute stage k's point.
+  explicit SolverStepPlan(const std::vector<std::optional<StageTuple>>& stages,
+                          const std::vector<Coefs>& points = {});
   const std::vector<std::optional<Stage>>& stages() const { return stages_; }
+  const std::vector<Coefs>& points() const { return points_; }
 
  private:
   std::vector<std::optional<Stage>> stages_;
+  std::vector<Coefs> points_;
 };
 
 class SolverStepRun {
@@ -64,6 +70,10 @@ class SolverStepRun {
   // throws std::invalid_argument for a stage the plan does not fuse, a wrong term count or null outputs.
   void operator()(std::int64_t stage, std::uintptr_t denoised, std::uintptr_t x_next, std::uintptr_t out,
                   std::uintptr_t point, const std::uintptr_t* terms, std::size_t count) const;
+  // point = sum_k coefs[k] * terms[k] with stage `stage`'s point coefficients (one pass, the update's arithmetic);
+  // throws std::invalid_argument for a stage whose point the plan does not fuse, a wrong term count or a null
+  // output or term.
+  void point(std::int64_t stage, std::uintptr_t point, const std::uintptr_t* terms, std::size_t count) const;
   std::int64_t size() const { return n_; }
 
  private:

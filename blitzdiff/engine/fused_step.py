@@ -4,9 +4,12 @@ update in one pass over memory, by the "cpu" kernel of blitzdiff.kernels.solver_
 
 A stage runs fused when it has an update, no x0 post-processing runs between the network and the update (clip and
 dynamic thresholding are not fused) and its live terms fit the kernel; every other stage runs the Denoiser and
-`combine` as before. The kernel gets the terms in `combine`'s order (x, D_j, P_j, noise; zero coefficients
-dropped) and the scalars the Denoiser uses, so a fused run equals the unfused loop to rounding (tests/engine/
-test_fused_step.py: 1e-12 relative in float64, float32 within the rounding of the ops it replaces). The kernel
+`combine` as before. A stage's evaluation point (the combination UniPC's, Heun's and the singlestep solvers'
+stages evaluate the network at) is one pass of the same kernel's sum where its terms fit, instead of `combine`'s one
+op per term (8x4x64x64 UniPC: 84 -> 63 us a step, benchmarks/bench_scheduler_overhead.py). The kernel gets the
+terms in `combine`'s order (x, D_j, P_j, noise; zero coefficients dropped) and the scalars the Denoiser uses, so a
+fused run equals the unfused loop to rounding (tests/engine/test_fused_step.py: 1e-12 relative in float64, float32
+within the rounding of the ops it replaces). The kernel
 applies the guidance scale, whether a number or a float32 CPU tensor: a 0-d scalar, or one per sample (what the
 Pipeline's runtime passes), read by the kernel from memory per call; a scale of another dtype or device is applied
 by the Denoiser's own ops first, and the kernel does the rest.
@@ -70,10 +73,22 @@ class FusedStage(NamedTuple):  # a tuple: built for every stage of a plan, at a 
     store: bool  # whether a later stage reads this stage's denoised estimate; if not, it is never written
 
 
+class FusedPoint(NamedTuple):
+    """One stage's evaluation point computed by the kernel (the loop's point combination, before the network call):
+    its live terms as FusedStage.sources (no ("new", 0) or ("point", 0): the point reads x, the histories and
+    noise)."""
+
+    sources: tuple[tuple[str, int], ...]
+    coefs: tuple[float, ...]
+    kernel: Callable  # blitzdiff._C.solver_point_stage
+    noise: bool  # whether a term reads fresh noise (the caller draws it, stream 2k as `combine`)
+
+
 class FusedPlan(NamedTuple):
     """What the loop derives from a plan (and the Denoiser's scalars) to run it fused: fused_plan."""
 
     stages: list[FusedStage | None]  # per stage, its FusedStage or None (run unfused)
+    points: list[FusedPoint | None]  # per stage, its FusedPoint or None (no point combination, or run by `combine`)
     kernel: object  # the kernel's copy: a blitzdiff._C.SolverStepPlan of each fused stage's scalars and coefficients
     histories: bool  # keeps_histories(plan)
 
@@ -106,8 +121,17 @@ def _fused_plan(plan: Plan, scalars: Sequence) -> FusedPlan:
         sources, coefs = zip(*terms, strict=True) if terms else ((), ())
         stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, extension.solver_step_stage,
                                  ("noise", 0) in sources, store))
-    kernel = extension.SolverStepPlan([None if f is None else (f.c_skip, f.c_out, list(f.coefs)) for f in stages])
-    return FusedPlan(stages, kernel, keeps_histories(plan))
+    points: list[FusedPoint | None] = []
+    for stage in plan.stages:  # as the updates: a point with D_raw (post-processing only) runs unfused
+        terms = None if stage.point is None or stage.point.raw != 0.0 else _terms(stage.point, before=1)
+        if terms is None or len(terms) > MAX_TERMS:
+            points.append(None)
+            continue
+        sources, coefs = zip(*terms, strict=True) if terms else ((), ())
+        points.append(FusedPoint(sources, coefs, extension.solver_point_stage, ("noise", 0) in sources))
+    kernel = extension.SolverStepPlan([None if f is None else (f.c_skip, f.c_out, list(f.coefs)) for f in stages],
+                                      [None if f is None else list(f.coefs) for f in points])
+    return FusedPlan(stages, points, kernel, keeps_histories(plan))
 
 
 def _read_later(plan: Plan) -> list[bool]:
@@ -136,11 +160,13 @@ def keeps_histories(plan: Plan) -> bool:
     return any(_read_later(plan)) or any(reads_earlier_point(s) for s in plan.stages)
 
 
-def _terms(c: Combination) -> list[tuple[tuple[str, int], float]]:
-    """The live terms of an update (without D_raw) in `combine`'s order; P_0 is the evaluation point."""
+def _terms(c: Combination, before: int = 0) -> list[tuple[tuple[str, int], float]]:
+    """The live terms of a combination (without D_raw) in `combine`'s order. before = 0: a stage's update, whose D_0
+    is the stage's new estimate and P_0 its evaluation point; before = 1: a stage's point, whose D_j / P_j are the
+    (j+1)-th newest estimate / point before the stage."""
     terms = [(("x", 0), c.x)]
-    terms += [(_NEW if j == 0 else ("history", j), coef) for j, coef in enumerate(c.denoised)]
-    terms += [(("point", 0) if j == 0 else ("points", j), coef) for j, coef in enumerate(c.points)]
+    terms += [(("history", j + before) if j + before else _NEW, coef) for j, coef in enumerate(c.denoised)]
+    terms += [(("points", j + before) if j + before else ("point", 0), coef) for j, coef in enumerate(c.points)]
     terms += [(("noise", 0), c.noise)]
     return [(source, coef) for source, coef in terms if coef != 0.0]
 
@@ -210,6 +236,20 @@ def run_fused(
     step.kernel(run.kernel, k, 0 if denoised is None else denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(),
                 point.data_ptr(), *pointers)
     return denoised, x_next
+
+
+def run_point(step: FusedPoint, k: int, run: RunConstants, x: torch.Tensor, history: Sequence[torch.Tensor | None],
+              points: Sequence[torch.Tensor], noise: torch.Tensor | None) -> torch.Tensor:
+    """Stage k's evaluation point, a new tensor like x, from the loop's tensors: the caller knows them to be
+    contiguous of x's dtype on the CPU (PlanRun.plain), as the kernel reads them by pointer. history / points: the
+    loop's, oldest first, before this stage's entries; noise: drawn by the caller where step.noise."""
+    pointers = []
+    for name, j in step.sources:  # a loop, not comprehensions: this runs at every stage (see run_fused)
+        term = x if name == "x" else noise if name == "noise" else (history if name == "history" else points)[-j]
+        pointers.append(term.data_ptr())
+    point = torch.empty_like(x)
+    step.kernel(run.kernel, k, point.data_ptr(), *pointers)
+    return point
 
 
 def unshared(t: torch.Tensor) -> bool:

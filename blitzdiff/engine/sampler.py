@@ -20,6 +20,7 @@ from .fused_step import (
     resolve_step_backend,
     run_constants,
     run_fused,
+    run_point,
     unshared,
 )
 from .noise import gaussian
@@ -101,6 +102,7 @@ class PlanRun:
             postprocess is None
         fused = fused_plan(plan, denoise) if fuse else None
         self.fused = fused.stages if fuse else [None] * len(plan.stages)
+        self.fused_points = fused.points if fuse else [None] * len(plan.stages)
         # Whether every tensor the loop holds (x, histories, points, noise) is contiguous of x's dtype, so that a
         # fused stage checks only the network's output: true of the kernel's outputs (like x) and of `combine`'s
         # ops on such tensors; a stage run by the Denoiser's ops (on an output of any layout or dtype) rechecks.
@@ -122,7 +124,7 @@ class PlanRun:
         if self.scope is not None:
             return self._scoped_stage(stage, k, fused)
         # the fast path, flat: no context managers, few calls (an eager loop pays each at every stage)
-        point = self.x if stage.point is None else self._combine(stage.point, 2 * k)
+        point = self.x if stage.point is None else self._point(stage.point, k)
         if fused is None:
             return self._record(stage, k, self.denoise(point, k), point)
         self._update_fused(stage, k, fused, self.denoise.network(point, k), point)
@@ -131,13 +133,22 @@ class PlanRun:
         """stage(k) with the profiler's ranges: the point and update as "solver", the network call as "network"."""
         scope = self.scope
         with scope(k, "solver"):
-            point = self.x if stage.point is None else self._combine(stage.point, 2 * k)
+            point = self.x if stage.point is None else self._point(stage.point, k)
         with scope(k, "network"):
             out = self.denoise(point, k) if fused is None else self.denoise.network(point, k)
         with scope(k, "solver"):
             if fused is None:
                 return self._record(stage, k, out, point)
             self._update_fused(stage, k, fused, out, point)
+
+    def _point(self, c: Combination, k: int) -> torch.Tensor:
+        """Stage k's evaluation point (its combination c): one kernel pass where the plan fuses it and the loop's
+        tensors are plain, else `combine`'s ops."""
+        fused = self.fused_points[k]
+        if fused is None or not self.plain:
+            return self._combine(c, 2 * k)
+        noise = draw_noise(self.seeds, 2 * k, self.x, self.noise_backend) if fused.noise else None
+        return run_point(fused, k, self.constants, self.x, self.history, self.points, noise)
 
     def _update_fused(self, stage: Stage, k: int, fused: FusedStage, out: torch.Tensor, point: torch.Tensor) -> None:
         """The update of a fused stage from the network output `out`: one kernel call where it takes `out`."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import blitzdiff
+from blitzdiff.engine import fused_step as fused_step_module
 from blitzdiff.engine.config import resolve
 from blitzdiff.engine.denoiser import Denoiser
 from blitzdiff.engine.functional import parameterization, postprocessing
@@ -80,6 +81,38 @@ def test_stages_fuse(name):
     with_update = [k for k, s in enumerate(plan.stages) if s.update is not None]
     assert {k for k, f in enumerate(fused) if f is not None} <= set(with_update)
     assert sum(f is not None for f in fused) >= (len(with_update) if name in ALL_FUSE else 1)
+
+
+POINTED = ["heun", "dpm_solver_singlestep", "dpmpp_2s", "dpmpp_3s", "unipc"]  # samplers with point combinations
+
+
+@pytest.mark.parametrize("name", POINTED)
+def test_points_are_computed_by_the_kernel(name, monkeypatch):
+    """Every point combination of these samplers fuses, and a fused run computes each by the kernel (so the equality
+    with the unfused loop above covers the fused points)."""
+    from blitzdiff.engine import sampler
+
+    plan, denoiser, x, seeds, post = parts(name, 3.0)
+    calls, original = [], fused_step_module.run_point
+    monkeypatch.setattr(sampler, "run_point", lambda step, k, *args: calls.append(k) or original(step, k, *args))
+    run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="cpu")
+    assert calls == [k for k, s in enumerate(plan.stages) if s.point is not None] != []
+
+
+def test_a_noise_term_in_a_point_is_drawn_as_the_unfused_loop_draws_it():
+    """No shipped sampler draws noise for a point: a hand-made plan whose stage 1 point adds noise (stream 2)."""
+    level = [(0.3, 0.954), (0.6, 0.8)]  # (alpha, sigma) per stage
+    stages = (Stage(900.0, *level[0], update=Combination(x=0.9, denoised=(0.1,))),
+              Stage(500.0, *level[1], point=Combination(x=0.95, noise=0.2), update=Combination(x=0.8, denoised=(0.2,))))
+    plan = Plan(stages)
+    denoiser = Denoiser(network, plan, "epsilon", batch=2, device=torch.device("cpu"), cond={"y": torch.tensor([3, 7])})
+    x, seeds = torch.randn(2, 3, 4, 4, dtype=torch.float64), seed_tensor(0, 2, torch.device("cpu"))
+    assert fused_step_module.fused_plan(plan, denoiser).points[1].noise
+    fused = run_plan(plan, denoiser, x, seeds, noise_backend="cpu", step_backend="cpu")
+    torch.testing.assert_close(fused, run_plan(plan, denoiser, x, seeds, noise_backend="cpu", step_backend="ref"),
+                               rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(fused, run_plan(plan, denoiser, x, seed_tensor(1, 2, torch.device("cpu")),
+                                              noise_backend="cpu", step_backend="cpu"))
 
 
 def poisoned_estimate_is_read(plan, denoiser, x, seeds, post, k):

@@ -571,3 +571,68 @@ def test_cpu_prepared_stage_refuses_bad_calls():
             SolverStepRun(*args)
     with pytest.raises(ValueError, match="at most 10 terms a stage, got 11"):
         SolverStepPlan([(1.0, 1.0, [0.1] * 11)])
+    with pytest.raises(ValueError, match="at most 10 terms a point, got 11"):
+        SolverStepPlan([None], [[0.1] * 11])
+    with pytest.raises(ValueError, match=r"points must be empty or one entry per stage \(2\), got 1"):
+        SolverStepPlan([None, None], [[0.5]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [0, 1, 3, 10])
+def test_cpu_prepared_points_equal_combine(dtype, count):
+    """solver_point_stage (a stage's evaluation point by the kernel) against the loop's `combine` on the same terms:
+    float64 to 1e-12, float32 within 2x combine's own float32 error to a float64 evaluation plus an ulp; on 1 and 2
+    threads (the same bits), over 2 threads' worth of chunks with a tail."""
+    from blitzdiff._C import SolverStepPlan, SolverStepRun, solver_point_stage
+
+    gen = torch.Generator().manual_seed(count)
+    n = 70 * 1024 + 5
+    tensors = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(count)]
+    coefs = [0.9, -0.35, 0.12, 0.05, -0.01, 0.3, 0.2, -0.07, 0.03, 0.01][:count]
+    plan = SolverStepPlan([None, None], [None, coefs])
+    name = str(dtype).removeprefix("torch.")
+    terms = [t.to(dtype) for t in tensors]
+    got = []
+    for threads in (1, 2):
+        run = SolverStepRun(plan, n, name, False, 1.0, 0, 0, threads)
+        point = torch.full((n,), float("nan"), dtype=dtype)
+        solver_point_stage(run, 1, point.data_ptr(), *(t.data_ptr() for t in terms))
+        got.append(point)
+    assert torch.equal(got[0], got[1])
+
+    def combined(ts):  # the loop's combine with these terms as x, D_0, D_1, ...
+        c = Combination(x=coefs[0], denoised=tuple(coefs[1:])) if count else Combination(x=0.0)
+        like = ts[0] if count else torch.zeros(n, dtype=dtype)
+        return combine(c, like, list(reversed(ts[1:])), [], None, torch.zeros(1, dtype=torch.int64), 0)
+
+    exact = combined(tensors)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got[0], exact, rtol=1e-12, atol=1e-12)
+    else:
+        err, ref_err = ((r.double() - exact).abs().max().item() for r in (got[0], combined(terms)))
+        assert err <= 2 * ref_err + torch.finfo(torch.float32).eps * exact.abs().max().item(), (err, ref_err)
+
+
+def test_cpu_prepared_point_refuses_bad_calls():
+    """Each wrong call of the prepared point kernel says what was wrong, and writes nothing."""
+    from blitzdiff._C import SolverStepPlan, SolverStepRun, solver_point_stage
+
+    x, h, point = torch.randn(8), torch.randn(8), torch.zeros(8)
+    plan = SolverStepPlan([None, (1.0, -0.5, [0.9, 0.1])], [[0.5, 0.5], None])
+    run = SolverStepRun(plan, 8, "float32", False, 1.0, 0, 0, 1)
+    bad = {
+        "stage 1 has no fused point in a 2-stage plan": (run, 1, point.data_ptr(), x.data_ptr(), h.data_ptr()),
+        "stage 2 has no fused point": (run, 2, point.data_ptr(), x.data_ptr(), h.data_ptr()),
+        "stage 0's point takes 2 terms, got 1": (run, 0, point.data_ptr(), x.data_ptr()),
+        "point and terms must be non-null": (run, 0, point.data_ptr(), x.data_ptr(), 0),
+        "run must be a SolverStepRun, got blitzdiff._C.SolverStepPlan": (plan, 0, point.data_ptr(), x.data_ptr(),
+                                                                         h.data_ptr()),
+        "solver_point_stage takes 3 leading arguments": (run, 0),
+    }
+    for message, args in bad.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            solver_point_stage(*args)
+    assert torch.equal(point, torch.zeros(8))
+    with pytest.raises(ValueError, match="stage 0 has no fused point"):  # a plan made without points
+        solver_point_stage(SolverStepRun(SolverStepPlan([None]), 8, "float32", False, 1.0, 0, 0, 1), 0,
+                           point.data_ptr())
