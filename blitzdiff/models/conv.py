@@ -1,5 +1,5 @@
 """The models' 2-D convolution: nn.Conv2d whose eager CPU calls run blitzdiff's Winograd kernel for 3x3 convolutions,
-its direct NHWC kernel at small batch-1 sizes, or oneDNN with the weight reordered once.
+its direct NHWC kernel for small ones, or oneDNN with the weight reordered once.
 
 PyTorch (2.13) runs a float32 CPU convolution through oneDNN for a batch above 1 or a batch-1 input of more than
 20480 elements (`use_mkldnn` in aten/src/ATen/native/Convolution.cpp), and through its own im2col + GEMM below
@@ -10,9 +10,11 @@ reads a weight gone cold in the cache. Measured on a Sapphire Rapids Xeon, 2 thr
 two checkouts alternating in fresh processes (benchmarks/results/cpu_conv_prepack/): unet-digits at batch 8 took
 0.895x the time, a 6.5 M-parameter 32x32 UNet2D at batch 1 0.909x (README "CPU: the default path").
 
-Where PyTorch takes its own im2col path (`direct_pays`), blitzdiff._C.Conv2dNhwc (csrc/conv2d_cpu.cpp) runs the
-convolution on the NHWC activations directly, from a weight blocked once by `pack_direct`: no im2col buffer, and
-about 1.4 us of fixed cost a call where PyTorch's path costs 15-20 us even on a 4x4 input.
+Where PyTorch takes its own im2col path, and for any convolution of at most DIRECT_MAX_MACS multiply-adds
+(`direct_pays`), blitzdiff._C.Conv2dNhwc (csrc/conv2d_cpu.cpp) runs the convolution on the NHWC activations directly,
+from a weight blocked once by `pack_direct`: no im2col buffer, and about 1.4 us of fixed cost a call where PyTorch's
+im2col path costs 15-20 us even on a 4x4 input and prepacked oneDNN ~35 us more than the kernel at batch-8 sizes
+(unet-digits' 1x1, strided and 1-channel convolutions).
 
 3x3, stride-1 convolutions with at least WINOGRAD_MIN_IN_CHANNELS input channels and WINOGRAD_MIN_TILES output
 tiles (2x2 pixels each, over the batch) run blitzdiff._C.Conv2dWinograd (csrc/conv2d_winograd_cpu.cpp), at any
@@ -49,6 +51,11 @@ from ..kernels._backends import cpu_kernel, eager_cpu
 # PyTorch's own threshold: a batch-1 input with more elements runs oneDNN there too (use_mkldnn, see above)
 ONEDNN_MIN_INPUT = 20480
 DIRECT_LANES = 16  # output channels per block of the native kernels' packed weights (csrc/conv2d.h)
+# The direct kernel up to this many multiply-adds at any batch: prepacked oneDNN costs ~35 us a call more there
+# (2 threads, AMD EPYC: batch-8 1x1 convolutions of 1-6 M multiply-adds 17-67 us against 40-92, a 1-channel 3x3 one
+# 28 against 70), and wins or ties above (1x1 ones of 100-270 M 0-11% faster; a stride-2 3x3 one of 9.4 M 2x faster).
+# benchmarks/kernels/bench_conv2d_nhwc.py
+DIRECT_MAX_MACS = 2**23
 # Winograd F(2x2, 3x3): fewer input channels leave its transforms costing more than the multiply-adds they save
 # (with 1-4 input channels it took 1.2-2x the direct kernel's time, with 16 0.75x: benchmarks/kernels/bench_winograd.py)
 WINOGRAD_MIN_IN_CHANNELS = 16
@@ -69,12 +76,13 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
-def direct_pays(shape: torch.Size) -> bool:
-    """Whether a convolution of an input of `shape` runs faster by blitzdiff's direct NHWC kernel
-    (blitzdiff._C.Conv2dNhwc, csrc/conv2d_cpu.cpp) than by PyTorch's own call: where PyTorch takes its im2col path
-    (not `prepack_pays`) on a CPU where the kernel's AVX-512 loop runs, the only one it was measured on (module
-    docstring)."""
-    return not prepack_pays(shape) and direct_isa() == "avx512f"
+def direct_pays(shape: torch.Size, macs: int) -> bool:
+    """Whether a convolution of an input of `shape` and `macs` multiply-adds (with the output channels rounded up to
+    DIRECT_LANES, as the kernel computes them) runs faster by blitzdiff's direct NHWC kernel (blitzdiff._C.Conv2dNhwc,
+    csrc/conv2d_cpu.cpp) than by PyTorch's own call or prepacked oneDNN: where PyTorch takes its im2col path (not
+    `prepack_pays`), or at any size up to DIRECT_MAX_MACS, on a CPU where the kernel's AVX-512 loop runs, the only
+    one it was measured on (module docstring)."""
+    return (not prepack_pays(shape) or macs <= DIRECT_MAX_MACS) and direct_isa() == "avx512f"
 
 
 @functools.cache
@@ -209,7 +217,9 @@ class Conv2d(nn.Conv2d):
             out_size = [(size + 2 * pad - kernel) // stride + 1
                         for size, pad, kernel, stride in zip((height, width), self.padding, self.kernel_size,
                                                              self.stride, strict=True)]
-            native = self._winograd_path(batch, out_size) or ("direct" if direct_pays(shape) else None)
+            macs = batch * out_size[0] * out_size[1] * self.in_channels * self.kernel_size[0] * self.kernel_size[1] * \
+                -(-self.out_channels // DIRECT_LANES) * DIRECT_LANES
+            native = self._winograd_path(batch, out_size) or ("direct" if direct_pays(shape, macs) else None)
             if native is not None and min(out_size) >= 1:  # else PyTorch's call says what is wrong with the sizes
                 return shape, native, (batch, self.out_channels, *out_size), (batch, height, width)
         if prepack_pays(shape) and onednn_available():

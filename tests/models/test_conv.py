@@ -33,7 +33,8 @@ ERROR_FACTOR = {"onednn": 2, "direct": 8, "winograd": 4, "winograd4": 64}  # tes
 # an input shape per packed path (its channels the convolution's), for the tests that hold for all of them: 8 input
 # channels keep the 3x3 convolutions off the Winograd kernel (WINOGRAD_MIN_IN_CHANNELS), 16 put them on it, F(4x4)
 # from 256 output pixels (WINOGRAD4_MIN_PIXELS)
-PATH_INPUTS = {"onednn": (2, 8, 6, 6), "direct": (1, 8, 6, 6), "winograd": (1, 16, 8, 8), "winograd4": (1, 16, 16, 16)}
+PATH_INPUTS = {"onednn": (2, 8, 96, 96), "direct": (1, 8, 6, 6), "winograd": (1, 16, 8, 8),
+               "winograd4": (1, 16, 16, 16)}
 PATHS = list(PATH_INPUTS)
 
 
@@ -96,21 +97,26 @@ def packed_and_accurate(conv: Conv2d, x: torch.Tensor, path: str) -> torch.Tenso
     return out
 
 
-CASES = [  # (cin, cout, kernel, stride, padding, bias, input shape): inputs where prepacking pays
-    (8, 64, 3, 1, 1, True, (2, 8, 9, 7)),       # batch > 1, odd sizes (8 input channels: not Winograd's)
-    (8, 32, 3, 1, 1, True, (1, 8, 64, 48)),     # batch 1 above PyTorch's oneDNN threshold (24576 elements)
-    (96, 32, 1, 1, 0, True, (1, 96, 16, 16)),   # 1x1
-    (16, 16, 3, 2, 1, False, (3, 16, 11, 12)),  # stride 2, no bias
-    (3, 8, 3, 2, 0, True, (4, 3, 9, 9)),        # Downsample2D's padding 0 (after its own F.pad)
+CASES = [  # (cin, cout, kernel, stride, padding, bias, input shape): inputs where prepacking pays, above
+    # DIRECT_MAX_MACS multiply-adds (with the output channels rounded up to 16)
+    (8, 64, 3, 1, 1, True, (2, 8, 49, 41)),     # batch > 1, odd sizes (8 input channels: not Winograd's)
+    (8, 48, 3, 1, 1, True, (1, 8, 64, 48)),     # batch 1 above PyTorch's oneDNN threshold (24576 elements)
+    (96, 32, 1, 1, 0, True, (1, 96, 64, 64)),   # 1x1
+    (16, 16, 3, 2, 1, False, (4, 16, 64, 63)),  # stride 2, no bias
+    (3, 8, 3, 2, 0, True, (8, 3, 129, 129)),    # Downsample2D's padding 0 (after its own F.pad)
 ]
 
 
-DIRECT_CASES = [  # batch-1 inputs of at most ONEDNN_MIN_INPUT elements: PyTorch's im2col path
+DIRECT_CASES = [  # batch-1 inputs of at most ONEDNN_MIN_INPUT elements (PyTorch's im2col path), and any input
+    # of a convolution of at most DIRECT_MAX_MACS multiply-adds
     (32, 32, 3, 1, 1, True, (1, 32, 6, 6)),     # 9 output tiles: under WINOGRAD_MIN_TILES
     (1, 32, 3, 1, 1, True, (1, 1, 16, 16)),     # unet-digits' conv_in: 1 input channel
     (64, 64, 3, 2, 1, False, (1, 64, 8, 8)),    # Downsample2D, no bias
     (96, 64, 1, 1, 0, True, (1, 96, 8, 8)),     # 1x1 shortcut
     (5, 20, 3, 1, 0, True, (1, 5, 9, 7)),       # odd sizes, no padding
+    (1, 32, 3, 1, 1, True, (8, 1, 16, 16)),     # unet-digits' conv_in at batch 8
+    (128, 64, 1, 1, 0, True, (8, 128, 8, 8)),   # a 1x1 shortcut at batch 8
+    (32, 32, 3, 2, 1, True, (8, 32, 16, 16)),   # a Downsample2D at batch 8
 ]
 
 
@@ -137,7 +143,6 @@ def test_prepacked_matches_float64_conv_as_closely_as_torch(case):
 def test_direct_matches_float64_conv_within_budget(case):
     cin, cout, kernel, stride, padding, bias, shape = case
     conv, x = make_conv(cin, cout, kernel, stride=stride, padding=padding, bias=bias), channels_last_input(*shape)
-    assert direct_pays(x.shape) and not prepack_pays(x.shape)
     out = packed_and_accurate(conv, x, "direct")
     assert out.shape == conv._conv_forward(x, conv.weight, conv.bias).shape
 
@@ -156,11 +161,21 @@ def test_winograd_thresholds_decide_the_path():
     for cin, shape, path in [(16, (1, 16, 8, 8), "winograd"), (15, (1, 15, 8, 8), "direct"),
                              (16, (1, 16, 7, 8), "winograd"), (16, (1, 16, 6, 8), "direct"),
                              (16, (1, 16, 16, 16), "winograd4"), (16, (1, 16, 15, 16), "winograd"),
-                             (15, (4, 15, 16, 16), "onednn")]:
+                             (15, (16, 15, 16, 16), "onednn")]:
         conv, x = make_conv(cin, 16, 3), channels_last_input(*shape)
         packed_and_accurate(conv, x, path)
     assert (conv_module.WINOGRAD_MIN_IN_CHANNELS, conv_module.WINOGRAD_MIN_TILES,
             conv_module.WINOGRAD4_MIN_PIXELS) == (16, 16, 256)
+
+
+def test_direct_threshold_decides_the_path():
+    """A convolution of DIRECT_MAX_MACS multiply-adds runs the direct kernel at batch 2, one of a row more runs
+    oneDNN; the output channels count rounded up to 16 (a 1x1 one of 49 output channels, 64 as computed)."""
+    for cout, shape, path in [(64, (2, 64, 32, 32), "direct"), (64, (2, 64, 33, 32), "onednn"),
+                              (49, (2, 64, 33, 32), "onednn"), (48, (2, 64, 33, 32), "direct")]:
+        conv, x = make_conv(64, cout, 1, padding=0), channels_last_input(*shape)
+        packed_and_accurate(conv, x, path)
+    assert conv_module.DIRECT_MAX_MACS == 2 * 32 * 32 * 64 * 64
 
 
 def test_shapes_taking_different_paths_keep_one_packed_weight_each():
@@ -178,7 +193,7 @@ def test_shapes_taking_different_paths_keep_one_packed_weight_each():
 def test_small_batch_one_inputs_keep_torchs_call_without_avx512(monkeypatch):
     monkeypatch.setattr(conv_module, "direct_isa", lambda: "generic")  # the only loop measured is AVX-512's
     conv, x = make_conv(32, 32, 3), channels_last_input(1, 32, 16, 16)
-    assert not direct_pays(x.shape)
+    assert not direct_pays(x.shape, 0)
     with torch.inference_mode():
         out, path = ran_path(conv, x)
     assert path == "torch"
@@ -321,25 +336,20 @@ def test_inference_mode_weights_keep_torchs_call(path):
     torch.testing.assert_close(out.double(), reference(conv, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, path", [(4, PREPACKED_OP), (1, None)])
-def test_loaded_models_pack_their_convolutions_and_sample_as_torch_does(n, path):
-    """unet-digits at batch 4 runs its 1x1 and strided convolutions prepacked for oneDNN; at batch 1 (every input
-    under PyTorch's oneDNN threshold but the 96-channel 16x16 ones) those run the direct kernel; at either batch the
-    3x3 ones with enough input channels and tiles run the Winograd kernel. PyTorch's convolution op runs only for
-    the rest."""
+@pytest.mark.parametrize("n", [4, 1])
+def test_loaded_models_run_native_convolutions_and_sample_as_torch_does(n):
+    """unet-digits at batch 4 and 1: its 3x3 convolutions with enough input channels and tiles run the Winograd
+    kernel, every other one (1x1, strided, the 1-channel conv_in: all under DIRECT_MAX_MACS) the direct kernel;
+    neither PyTorch's convolution nor oneDNN runs."""
     pipe = blitzdiff.load("unet-digits")
     kwargs = dict(n=n, steps=3, seeds=0, output_type="raw")
     with torch.profiler.profile() as prof:
         packed = pipe.sample(**kwargs)
-    names = [event.name for event in prof.events()]
-    if path is not None:
-        assert names.count(path) > 0
-    else:
-        direct = [m for m in pipe.model.modules()
-                  if isinstance(m, Conv2d) and (m.prepacked.direct or m.prepacked.winograd) is not None]
-        assert len(direct) > 20
-        convolutions = sum(isinstance(m, Conv2d) for m in pipe.model.modules())
-        assert names.count(TORCH_OP) <= 3 * (convolutions - len(direct))  # 3 steps, the rest only
+    names = {event.name for event in prof.events()}
+    assert TORCH_OP not in names and PREPACKED_OP not in names
+    convolutions = [m for m in pipe.model.modules() if isinstance(m, Conv2d)]
+    paths = {m.prepacked.plan[1] for m in convolutions}
+    assert paths == {"direct", "winograd", "winograd4"} if n == 4 else paths >= {"direct", "winograd"}
     set_backend(pipe.model, "ref")  # PyTorch's convolutions (and the kernel specs)
     plain = pipe.sample(**kwargs)
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
