@@ -217,38 +217,64 @@ BLITZDIFF_CPU_CLONES void moments_range(const Job& job, std::int64_t u0, std::in
   }
 }
 
+// y = (x - mean) * a + k, SiLU, + residual for one element: the element pass's arithmetic.
+template <typename T, bool kSilu, bool kResidual>
+BLITZDIFF_INLINE void apply_one(const T* x, const T* res, T* out, float mean, float a, float k) {
+  float y = (widen(*x) - mean) * a + k;
+  if constexpr (kSilu) y = silu(y);
+  if constexpr (kResidual) y += widen(*res);
+  narrow(out, y);
+}
+
+// Channels-last rows r0 .. r1-1 of one sample, channels c0 .. c0+w-1 (w <= kBlockChannels; kWidth: w as a constant,
+// or 0 for the tail block): with a constant width the block's coefficients stay in registers for all its rows and
+// the row loop carries no per-row loop setup (a loop over all C channels per row cost ~30 cycles of overhead per
+// 32-channel row: 2.5x the time of the same elements in one flat pass).
+template <typename T, bool kSilu, bool kResidual, int kWidth>
+BLITZDIFF_INLINE void apply_block(const Job& job, std::int64_t sample, std::int64_t c0, std::int64_t w,
+                                  std::int64_t r0, std::int64_t r1, const float* coef) {
+  const std::int64_t bc = job.batch * job.channels, at = sample * job.channels + c0, width = kWidth ? kWidth : w;
+  float m[kBlockChannels], a[kBlockChannels], k[kBlockChannels];
+  for (std::int64_t j = 0; j < width; ++j) {
+    m[j] = coef[at + j];
+    a[j] = coef[bc + at + j];
+    k[j] = coef[2 * bc + at + j];
+  }
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::int64_t offset = (sample * job.spatial + r) * job.channels + c0;
+    const T* __restrict__ x = static_cast<const T*>(job.x) + offset;
+    const T* __restrict__ res = static_cast<const T*>(job.residual) + (kResidual ? offset : 0);
+    T* __restrict__ out = static_cast<T*>(job.out) + offset;
+    for (std::int64_t j = 0; j < width; ++j) apply_one<T, kSilu, kResidual>(x + j, res + j, out + j, m[j], a[j], k[j]);
+  }
+}
+
 // The element pass over rows q0 .. q1-1, with coef = (mean, a, k) arrays per (sample, channel): a row is one
 // (sample, channel) plane of `spatial` values (channels-first: one coefficient per row) or one (sample, position)
-// vector of `channels` values (channels-last: the coefficients vary along the row).
+// vector of `channels` values (channels-last: the coefficients vary along the row; walked in channel blocks).
 template <typename T, bool kSilu, bool kResidual>
 BLITZDIFF_CPU_CLONES void apply_range(const Job& job, std::int64_t q0, std::int64_t q1,
                                       const float* coef) {
-  const std::int64_t bc = job.batch * job.channels;
-  const float* __restrict__ mean = coef;
-  const float* __restrict__ a = coef + bc;
-  const float* __restrict__ k = coef + 2 * bc;
-  const std::int64_t len = job.channels_last ? job.channels : job.spatial;
-  for (std::int64_t q = q0; q < q1; ++q) {
-    const T* __restrict__ x = static_cast<const T*>(job.x) + q * len;
-    const T* __restrict__ res = static_cast<const T*>(job.residual) + (kResidual ? q * len : 0);
-    T* __restrict__ out = static_cast<T*>(job.out) + q * len;
-    if (job.channels_last) {
-      const std::int64_t c0 = q / job.spatial * job.channels;  // this row's sample
-      for (std::int64_t c = 0; c < len; ++c) {
-        float y = (widen(x[c]) - mean[c0 + c]) * a[c0 + c] + k[c0 + c];
-        if constexpr (kSilu) y = silu(y);
-        if constexpr (kResidual) y += widen(res[c]);
-        narrow(out + c, y);
+  if (job.channels_last) {
+    for (std::int64_t q = q0; q < q1;) {  // per sample within the range
+      const std::int64_t sample = q / job.spatial, r0 = q % job.spatial;
+      const std::int64_t r1 = std::min(job.spatial, r0 + (q1 - q));
+      std::int64_t c0 = 0;
+      for (; c0 + kBlockChannels <= job.channels; c0 += kBlockChannels) {
+        apply_block<T, kSilu, kResidual, kBlockChannels>(job, sample, c0, kBlockChannels, r0, r1, coef);
       }
-    } else {
-      const float m = mean[q], aq = a[q], kq = k[q];
-      for (std::int64_t i = 0; i < len; ++i) {
-        float y = (widen(x[i]) - m) * aq + kq;
-        if constexpr (kSilu) y = silu(y);
-        if constexpr (kResidual) y += widen(res[i]);
-        narrow(out + i, y);
-      }
+      if (c0 < job.channels) apply_block<T, kSilu, kResidual, 0>(job, sample, c0, job.channels - c0, r0, r1, coef);
+      q += r1 - r0;
     }
+    return;
+  }
+  const std::int64_t bc = job.batch * job.channels;
+  for (std::int64_t q = q0; q < q1; ++q) {
+    const T* __restrict__ x = static_cast<const T*>(job.x) + q * job.spatial;
+    const T* __restrict__ res = static_cast<const T*>(job.residual) + (kResidual ? q * job.spatial : 0);
+    T* __restrict__ out = static_cast<T*>(job.out) + q * job.spatial;
+    const float m = coef[q], aq = coef[bc + q], kq = coef[2 * bc + q];
+    for (std::int64_t i = 0; i < job.spatial; ++i) apply_one<T, kSilu, kResidual>(x + i, res + i, out + i, m, aq, kq);
   }
 }
 
