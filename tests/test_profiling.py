@@ -26,7 +26,9 @@ STEPS = 3
 
 
 # PyTorch's convolution, or at batch 2 oneDNN's with the weight prepacked (blitzdiff.models.conv)
-CONVOLUTIONS = {"aten::convolution", "mkldnn::_convolution_pointwise"}
+# PyTorch's call, prepacked oneDNN and the native kernels' ranges (models.conv)
+CONVOLUTIONS = {"aten::convolution", "mkldnn::_convolution_pointwise", "blitzdiff::conv2d_direct",
+                "blitzdiff::conv2d_winograd", "blitzdiff::conv2d_winograd4"}
 
 
 def stage_count(pipe, sampler: str, steps: int) -> int:

@@ -29,6 +29,9 @@ thresholds (README "Winograd convolutions").
 
 Both native kernels run only on CPUs where their AVX-512 loop runs (`direct_isa`), the one measured.
 
+A native kernel's call shows in torch's profiler as a range `blitzdiff::conv2d_<path>` (direct, winograd, winograd4),
+as a oneDNN call shows as `mkldnn::_convolution_pointwise` and PyTorch's as `aten::convolution`.
+
 Only eager calls on plain float32 CPU tensors without gradients take either path (kernels._backends.eager_cpu):
 tracing, torch.compile, export and training see the plain nn.Conv2d. The packed weight is a copy (the weight's size
 again, while the module lives); it is made on the first such call and again whenever the weight was replaced,
@@ -46,7 +49,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ..kernels._backends import cpu_kernel, eager_cpu
+from ..kernels._backends import cpu_kernel, eager_cpu, profiled
 
 # PyTorch's own threshold: a batch-1 input with more elements runs oneDNN there too (use_mkldnn, see above)
 ONEDNN_MIN_INPUT = 20480
@@ -197,8 +200,9 @@ class Conv2d(nn.Conv2d):
                     elif (kernel := self._native_kernel(weight, plan[1])) is not None:
                         out = torch.empty(plan[2], dtype=torch.float32, device="cpu",
                                           memory_format=torch.channels_last)
-                        kernel.run(out.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), *plan[3],
-                                   torch.get_num_threads())
+                        with profiled(f"conv2d_{plan[1]}"):  # a range profiles list as they list ops
+                            kernel.run(out.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                       *plan[3], torch.get_num_threads())
                         return out
         return self._conv_forward(x, self.weight, self.bias)
 
