@@ -3,10 +3,10 @@
 // The common updates (one_pass: x, then the new estimate, then up to two more terms) run in one pass per element.
 // Every other update is cache-blocked: the n elements are walked in chunks of kChunk. Within a chunk, guidance and
 // preconditioning are each one flat loop (restrict pointers, no branches) that GCC / Clang vectorize at -O3, and the
-// update is a single pass summing every term per element (a loop unrolled for each term count). Every input is read from memory once and
-// every output written once; guided and denoised values stay in L1 when not stored. The term order and the
-// two-operation form of each step (acc + coef * t) follow the sampling loop's torch ops, so float64 agrees with it to
-// rounding.
+// update is a single pass summing every term per element (a loop unrolled for each term count). Every input is read
+// from memory once and every output written once; guided and denoised values stay in L1 when not stored. The term
+// order and the two-operation form of each step (acc + coef * t) follow the sampling loop's torch ops, so float64
+// agrees with it to rounding.
 #include <algorithm>
 #include <memory>
 #include <optional>
@@ -138,8 +138,6 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
   const T w = static_cast<T>(guidance_scale), skip = static_cast<T>(c_skip), cout = static_cast<T>(c_out);
   T coef[kMaxSolverStepTerms];
   for (std::size_t k = 0; k < count; ++k) coef[k] = static_cast<T>(coefs[k]);
-  // d_buf: the chunk's denoised values when they are not stored. Cache-line aligned, as torch's buffers are, so that
-  // no 512-bit access straddles two lines.
   // x first, the new estimate second and no other term reading it: one_pass
   bool one = c_skip != 0.0 && count >= 2 && count <= static_cast<std::size_t>(kOnePassMaxTerms) && terms[0] != 0 &&
              terms[1] == 0;
@@ -163,6 +161,8 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
     }
     return;
   }
+  // d_buf: the chunk's denoised values when they are not stored. Cache-line aligned, as torch's buffers are, so that
+  // no 512-bit access straddles two lines.
   alignas(64) T g_buf[kChunk];
   alignas(64) T d_buf[kChunk];
   for (std::int64_t start = begin; start < end; start += kChunk) {

@@ -13,8 +13,8 @@ two checkouts alternating in fresh processes (benchmarks/results/cpu_conv_prepac
 Where PyTorch takes its own im2col path, and for any convolution of at most DIRECT_MAX_MACS multiply-adds
 (`direct_pays`), blitzdiff._C.Conv2dNhwc (csrc/conv2d_cpu.cpp) runs the convolution on the NHWC activations directly,
 from a weight blocked once by `pack_direct`: no im2col buffer, and about 1.4 us of fixed cost a call where PyTorch's
-im2col path costs 15-20 us even on a 4x4 input and prepacked oneDNN ~35 us more than the kernel at batch-8 sizes
-(unet-digits' 1x1, strided and 1-channel convolutions).
+im2col path costs 15-20 us even on a 4x4 input and prepacked oneDNN tens of us more than the kernel at batch-8
+sizes (unet-digits' 1x1, strided and 1-channel convolutions).
 
 3x3, stride-1 convolutions with at least WINOGRAD_MIN_IN_CHANNELS input channels and WINOGRAD_MIN_TILES output
 tiles (2x2 pixels each, over the batch) run blitzdiff._C.Conv2dWinograd (csrc/conv2d_winograd_cpu.cpp), at any
@@ -54,10 +54,10 @@ from ..kernels._backends import cpu_kernel, eager_cpu, profiled
 # PyTorch's own threshold: a batch-1 input with more elements runs oneDNN there too (use_mkldnn, see above)
 ONEDNN_MIN_INPUT = 20480
 DIRECT_LANES = 16  # output channels per block of the native kernels' packed weights (csrc/conv2d.h)
-# The direct kernel up to this many multiply-adds at any batch: prepacked oneDNN costs ~35 us a call more there
-# (2 threads, AMD EPYC: batch-8 1x1 convolutions of 1-6 M multiply-adds 17-67 us against 40-92, a 1-channel 3x3 one
-# 28 against 70), and wins or ties above (1x1 ones of 100-270 M 0-11% faster; a stride-2 3x3 one of 9.4 M 2x faster).
-# benchmarks/kernels/bench_conv2d_nhwc.py
+# The direct kernel up to this many multiply-adds at any batch: prepacked oneDNN costs tens of us a call more there
+# (2 threads, AMD EPYC, unet-digits at batch 8: 1x1 convolutions 19-68 us against 43-117, the 1-channel conv_in 20
+# against 49; benchmarks/kernels/bench_conv2d_nhwc.py --batch 8), and won or tied above in a one-off replay (1x1
+# ones of 100-270 M 0-11% faster, a stride-2 3x3 one of 9.4 M 2x faster)
 DIRECT_MAX_MACS = 2**23
 # Winograd F(2x2, 3x3): fewer input channels leave its transforms costing more than the multiply-adds they save
 # (with 1-4 input channels it took 1.2-2x the direct kernel's time, with 16 0.75x: benchmarks/kernels/bench_winograd.py)
