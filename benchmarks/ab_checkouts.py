@@ -8,7 +8,8 @@
 Each process imports blitzdiff from its checkout (the editable install's import hook is bypassed), loads the model
 with blitzdiff.load, samples 3 warm-up runs, then times `runs` 10-step DPM-Solver++(2M) runs (batch as given,
 guided at the model's default scale) and prints their median. A checkout without a built blitzdiff._C uses the
-installed one: for changes to the Python code only. Prints per case each side's medians per round and the median
+installed one: for changes to the Python code only (`python benchmarks/in_checkout.py CHECKOUT --build` builds one
+into a checkout, for changes to the C++ kernels). Prints per case each side's medians per round and the median
 of the per-round ratios B / A with their range.
 """
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,20 @@ def test_cpu_kernel_threads_runs(tmp_path):
     rows = json.loads(report.read_text())["us_per_call"]
     assert len(rows) == 14 and all(set(row) == {"ref@1", "cpu@1", "ref@2", "cpu@2"} for row in rows.values())
     assert all(math.isfinite(us) and us > 0 for row in rows.values() for us in row.values())
+
+
+def test_a_script_runs_with_another_checkouts_blitzdiff(tmp_path):
+    """benchmarks/in_checkout.py runs a benchmark with the blitzdiff of the checkout it names (here a copy of the
+    package in a temporary folder, without a built module: the installed blitzdiff._C serves it), and says which."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(HERE.parent / "blitzdiff", checkout / "blitzdiff",
+                    ignore=shutil.ignore_patterns("__pycache__", "_C*.so"))
+    shutil.copytree(HERE, checkout / "benchmarks", ignore=shutil.ignore_patterns("__pycache__", "results"))
+    script = ["benchmarks/bench_scheduler_overhead.py", "--quick", "--threads", "1", "--samplers", "ddim"]
+    result = subprocess.run([sys.executable, str(HERE / "in_checkout.py"), str(checkout), *script],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    first, *rest = result.stdout.splitlines()
+    prefix = f"blitzdiff from {checkout.resolve()}, blitzdiff._C from "
+    assert first.startswith(prefix) and not first.removeprefix(prefix).startswith(str(checkout.resolve())), first
+    assert table_rows("\n".join(rest))[0][0] == "ddim"
