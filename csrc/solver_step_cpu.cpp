@@ -28,12 +28,8 @@ constexpr std::int64_t kChunksPerThread = 32;  // 32768 elements (~5 us on one c
                                                 // 6.9 vs 10.0 us. Workers asleep (20 ms idle): ~50 us to wake. An
                                                 // AMD EPYC once measured 8x4x64x64 faster on one thread.
 
-// Inlined into each vector-width clone below, so that each clone compiles the loops for its own target.
-#if defined(__GNUC__)
-#define BLITZDIFF_INLINE inline __attribute__((always_inline))
-#else
-#define BLITZDIFF_INLINE inline
-#endif
+// The helpers below are BLITZDIFF_INLINE (vectorize.h): inlined into each vector-width clone, so that each clone
+// compiles the loops for its own target.
 
 template <typename T>
 BLITZDIFF_INLINE void guide(T* __restrict__ g, const T* __restrict__ u, const T* __restrict__ c, T w, std::int64_t len) {
@@ -144,19 +140,17 @@ BLITZDIFF_INLINE void step(std::uintptr_t denoised, std::uintptr_t x_next, std::
   for (std::size_t k = 2; k < count; ++k) one = one && terms[k] != 0;
   if (one) {
     const T* t[kOnePassMaxTerms];
-    for (std::size_t k = 0; k < count; ++k) t[k] = k == 1 ? nullptr : reinterpret_cast<const T*>(terms[k]) + begin;
-    T* den_at = den != nullptr ? den + begin : nullptr;
-    if (!guided) {
-      one_pass_n<T, false>(count, next + begin, den_at, o + begin, nullptr, p + begin, t, coef, w, skip, cout,
-                           end - begin);
-      return;
-    }
-    for (std::int64_t i = begin; i < end;) {  // per row of one scale (all of them: one row)
-      const std::int64_t stop = rows == nullptr ? end : std::min(end, (i / row_size + 1) * row_size);
-      const T scale_i = rows == nullptr ? w : static_cast<T>(rows[i / row_size]);
+    const bool per_row = guided && rows != nullptr;
+    for (std::int64_t i = begin; i < end;) {  // per row of one guidance scale (one row unless per_row)
+      const std::int64_t stop = per_row ? std::min(end, (i / row_size + 1) * row_size) : end;
       for (std::size_t k = 0; k < count; ++k) t[k] = k == 1 ? nullptr : reinterpret_cast<const T*>(terms[k]) + i;
-      one_pass_n<T, true>(count, next + i, den != nullptr ? den + i : nullptr, o + i, o + n + i, p + i, t, coef,
-                          scale_i, skip, cout, stop - i);
+      T* den_at = den != nullptr ? den + i : nullptr;
+      if (guided) {
+        const T scale_i = per_row ? static_cast<T>(rows[i / row_size]) : w;
+        one_pass_n<T, true>(count, next + i, den_at, o + i, o + n + i, p + i, t, coef, scale_i, skip, cout, stop - i);
+      } else {
+        one_pass_n<T, false>(count, next + i, den_at, o + i, nullptr, p + i, t, coef, w, skip, cout, stop - i);
+      }
       i = stop;
     }
     return;
