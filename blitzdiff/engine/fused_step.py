@@ -113,22 +113,14 @@ def _fused_plan(plan: Plan, scalars: Sequence) -> FusedPlan:
     read = _read_later(plan)
     stages: list[FusedStage | None] = []
     for stage, c, store in zip(plan.stages, scalars, read, strict=True):
-        # D_raw (the estimate before post-processing) only appears in plans with post-processing, not fused
-        terms = None if stage.update is None or stage.update.raw != 0.0 else _terms(stage.update)
-        if terms is None or len(terms) > MAX_TERMS:
-            stages.append(None)
-            continue
-        sources, coefs = zip(*terms, strict=True) if terms else ((), ())
-        stages.append(FusedStage(c.c_skip, c.c_out, sources, coefs, extension.solver_step_stage,
-                                 ("noise", 0) in sources, store))
+        live = _live_terms(stage.update, before=0)
+        stages.append(None if live is None else FusedStage(c.c_skip, c.c_out, *live, extension.solver_step_stage,
+                                                           ("noise", 0) in live[0], store))
     points: list[FusedPoint | None] = []
-    for stage in plan.stages:  # as the updates: a point with D_raw (post-processing only) runs unfused
-        terms = None if stage.point is None or stage.point.raw != 0.0 else _terms(stage.point, before=1)
-        if terms is None or len(terms) > MAX_TERMS:
-            points.append(None)
-            continue
-        sources, coefs = zip(*terms, strict=True) if terms else ((), ())
-        points.append(FusedPoint(sources, coefs, extension.solver_point_stage, ("noise", 0) in sources))
+    for stage in plan.stages:
+        live = _live_terms(stage.point, before=1)
+        points.append(None if live is None else FusedPoint(*live, extension.solver_point_stage,
+                                                           ("noise", 0) in live[0]))
     kernel = extension.SolverStepPlan([None if f is None else (f.c_skip, f.c_out, list(f.coefs)) for f in stages],
                                       [None if f is None else list(f.coefs) for f in points])
     return FusedPlan(stages, points, kernel, keeps_histories(plan))
@@ -160,7 +152,17 @@ def keeps_histories(plan: Plan) -> bool:
     return any(_read_later(plan)) or any(reads_earlier_point(s) for s in plan.stages)
 
 
-def _terms(c: Combination, before: int = 0) -> list[tuple[tuple[str, int], float]]:
+def _live_terms(c: Combination | None, before: int) -> tuple[tuple, tuple] | None:
+    """(sources, coefficients) of a stage's update (before = 0) or point (before = 1) for the kernel, or None where
+    it has none, reads D_raw (the estimate before post-processing: only plans with post-processing have such terms)
+    or has more live terms than the kernel takes."""
+    terms = None if c is None or c.raw != 0.0 else _terms(c, before)
+    if terms is None or len(terms) > MAX_TERMS:
+        return None
+    return tuple(zip(*terms, strict=True)) if terms else ((), ())
+
+
+def _terms(c: Combination, before: int) -> list[tuple[tuple[str, int], float]]:
     """The live terms of a combination (without D_raw) in `combine`'s order. before = 0: a stage's update, whose D_0
     is the stage's new estimate and P_0 its evaluation point; before = 1: a stage's point, whose D_j / P_j are the
     (j+1)-th newest estimate / point before the stage."""
