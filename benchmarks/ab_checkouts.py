@@ -24,22 +24,19 @@ from pathlib import Path
 
 import torch
 
-HERE = str(Path(__file__).resolve().parent)  # for the child's `import _timing`
+HERE = str(Path(__file__).resolve().parent)  # for the child's `import _timing` and in_checkout.use
 CHILD = """
-import importlib.util, json, sys
+import json, sys
+from pathlib import Path
 here, checkout, model = sys.argv[1:4]
 batch, runs, threads = (int(a) for a in sys.argv[4:7])
 extension = sys.argv[7:]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__]
-sys.path[:0] = [checkout, here]
+sys.path.insert(0, here)
+from in_checkout import use
+use(Path(checkout), extension[0] if extension else None)  # the installed build where the checkout has none
 import torch, blitzdiff
 from _timing import median_seconds
 from blitzdiff.bench import sample_inputs
-assert blitzdiff.__file__.startswith(checkout), blitzdiff.__file__
-if extension and importlib.util.find_spec("blitzdiff._C") is None:  # the installed build, for this checkout
-    spec = importlib.util.spec_from_file_location("blitzdiff._C", extension[0])
-    sys.modules["blitzdiff._C"] = module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
 torch.set_num_threads(threads)
 pipe = blitzdiff.load(model)
 inputs = sample_inputs(pipe, batch, pipe.default_guidance_scale)

@@ -49,12 +49,12 @@ def installed_extension() -> str | None:
     return found or None
 
 
-def use(checkout: Path) -> None:
+def use(checkout: Path, installed: str | None) -> None:
     """Import blitzdiff from `checkout` (bypassing an editable install's import hook), with the checkout's own
-    blitzdiff._C where one is built there, else the installed one."""
-    installed = installed_extension()
+    blitzdiff._C where one is built there, else the module at `installed` (installed_extension(); None: none).
+    benchmarks/ab_checkouts.py's processes import their checkout through this too."""
     sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in type(finder).__module__]
-    sys.path[:0] = [str(checkout), str(checkout / "benchmarks")]
+    sys.path.insert(0, str(checkout))
     import blitzdiff
 
     if not blitzdiff.__file__.startswith(str(checkout)):
@@ -63,8 +63,6 @@ def use(checkout: Path) -> None:
         spec = importlib.util.spec_from_file_location("blitzdiff._C", installed)
         sys.modules["blitzdiff._C"] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    extension = importlib.import_module("blitzdiff._C")
-    print(f"blitzdiff from {checkout}, blitzdiff._C from {extension.__file__}", flush=True)
 
 
 def main() -> None:
@@ -78,7 +76,10 @@ def main() -> None:
         rest = rest[1:]
     if not rest:
         return
-    use(checkout)
+    sys.path.insert(0, str(checkout / "benchmarks"))  # the script's own helpers (_timing, ...)
+    use(checkout, installed_extension())
+    extension = importlib.import_module("blitzdiff._C")
+    print(f"blitzdiff from {checkout}, blitzdiff._C from {extension.__file__}", flush=True)
     sys.argv = [str(checkout / rest[0]), *rest[1:]]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
