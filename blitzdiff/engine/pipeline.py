@@ -20,6 +20,7 @@ from ..kernels.gaussian_noise import MAX_STREAM
 from ..malloc import tune_malloc_once
 from ..models import load_model, set_backend, set_channels_last
 from .config import resolve
+from .cpu_graph import CpuGraphs
 from .denoiser import is_guided
 from .functional import sample
 from .inputs import finite_number, guidance_values, integer_values, positive_int
@@ -81,6 +82,9 @@ class Pipeline:
         except ValueError:
             self.sampler_name = None
         self.runtime: Runtime | None = None  # set by compile(); None: the plain eager loop
+        # the plain eager loop's network on the CPU: each input layout's forward captured once and replayed
+        # (blitzdiff.engine.cpu_graph); None: eager forwards
+        self.cpu_graphs: CpuGraphs | None = CpuGraphs(self.model)
         self.weights_version = 0  # counts load_weights calls: an external runtime re-exports or refits on a change
 
     def compile(
@@ -367,7 +371,9 @@ class Pipeline:
 
     def _sample_eager(self, model: torch.nn.Module, request: Request, callback: Callback | None, bar: Any,
                       scope: Scope | None) -> tuple[torch.Tensor, tuple[int, float] | None]:
-        fn = NetworkCall(model, self.kind.prediction_channels, callback, bar)
+        graphs = self.cpu_graphs
+        network = graphs if graphs is not None and graphs.model is model and self.device.type == "cpu" else model
+        fn = NetworkCall(network, self.kind.prediction_channels, callback, bar)
         raw = sample(fn, request.noise, steps=request.steps, sampler=request.sampler,
                      scheduler_config=self.scheduler_config, guidance_scale=request.guidance_scale, cond=request.cond,
                      uncond=request.uncond, eta=request.eta, seeds=request.seeds, scope=scope)

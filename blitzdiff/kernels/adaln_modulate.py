@@ -16,6 +16,7 @@ from torch import Tensor
 from ._backends import (
     DTYPE_NAMES,
     as_dtype,
+    call_cpu,
     check_backend,
     check_kernel_support,
     choose_backend,
@@ -192,7 +193,8 @@ def _run_direct(op: str, rows: tuple[Tensor, ...], params: tuple[Tensor, ...], *
     out = torch.empty_like(x)
     if out.numel():
         with profiled(op):
-            kernel(*_kernel_args(out, rows, params, stride, scalars), torch.get_num_threads())
+            call_cpu(kernel, *_kernel_args(out, rows, params, stride, scalars), torch.get_num_threads(),
+                     keep=(out, *rows, *params))
     return out
 
 

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ._backends import (
     DTYPE_NAMES,
+    call_cpu,
     check_backend,
     check_device,
     choose_backend,
@@ -127,8 +128,9 @@ def _run_cpu(kernel, out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float)
     [B, H, Lq, D]) from q, k, v with unit head-dim strides, on torch's thread count: for the op and the models'
     direct calls alike."""
     batch, heads, len_q, head_dim = q.shape
-    kernel(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, len_q, k.shape[2], head_dim,
-           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale, torch.get_num_threads())
+    call_cpu(kernel, out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, len_q, k.shape[2],
+             head_dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale, torch.get_num_threads(),
+             keep=(out, q, k, v))
 
 
 def _attention_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str) -> Tensor:

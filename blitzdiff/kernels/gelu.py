@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._backends import (
     DTYPE_NAMES,
+    call_cpu,
     check_backend,
     check_kernel_support,
     choose_backend,
@@ -98,7 +99,8 @@ def gelu_tanh_module_cpu(x: Tensor) -> Tensor | None:
         return None
     if x.numel():
         with profiled("gelu_tanh"):
-            kernel(x.data_ptr(), x.data_ptr(), x.numel(), DTYPE_NAMES[x.dtype], torch.get_num_threads())
+            call_cpu(kernel, x.data_ptr(), x.data_ptr(), x.numel(), DTYPE_NAMES[x.dtype], torch.get_num_threads(),
+                     keep=(x,))
     return x
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from ._backends import (
     DTYPE_NAMES,
     as_dtype,
+    call_cpu,
     check_backend,
     check_kernel_support,
     choose_backend,
@@ -270,8 +271,8 @@ def group_norm_module_cpu(
     out = torch.empty_like(x)  # dense, contiguous or channels-last: empty_like keeps x's strides
     if out.numel():
         with profiled("group_norm"):
-            kernel(*_kernel_args(out, x, weight, bias, scale, shift, None, num_groups, eps, last, silu, dtype),
-                   torch.get_num_threads())
+            call_cpu(kernel, *_kernel_args(out, x, weight, bias, scale, shift, None, num_groups, eps, last, silu,
+                                           dtype), torch.get_num_threads(), keep=(out, x, weight, bias, scale, shift))
     return out
 
 

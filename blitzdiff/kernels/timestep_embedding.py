@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backends import (
+    call_cpu,
     check_backend,
     check_kernel_support,
     choose_backend,
@@ -26,7 +27,7 @@ from ._backends import (
     profiled,
     refuse_grad,
 )
-from ._library import define, launch
+from ._library import define, launch, native
 
 BACKENDS = ("ref", "cpu", "cuda", "triton", "auto")
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -120,8 +121,13 @@ def _embed(timesteps: Tensor, dim: int, flip: bool, shift: float, scale: float, 
         with device_guard(out.device):
             triton_kernels.timestep_embedding(out, timesteps, freqs, flip, scale)
         return out
-    launch("timestep_embedding", backend, out.device, out.data_ptr(), timesteps.data_ptr(), timesteps.stride(0),
-           _TIMESTEP_DTYPES[timesteps.dtype], freqs.data_ptr(), out.shape[0], dim, flip, scale, threaded=True)
+    args = (out.data_ptr(), timesteps.data_ptr(), timesteps.stride(0), _TIMESTEP_DTYPES[timesteps.dtype],
+            freqs.data_ptr(), out.shape[0], dim, flip, scale)
+    if backend == "cpu":  # call_cpu: seen by a CPU graph capture
+        call_cpu(native("timestep_embedding", "cpu").timestep_embedding_cpu, *args, torch.get_num_threads(),
+                 keep=(out, timesteps, freqs))
+    else:
+        launch("timestep_embedding", backend, out.device, *args)
     return out
 
 

@@ -49,7 +49,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ..kernels._backends import cpu_kernel, eager_cpu, profiled
+from ..kernels._backends import call_cpu, cpu_kernel, eager_cpu, profiled
 
 # PyTorch's own threshold: a batch-1 input with more elements runs oneDNN there too (use_mkldnn, see above)
 ONEDNN_MIN_INPUT = 20480
@@ -197,12 +197,13 @@ class Conv2d(nn.Conv2d):
                         if (packed := self._onednn_weight(weight, x)) is not None:
                             return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *plan[2], self.groups,
                                                                            "none", [], "")
-                    elif (kernel := self._native_kernel(weight, plan[1])) is not None:
+                    elif (native := self._native_kernel(weight, plan[1])) is not None:
                         out = torch.empty(plan[2], dtype=torch.float32, device="cpu",
                                           memory_format=torch.channels_last)
                         with profiled(f"conv2d_{plan[1]}"):  # a range profiles list as they list ops
-                            kernel.run(out.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                       *plan[3], torch.get_num_threads())
+                            call_cpu(native[1].run, out.data_ptr(), x.data_ptr(),
+                                     0 if bias is None else bias.data_ptr(), *plan[3], torch.get_num_threads(),
+                                     keep=(out, x, bias, *native))
                         return out
         return self._conv_forward(x, self.weight, self.bias)
 
@@ -263,10 +264,10 @@ class Conv2d(nn.Conv2d):
                 w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
         return entry[3]
 
-    def _native_kernel(self, weight: Tensor, path: str):
-        """The blitzdiff._C kernel object of `path` ("direct": Conv2dNhwc; "winograd", "winograd4": Conv2dWinograd of
-        2x2 / 4x4 tiles) reading its packed weight (made again when the weight changed), or None (_entry; or without
-        blitzdiff._C)."""
+    def _native_kernel(self, weight: Tensor, path: str) -> tuple[Tensor, object] | None:
+        """(packed weight, the blitzdiff._C kernel object of `path` reading it: "direct": Conv2dNhwc; "winograd",
+        "winograd4": Conv2dWinograd of 2x2 / 4x4 tiles), made again when the weight changed, or None (_entry; or
+        without blitzdiff._C)."""
         entry = getattr(self.prepacked, path)
         if not _made_from(entry, weight):
             factory = cpu_kernel("Conv2dNhwc" if path == "direct" else "Conv2dWinograd")
@@ -285,4 +286,4 @@ class Conv2d(nn.Conv2d):
 
             entry = _entry(weight, make)
             setattr(self.prepacked, path, entry)  # one assignment: a concurrent call sees the old entry or the new
-        return None if entry[3] is None else entry[3][1]
+        return entry[3]
