@@ -5,7 +5,8 @@ user runs it, and optionally ONNX Runtime behind the same loop.
         [--rounds 3] [--runs 10] [--threads 2] [--onnxruntime] [--json out.json] [--quick]
 
 Per model and batch, each round starts one process per variant (the order rotated round by round): "default"
-(blitzdiff.load's channels-last weights on the CPU, blitzdiff.malloc's settings), "contiguous weights"
+(blitzdiff.load's channels-last weights on the CPU, blitzdiff.malloc's settings, forwards replayed from CPU graphs:
+blitzdiff.engine.cpu_graph), "eager forwards" (`pipe.cpu_graphs = None`), "contiguous weights"
 (blitzdiff.load(channels_last=False)), "glibc malloc" (BLITZDIFF_MALLOC=system) and with --onnxruntime
 "onnxruntime" (`pipe.compile("onnxruntime")`, defaults otherwise). A process loads the model, samples 3 warm-up
 runs, then times `runs` runs of DPM-Solver++(2M) 10 steps and counts its minor page faults. Reports per variant the
@@ -32,7 +33,7 @@ from cpu_best import write_unet32
 from blitzdiff.bench.interleave import rotated
 
 # variant -> (environment, child mode)
-VARIANTS = {"default": ({}, "default"), "contiguous weights": ({}, "contiguous"),
+VARIANTS = {"default": ({}, "default"), "eager forwards": ({}, "eager"), "contiguous weights": ({}, "contiguous"),
             "glibc malloc": ({"BLITZDIFF_MALLOC": "system"}, "default"), "onnxruntime": ({}, "onnxruntime")}
 # One process: the default path's steady state. argv: model, batch, steps, runs, threads, mode.
 CHILD = """
@@ -43,6 +44,8 @@ torch.set_num_threads(threads)
 pipe = blitzdiff.load(model, channels_last=False if mode == "contiguous" else None)
 if mode == "onnxruntime":
     pipe.compile("onnxruntime")
+if mode == "eager":
+    pipe.cpu_graphs = None
 inputs = {"class_labels": [i % 10 for i in range(batch)]} if pipe.kind.class_conditional else {}
 def run():
     pipe.sample(batch, steps=steps, sampler="dpmpp_2m", seeds=0, output_type="raw", progress=False, **inputs)
@@ -54,7 +57,9 @@ for _ in range(runs):
     run()
     times.append((time.perf_counter() - start) * 1e3)
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / runs
-print(json.dumps({"median_ms": statistics.median(times), "faults_per_run": faults, "malloc": malloc_record()}))
+graphs = None if pipe.cpu_graphs is None or pipe.runtime is not None else pipe.cpu_graphs.stats()
+print(json.dumps({"median_ms": statistics.median(times), "faults_per_run": faults, "malloc": malloc_record(),
+                  "cpu_graphs": graphs}))
 """
 
 
@@ -106,7 +111,7 @@ def main() -> None:
                     faults = statistics.median(p["faults_per_run"] for p in results[variant])
                     rows.append({"variant": variant, "model": name, "batch": batch, "median_ms": statistics.median(
                         times), "process_medians_ms": times, "faults_per_run": faults, "over_default": ratio,
-                        "malloc": results[variant][0]["malloc"]})
+                        "malloc": results[variant][0]["malloc"], "cpu_graphs": results[variant][0]["cpu_graphs"]})
                     print(f"{variant:<18} {name:<12} {batch:>5} {statistics.median(times):>10.2f} "
                           f"{f'[{min(times):.2f}-{max(times):.2f}]':>17} {faults:>10.0f} {ratio:>8.2f}x")
     if args.json:

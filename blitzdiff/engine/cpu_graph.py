@@ -68,8 +68,9 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def _storage(t: Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+def _storage(t: Tensor) -> int | None:
+    """The address of t's storage; None for a tensor without one (oneDNN's opaque prepacked weights)."""
+    return t.untyped_storage().data_ptr() if t.layout == torch.strided and not t.is_mkldnn else None
 
 
 class _Recorder(TorchFunctionMode):
@@ -112,13 +113,15 @@ class _Recorder(TorchFunctionMode):
                 raise CaptureRefused(f"the forward reads tensor values on the host ({name} returned "
                                      f"{type(out).__name__})")
             return
-        inputs = {_storage(t) for t in _tensors((args, kwargs)) if t.numel()}
+        inputs = {_storage(t) for t in _tensors((args, kwargs)) if t.numel()} - {None}
         fresh = [t for t in results if t.numel() and _storage(t) not in inputs]
         if not fresh:
             self.held.extend(results)  # views of what the graph holds: their memory is replayed
             return
         if not isinstance(out, Tensor):
             raise CaptureRefused(f"{name} made several new tensors in one call")
+        if _storage(out) is None:
+            raise CaptureRefused(f"{name} made a tensor without storage ({out.layout})")
         self.held.append(out)
         self.bytes += out.untyped_storage().nbytes()
         if self.bytes > self.max_bytes:  # raised through the forward: its buffers are freed as it unwinds
@@ -175,7 +178,7 @@ class CpuGraph:
         """CaptureRefused unless a replay on perturbed inputs equals an eager forward on them, bit for bit."""
         perturbed = {name: _perturbed(value) for name, value in self.inputs.items()}
         expected = forward(self.model, perturbed)
-        if not torch.equal(self.replay(perturbed), expected):
+        if not same_bits(self.replay(perturbed), expected):
             raise CaptureRefused("a replay on new inputs differs from the eager forward (a call the capture missed)")
 
     def _state(self) -> tuple[list, list]:
@@ -197,6 +200,16 @@ class CpuGraph:
         return self.output
 
 
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b hold the same values bit for bit, NaNs included (torch.equal calls no NaN equal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
+
+
 def forward(model: torch.nn.Module, inputs: dict[str, Tensor]) -> Any:
     """model(sample, timestep, **cond): the loop's calling convention (inputs in that order)."""
     sample, timestep, *cond = inputs.values()
@@ -214,10 +227,11 @@ def _perturbed(t: Tensor) -> Tensor:
 
 class CpuGraphs:
     """The network as the eager loop calls it on the CPU, `fn(sample, timestep, **cond)`: each input layout (shapes,
-    dtypes, torch's thread count) replays its own CpuGraph, at most `max_graphs` of them (the least
-    recently used dropped), each holding at most `max_bytes` of buffers. Eager where a capture was refused, while
-    torch's profiler runs (profiles show the forward's own calls) or with gradients enabled. Returns a new tensor
-    each call (the loop keeps some outputs across steps); a lock serializes the replays, which share buffers."""
+    dtypes; torch's thread count, inference mode and CPU autocast) replays its own CpuGraph, at most `max_graphs` of
+    them (the least recently used dropped), each holding at most `max_bytes` of buffers. Eager where a capture was
+    refused, while torch's profiler runs (profiles show the forward's own calls) or with gradients enabled. Returns
+    a new tensor each call (the loop keeps some outputs across steps); a lock serializes the replays, which share
+    buffers."""
 
     def __init__(self, model: torch.nn.Module, *, max_graphs: int = 4, max_bytes: int = DEFAULT_MAX_BYTES):
         self.model, self.max_graphs, self.max_bytes = model, max_graphs, max_bytes
@@ -228,8 +242,10 @@ class CpuGraphs:
         inputs = {"sample": sample, "timestep": timestep, **cond}
         if torch.is_grad_enabled() or torch.autograd.profiler._is_profiler_enabled:
             return forward(self.model, inputs)
-        # not the strides: a replay copies the inputs into its own buffers, which the forward saw
-        key = (torch.get_num_threads(), *((name, t.shape, t.dtype, t.device) for name, t in inputs.items()))
+        # not the strides: a replay copies the inputs into its own buffers, which the forward saw; inference mode
+        # (its buffers are inference tensors) and autocast (the dtypes torch's calls run in) change the forward
+        key = (torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+               *((name, t.shape, t.dtype, t.device) for name, t in inputs.items()))
         with self.lock:
             graph = self.graphs.get(key)
             if graph is None or (isinstance(graph, CpuGraph) and not graph.current()):
@@ -262,6 +278,6 @@ class CpuGraphs:
 
     def stats(self) -> list[dict[str, Any]]:
         """Per input layout kept: its shapes, and the graph's steps and buffer bytes, or why it was refused."""
-        return [{"threads": key[0], "shapes": {name: list(shape) for name, shape, *_ in key[1:]},
+        return [{"threads": key[0], "shapes": {name: list(shape) for name, shape, *_ in key[3:]},
                  **({"steps": len(graph.steps), "bytes": graph.bytes} if isinstance(graph, CpuGraph)
                     else {"refused": graph})} for key, graph in self.graphs.items()]

@@ -8,7 +8,8 @@ reads them. A new request copies its inputs into the buffers: new seeds, labels,
 rebuild anything. Padding rows get zero noise and repeat the first real row's conditioning; every op of the loop is
 per sample, so they never reach a real sample (tests/engine/test_runtime.py checks it with NaN padding).
 
-Modes: "eager" runs the Program's loop as is (the reference the others are compared with); "compile" runs it with
+Modes: "eager" runs the Program's loop as is (the reference the others are compared with; on the CPU its network
+replays the pipeline's CPU graphs, blitzdiff.engine.cpu_graph, as the plain loop does); "compile" runs it with
 the network torch.compile'd (and with compile_loop=True the whole loop, fullgraph); "graph" replays one CUDA graph
 of the whole loop; "step" one CUDA graph per plan stage, with the callback between them; "onnxruntime" and
 "tensorrt" run the eager loop around an external network (ARCHITECTURE.md contract 7): the module EXTERNAL_MODES
@@ -287,7 +288,7 @@ class Runtime:
         self.programs: OrderedDict[ProgramKey, Program] = OrderedDict()
         self.evictions = 0
         self.signature: tuple | None = None
-        self.network: Any = None  # the model, its torch.compile wrapper, or an external network
+        self.network: Any = None  # the model, its torch.compile wrapper, the CPU graphs, or an external network
         self.network_key: tuple | None = None  # what self.network was built from: (model id, weights' storage)
         self.weights_version = 0  # external modes: the Pipeline.weights_version the network runs
         self.pool: Any = None
@@ -305,7 +306,8 @@ class Runtime:
         rebuild the network when the model or its storage did; an external network is re-exported or refit after
         Pipeline.load_weights (the caller holds `lock`)."""
         model = pipe.model
-        network_key = (id(model), tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
+        network_key = (id(model), tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()),
+                       id(pipe.cpu_graphs))
         signature = (network_key, json.dumps(pipe.scheduler_config, sort_keys=True, default=str))
         if signature != self.signature:
             self._clear()
@@ -321,7 +323,10 @@ class Runtime:
         if self.mode in EXTERNAL_MODES:
             module = importlib.import_module(EXTERNAL_MODES[self.mode])
             return module.network(pipe, self.buckets, **self.options)
-        return torch.compile(pipe.model, dynamic=False) if self.mode == "compile" else pipe.model
+        if self.mode == "compile":
+            return torch.compile(pipe.model, dynamic=False)
+        graphs = pipe.cpu_graphs  # eager on the CPU: the default path's replayed forwards (engine.cpu_graph)
+        return graphs if graphs is not None and graphs.model is pipe.model and pipe.device.type == "cpu" else pipe.model
 
     def clear(self) -> None:
         """Drop every Program (their graphs, buffers and compiled code references); requests running in other

@@ -12,8 +12,10 @@ from torch import nn
 
 import blitzdiff
 from blitzdiff.engine import cpu_graph
-from blitzdiff.engine.cpu_graph import CaptureRefused, CpuGraph, CpuGraphs
+from blitzdiff.engine.cpu_graph import CaptureRefused, CpuGraph, CpuGraphs, same_bits
+from blitzdiff.engine.network import NonFiniteOutput
 from blitzdiff.models import set_backend
+from blitzdiff.models.conv import Conv2d, onednn_available
 from blitzdiff.models.registry import model_class
 
 SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
@@ -131,6 +133,18 @@ class _Branchy(nn.Module):
         return y * 2 if bool(timestep[0] > 500) else y
 
 
+class _Pointwise(nn.Module):
+    """A 1x1 convolution above DIRECT_MAX_MACS: prepacked oneDNN, whose packed weight has no storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = Conv2d(256, 256, 1)
+        self.conv.backend = "auto"
+
+    def forward(self, sample, timestep):
+        return self.conv(sample) * timestep[:, None, None, None]
+
+
 class _InPlace(nn.Module):
     """In-place calls the capture must make again: inplace=True, +=, item assignment."""
 
@@ -143,6 +157,28 @@ class _InPlace(nn.Module):
         y += timestep[:, None].float()
         y[:, 0] = sample[:, 1]
         return y
+
+
+def test_a_network_returning_nan_is_replayed_and_reported():
+    """The proof compares bits, NaNs included; the loop's NaN guard then sees the replayed NaNs."""
+    model = tiny_model("DiTTransformer2DModel")
+    with torch.no_grad():
+        model.proj_out_2.bias[0] = float("nan")
+    pipe = blitzdiff.Pipeline(model, SCHEDULER, name="tiny")
+    with pytest.raises(NonFiniteOutput, match=r"NaN or Inf at evaluation 0 \(timestep"):
+        pipe.sample(2, steps=3, class_labels=[1, 2], progress=False)
+    (entry,) = pipe.cpu_graphs.stats()
+    assert "steps" in entry, entry
+    x = inputs("DiTTransformer2DModel")
+    with torch.no_grad():
+        assert same_bits(call(pipe.cpu_graphs, x), call(model, x))
+
+
+def test_same_bits_tells_nans_and_signed_zeros_apart():
+    a = torch.tensor([1.0, float("nan"), 0.0])
+    assert same_bits(a, a.clone()) and not torch.equal(a, a.clone())
+    assert not same_bits(a, torch.tensor([1.0, float("nan"), -0.0]))
+    assert not same_bits(a, a.double()) and same_bits(torch.arange(3), torch.arange(3))
 
 
 def test_a_forward_reading_values_on_the_host_stays_eager():
@@ -164,6 +200,19 @@ def test_in_place_calls_are_replayed():
             x = {"sample": torch.randn(2, 4, generator=gen), "timestep": torch.randint(0, 1000, (2,), generator=gen)}
             assert torch.equal(call(graphs, x), call(model, x))
     assert graphs.stats()[0]["steps"] >= 4  # linear, relu_, add_, __setitem__
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+def test_prepacked_onednn_convolutions_are_replayed():
+    model = _Pointwise().eval().to(memory_format=torch.channels_last)
+    graphs = CpuGraphs(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            x = {"sample": torch.randn(2, 256, 16, 16, generator=gen).to(memory_format=torch.channels_last),
+                 "timestep": torch.rand(2, generator=gen)}
+            assert torch.equal(call(graphs, x), call(model, x))
+    assert model.conv.prepacked.plan[1] == "onednn" and "steps" in graphs.stats()[0], graphs.stats()
 
 
 def test_changed_weights_and_backends_are_captured_again():
@@ -209,15 +258,41 @@ def test_layouts_and_thread_counts_have_their_own_graphs_and_the_oldest_goes():
     model = tiny_model(name)
     graphs = CpuGraphs(model, max_graphs=2)
     threads = torch.get_num_threads()
+    other = 2 if threads == 1 else 1
     try:
         with torch.no_grad():
-            for batch, count in ((1, threads), (2, threads), (2, 1)):
+            for batch, count in ((1, threads), (2, threads), (2, other)):
                 torch.set_num_threads(count)
                 x = inputs(name, batch)
                 assert torch.equal(call(graphs, x), call(model, x))
     finally:
         torch.set_num_threads(threads)
-    assert [(s["threads"], s["shapes"]["sample"][0]) for s in graphs.stats()] == [(threads, 2), (1, 2)]
+    assert [(s["threads"], s["shapes"]["sample"][0]) for s in graphs.stats()] == [(threads, 2), (other, 2)]
+
+
+def test_inference_mode_and_autocast_have_their_own_graphs():
+    name = "UNet2DModel"
+    model = tiny_model(name)
+    graphs = CpuGraphs(model)
+    x = inputs(name)
+    with torch.inference_mode():
+        assert torch.equal(call(graphs, x), call(model, x))
+    with torch.no_grad():  # the inference-mode graph's buffers could not be written here
+        assert torch.equal(call(graphs, x), call(model, x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(call(graphs, x), call(model, x))
+    assert len(graphs.stats()) == 3
+
+
+def test_the_eager_runtime_replays_the_same_graphs():
+    pipe = blitzdiff.Pipeline(tiny_model("DiTTransformer2DModel"), SCHEDULER, name="tiny")
+    kwargs = {"steps": 4, "sampler": "dpmpp_2m", "seeds": [3, 4], "class_labels": [1, 2], "output_type": "raw",
+              "progress": False}
+    expected = pipe.sample(2, **kwargs)
+    pipe.cpu_graphs.clear()
+    pipe.compile("eager", buckets=(2,))
+    assert torch.equal(pipe.sample(2, **kwargs), expected)
+    assert [s["shapes"]["sample"][0] for s in pipe.cpu_graphs.stats()] == [4]  # guided: uncond and cond rows
 
 
 def test_concurrent_callers_each_get_their_own_result():

@@ -413,6 +413,7 @@ class Faulty(torch.nn.Module):
 def test_non_finite_output_is_reported_after_the_loop(folders):
     pipe = blitzdiff.load(folders["ddpm"][0])
     faulty = blitzdiff.Pipeline(Faulty(pipe.model, bad_from=2, always=True), pipe.scheduler_config)
+    faulty.cpu_graphs = None  # Faulty counts its calls in Python: one eager forward per evaluation
     with pytest.raises(blitzdiff.engine.pipeline.NonFiniteOutput, match=r"NaN or Inf at evaluation 2 \(timestep"):
         faulty.sample(1, steps=4, progress=False)
     with pytest.raises(ValueError, match=r"unknown on_non_finite 'ignore'; allowed: raise, retry"):
@@ -422,6 +423,7 @@ def test_non_finite_output_is_reported_after_the_loop(folders):
 def test_non_finite_half_network_retries_in_float32(folders):
     pipe = blitzdiff.load(folders["ddpm"][0], dtype=torch.bfloat16)
     faulty = blitzdiff.Pipeline(Faulty(pipe.model, bad_from=1), pipe.scheduler_config)
+    faulty.cpu_graphs = None  # as above
     with pytest.raises(blitzdiff.engine.pipeline.NonFiniteOutput, match=r"in torch.bfloat16; pass on_non_finite="):
         faulty.sample(1, steps=3, seeds=1, progress=False, output_type="raw")
     out = faulty.sample(1, steps=3, seeds=1, progress=False, output_type="raw", on_non_finite="retry")
