@@ -56,6 +56,12 @@ def inputs(name: str, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
     return out
 
 
+def graphed(name: str, **options) -> tuple[nn.Module, CpuGraphs, dict[str, torch.Tensor]]:
+    """A tiny model of class `name`, its CpuGraphs and one set of inputs."""
+    model = tiny_model(name)
+    return model, CpuGraphs(model, **options), inputs(name)
+
+
 def call(fn, x: dict[str, torch.Tensor]) -> torch.Tensor:
     return fn(x["sample"], x["timestep"], **{k: v for k, v in x.items() if k not in ("sample", "timestep")})
 
@@ -216,10 +222,7 @@ def test_prepacked_onednn_convolutions_are_replayed():
 
 
 def test_changed_weights_and_backends_are_captured_again():
-    name = "DiTTransformer2DModel"
-    model = tiny_model(name)
-    graphs = CpuGraphs(model)
-    x = inputs(name)
+    model, graphs, x = graphed("DiTTransformer2DModel")
     with torch.no_grad():
         before = call(graphs, x)
         model.proj_out_2.weight.mul_(2.0)  # in place: a version counter moves
@@ -232,20 +235,14 @@ def test_changed_weights_and_backends_are_captured_again():
 
 
 def test_buffers_past_max_bytes_refuse_the_capture():
-    name = "UNet2DModel"
-    model = tiny_model(name)
-    graphs = CpuGraphs(model, max_bytes=4096)
+    model, graphs, x = graphed("UNet2DModel", max_bytes=4096)
     with torch.no_grad():
-        x = inputs(name)
         assert torch.equal(call(graphs, x), call(model, x))
     assert "more than max_bytes (4096 bytes)" in graphs.stats()[0]["refused"]
 
 
 def test_profiler_and_gradients_see_the_eager_forward():
-    name = "UNet2DModel"
-    model = tiny_model(name)
-    graphs = CpuGraphs(model)
-    x = inputs(name)
+    model, graphs, x = graphed("UNet2DModel")
     with torch.no_grad(), torch.profiler.profile() as prof:
         call(graphs, x)
     assert not graphs.graphs and any(e.name.startswith("blitzdiff::conv2d") for e in prof.events())
@@ -271,17 +268,14 @@ def test_layouts_and_thread_counts_have_their_own_graphs_and_the_oldest_goes():
 
 
 def test_inference_mode_and_autocast_have_their_own_graphs():
-    name = "UNet2DModel"
-    model = tiny_model(name)
-    graphs = CpuGraphs(model)
-    x = inputs(name)
+    model, graphs, x = graphed("UNet2DModel")
     with torch.inference_mode():
         assert torch.equal(call(graphs, x), call(model, x))
     with torch.no_grad():  # the inference-mode graph's buffers could not be written here
         assert torch.equal(call(graphs, x), call(model, x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(call(graphs, x), call(model, x))
-    assert len(graphs.stats()) == 3
+    assert len(graphs.stats()) == 3 and all("steps" in entry for entry in graphs.stats()), graphs.stats()
 
 
 def test_the_eager_runtime_replays_the_same_graphs():
