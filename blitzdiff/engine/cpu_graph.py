@@ -51,7 +51,7 @@ IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
                               "__iand__"})
 
 
-DEFAULT_MAX_BYTES = 256 * 2**20  # a graph's buffers (every intermediate of one forward, none reused) at most
+DEFAULT_MAX_BYTES = 256 * 2**20  # the graphs' buffers (every intermediate of a forward, none reused) at most
 
 
 class CaptureRefused(RuntimeError):
@@ -248,7 +248,7 @@ def _perturbed(t: Tensor) -> Tensor:
 class CpuGraphs:
     """The network as the eager loop calls it on the CPU, `fn(sample, timestep, **cond)`: each input layout (shapes,
     dtypes; torch's thread count, inference mode and CPU autocast) replays its own CpuGraph, at most `max_graphs` of
-    them (the least recently used dropped), each holding at most `max_bytes` of buffers. Eager where a capture was
+    them holding at most `max_bytes` of buffers together (the least recently used dropped). Eager where a capture was
     refused, while torch's profiler runs (profiles show the forward's own calls) or with gradients enabled. Returns
     a new tensor each call (the loop keeps some outputs across steps); a lock serializes the replays, which share
     buffers."""
@@ -282,9 +282,14 @@ class CpuGraphs:
         except CaptureRefused as refused:
             graph = str(refused)
         self.graphs[key] = graph
-        while len(self.graphs) > self.max_graphs:
+        # the oldest go while there are too many, or their buffers and the new graph's pass max_bytes together
+        while len(self.graphs) > self.max_graphs or (len(self.graphs) > 1 and self.bytes() > self.max_bytes):
             self.graphs.popitem(last=False)
         return graph
+
+    def bytes(self) -> int:
+        """The buffers the kept graphs hold."""
+        return sum(graph.bytes for graph in self.graphs.values() if isinstance(graph, CpuGraph))
 
     def clear(self) -> None:
         """Drop every graph (captured again on the next call of its layout)."""

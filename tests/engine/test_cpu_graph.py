@@ -48,11 +48,11 @@ def tiny_model(name: str, seed: int = 0) -> nn.Module:
 def inputs(name: str, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     channels = CONFIGS[name]["in_channels"]
-    out = {"sample": torch.randn(batch, channels, 8, 8, generator=gen), "timestep": torch.tensor([10, 900][:batch])}
+    out = {"sample": torch.randn(batch, channels, 8, 8, generator=gen), "timestep": torch.tensor([10, 900, 500, 250][:batch])}
     if name == "UNet2DConditionModel":
         out["encoder_hidden_states"] = torch.randn(batch, 3, 8, generator=gen)
     if name == "DiTTransformer2DModel":
-        out["class_labels"] = torch.tensor([1, 3][:batch])
+        out["class_labels"] = torch.tensor([1, 3, 5, 7][:batch])
     return out
 
 
@@ -239,6 +239,17 @@ def test_buffers_past_max_bytes_refuse_the_capture():
     with torch.no_grad():
         assert torch.equal(call(graphs, x), call(model, x))
     assert "more than max_bytes (4096 bytes)" in graphs.stats()[0]["refused"]
+
+
+def test_the_graphs_together_stay_within_max_bytes():
+    model, graphs, x = graphed("UNet2DModel")
+    with torch.no_grad():
+        call(graphs, x)
+        one = graphs.bytes()
+        graphs.max_bytes = 12 * one // 5  # buffers grow with the batch: batches 1 and 3 fit, with 2 they do not
+        for batch in (1, 3):
+            call(graphs, inputs("UNet2DModel", batch, seed=batch))
+    assert [s["shapes"]["sample"][0] for s in graphs.stats()] == [1, 3] and graphs.bytes() <= graphs.max_bytes
 
 
 def test_profiler_and_gradients_see_the_eager_forward():
