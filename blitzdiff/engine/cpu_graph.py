@@ -237,12 +237,14 @@ def forward(model: torch.nn.Module, inputs: dict[str, Tensor]) -> Any:
 
 
 def _perturbed(t: Tensor) -> Tensor:
-    """Other values of t's layout: floats moved by a unit normal draw, integers swapped between 0 and 1 (class
-    labels stay in range)."""
+    """Other values in t's layout (its strides too: the eager forward must take the paths the capture took): floats
+    moved by a unit normal draw, integers swapped between 0 and 1 (class labels stay in range)."""
     if t.is_floating_point():
         generator = torch.Generator(device=t.device).manual_seed(0)
-        return t + torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
-    return (t == 0).to(t.dtype)
+        values = t + torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
+    else:
+        values = t == 0
+    return torch.empty_like(t).copy_(values)
 
 
 class CpuGraphs:

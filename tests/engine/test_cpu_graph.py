@@ -48,7 +48,8 @@ def tiny_model(name: str, seed: int = 0) -> nn.Module:
 def inputs(name: str, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     channels = CONFIGS[name]["in_channels"]
-    out = {"sample": torch.randn(batch, channels, 8, 8, generator=gen), "timestep": torch.tensor([10, 900, 500, 250][:batch])}
+    out = {"sample": torch.randn(batch, channels, 8, 8, generator=gen),
+           "timestep": torch.tensor([10, 900, 500, 250][:batch])}
     if name == "UNet2DConditionModel":
         out["encoder_hidden_states"] = torch.randn(batch, 3, 8, generator=gen)
     if name == "DiTTransformer2DModel":
