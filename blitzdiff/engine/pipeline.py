@@ -125,6 +125,11 @@ class Pipeline:
         self.runtime = runtime
         return self
 
+    def cpu_network(self, model: torch.nn.Module) -> Any:
+        """What the eager loop calls for `model`: the CPU graphs when they are on and wrap it on the CPU, else it."""
+        graphs = self.cpu_graphs
+        return graphs if graphs is not None and graphs.model is model and self.device.type == "cpu" else model
+
     def runtime_stats(self) -> dict[str, Any]:
         """The compiled runtime's mode, buckets and cached entries (key, build seconds, bytes, hits); {} when
         compile() was not called."""
@@ -371,9 +376,7 @@ class Pipeline:
 
     def _sample_eager(self, model: torch.nn.Module, request: Request, callback: Callback | None, bar: Any,
                       scope: Scope | None) -> tuple[torch.Tensor, tuple[int, float] | None]:
-        graphs = self.cpu_graphs
-        network = graphs if graphs is not None and graphs.model is model and self.device.type == "cpu" else model
-        fn = NetworkCall(network, self.kind.prediction_channels, callback, bar)
+        fn = NetworkCall(self.cpu_network(model), self.kind.prediction_channels, callback, bar)
         raw = sample(fn, request.noise, steps=request.steps, sampler=request.sampler,
                      scheduler_config=self.scheduler_config, guidance_scale=request.guidance_scale, cond=request.cond,
                      uncond=request.uncond, eta=request.eta, seeds=request.seeds, scope=scope)

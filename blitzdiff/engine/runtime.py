@@ -325,8 +325,7 @@ class Runtime:
             return module.network(pipe, self.buckets, **self.options)
         if self.mode == "compile":
             return torch.compile(pipe.model, dynamic=False)
-        graphs = pipe.cpu_graphs  # eager on the CPU: the default path's replayed forwards (engine.cpu_graph)
-        return graphs if graphs is not None and graphs.model is pipe.model and pipe.device.type == "cpu" else pipe.model
+        return pipe.cpu_network(pipe.model)  # eager: on the CPU the default path's replayed forwards (cpu_graph)
 
     def clear(self) -> None:
         """Drop every Program (their graphs, buffers and compiled code references); requests running in other
