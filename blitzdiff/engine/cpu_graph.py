@@ -4,7 +4,7 @@ that decided it.
 At batch 1 a small UNet's eager forward on the CPU spends about half its time in Python (module calls, checks,
 allocations around ~130 kernel calls for unet-digits) rather than in kernels. A capture runs the forward once
 under a `TorchFunctionMode` that sees every torch call, while the models' direct kernel calls
-(blitzdiff.kernels._backends.call_cpu) report themselves; a replay then makes only the calls that compute:
+(blitzdiff.kernels._library.call_cpu) report themselves; a replay then makes only the calls that compute:
 
 - a direct kernel call again with the same arguments (pointers into the buffers the capture made, which the graph
   holds);
@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..kernels._backends import set_recorder
+from ..kernels._library import set_recorder
+from .network import network_dtype
 
 # torch calls returning something else than tensors that read no tensor values, only layouts and flags (a call
 # returning a value read from a tensor, `.item()` or `bool(t)`, ends the capture: what the forward decides from it
@@ -85,7 +86,7 @@ class _Recorder(TorchFunctionMode):
         self.depth = 0  # > 0 inside a torch call: the kernels it runs are its own, replayed with it
 
     def native(self, kernel: Callable, args: tuple, keep: tuple) -> None:
-        """A direct kernel call (blitzdiff.kernels._backends.call_cpu)."""
+        """A direct kernel call (blitzdiff.kernels._library.call_cpu)."""
         if self.depth == 0:
             self.steps.append(_bind(kernel, args))
             self.held.extend(keep)
@@ -103,10 +104,11 @@ class _Recorder(TorchFunctionMode):
 
     def _record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
         name = getattr(func, "__name__", "")
+        arguments = _tensors((args, kwargs))
         if (name in IN_PLACE_DUNDERS or "out" in kwargs or kwargs.get("inplace") is True
                 or (name.endswith("_") and not name.startswith("_"))):
             self.steps.append(_bind(func, args, kwargs))
-            self.held.extend(_tensors((args, kwargs)))
+            self.held.extend(arguments)
             return
         results = _tensors(out)
         if not results:
@@ -114,7 +116,7 @@ class _Recorder(TorchFunctionMode):
                 raise CaptureRefused(f"the forward reads tensor values on the host ({name} returned "
                                      f"{type(out).__name__})")
             return
-        inputs = {_storage(t) for t in _tensors((args, kwargs)) if t.numel()} - {None}
+        inputs = {_storage(t) for t in arguments if t.numel()} - {None}
         fresh = [t for t in results if t.numel() and _storage(t) not in inputs]
         if not fresh:
             self.held.extend(results)  # views of what the graph holds: their memory is replayed
@@ -129,7 +131,7 @@ class _Recorder(TorchFunctionMode):
             raise CaptureRefused(f"the forward's buffers take more than max_bytes ({self.max_bytes} bytes)")
         if name not in EMPTY_FACTORIES:
             self.steps.append(_recompute(func, args, kwargs, out))
-            self.held.extend(_tensors((args, kwargs)))
+            self.held.extend(arguments)
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict | None = None) -> Callable[[], Any]:
@@ -300,8 +302,8 @@ class CpuGraphs:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the network takes its sample in (blitzdiff.engine.network.network_dtype)."""
-        return next(self.model.parameters()).dtype
+        """The dtype the network takes its sample in: the model's."""
+        return network_dtype(self.model)
 
     def stats(self) -> list[dict[str, Any]]:
         """Per input layout kept: its shapes, and the graph's steps and buffer bytes, or why it was refused."""

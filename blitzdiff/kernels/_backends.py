@@ -8,7 +8,6 @@ import contextlib
 import importlib.util
 import os
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -72,24 +71,6 @@ def profiled(op: str):
     if torch.autograd.profiler._is_profiler_enabled:
         return torch.profiler.record_function(f"blitzdiff::{op}")
     return contextlib.nullcontext()
-
-
-# .recorder: the CPU graph capture running on this thread (blitzdiff.engine.cpu_graph), if any
-_capture = threading.local()
-
-
-def set_recorder(recorder) -> None:
-    """Make `recorder` (an object with native(kernel, args, keep), or None) see this thread's direct kernel calls."""
-    _capture.recorder = recorder
-
-
-def call_cpu(kernel, *args, keep: tuple = ()) -> None:
-    """kernel(*args): a direct CPU kernel call whose pointer arguments point into `keep`'s tensors. A CPU graph
-    capture running on this thread records it (and holds `keep`), to call it again on replay."""
-    recorder = getattr(_capture, "recorder", None)
-    if recorder is not None:
-        recorder.native(kernel, args, keep)
-    kernel(*args)
 
 
 def cpu_kernel(name: str):

@@ -15,6 +15,7 @@ require grad for them, rather than PyTorch's deprecated fallback, which warns on
 
 import importlib
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
@@ -69,18 +70,42 @@ def native(op: str, backend: str):
     return module
 
 
+# .recorder: the CPU graph capture running on this thread (blitzdiff.engine.cpu_graph), if any
+_capture = threading.local()
+
+
+def set_recorder(recorder) -> None:
+    """Make `recorder` (an object with native(kernel, args, keep), or None) see this thread's direct kernel calls."""
+    _capture.recorder = recorder
+
+
+def call_cpu(kernel, *args, keep: tuple = ()) -> None:
+    """kernel(*args): a direct CPU kernel call whose pointer arguments point into `keep`'s tensors. A CPU graph
+    capture running on this thread records it (and holds `keep`), to call it again on replay."""
+    recorder = getattr(_capture, "recorder", None)
+    if recorder is not None:
+        recorder.native(kernel, args, keep)
+    kernel(*args)
+
+
 def launch(op: str, backend: str, device: torch.device, *args, kernel: str | None = None,
-           threaded: bool = False) -> None:
+           threaded: bool = False, keep: tuple | None = None) -> None:
     """Call blitzdiff._C's `<kernel>_<backend>` (kernel defaults to `op`), "cpu" or "cuda", with `args`.
 
     The CUDA entry also takes torch's current stream of `device` as its last argument, and `device` is made current
     for the call: the kernel launches in the current CUDA context, on that stream (graph capture, side streams).
     threaded: the CPU entry also takes a thread count as its last argument, torch.get_num_threads() (its kernels
     split work over torch's OpenMP threads, csrc/parallel.h, with the same bits for any count).
+    keep: a model's direct CPU call, with the tensors its pointers point into: through call_cpu, which a CPU graph
+    capture records.
     """
     function = getattr(native(op, backend), f"{kernel or op}_{backend}")
     if backend == "cpu":
-        function(*args, *((torch.get_num_threads(),) if threaded else ()))
+        args = (*args, *((torch.get_num_threads(),) if threaded else ()))
+        if keep is None:
+            function(*args)
+        else:
+            call_cpu(function, *args, keep=keep)
         return
     with torch.cuda.device(device):
         function(*args, torch.cuda.current_stream(device).cuda_stream)

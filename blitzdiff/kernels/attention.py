@@ -21,7 +21,6 @@ from torch.nn import functional as F
 
 from ._backends import (
     DTYPE_NAMES,
-    call_cpu,
     check_backend,
     check_device,
     choose_backend,
@@ -32,7 +31,7 @@ from ._backends import (
     profiled,
     refuse_grad,
 )
-from ._library import define, launch, native
+from ._library import call_cpu, define, launch, native
 
 BACKENDS = ("ref", "triton", "cuda", "cpu", "auto")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the GPU kernels; "ref" takes any floating dtype

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from ._backends import (
     DTYPE_NAMES,
-    call_cpu,
     check_backend,
     check_kernel_support,
     choose_backend,
@@ -26,7 +25,7 @@ from ._backends import (
     profiled,
     refuse_grad,
 )
-from ._library import define, launch
+from ._library import call_cpu, define, launch
 
 BACKENDS = ("ref", "cpu", "cuda", "triton", "auto")
 # dtypes the compiled kernels take; "ref" takes any floating dtype.

@@ -18,7 +18,6 @@ from torch import Tensor
 from ._backends import (
     DTYPE_NAMES,
     as_dtype,
-    call_cpu,
     check_backend,
     check_kernel_support,
     choose_backend,
@@ -28,7 +27,7 @@ from ._backends import (
     profiled,
     refuse_grad,
 )
-from ._library import define, launch
+from ._library import call_cpu, define, launch
 from ._library import native as _native_module
 
 BACKENDS = ("ref", "triton", "cuda", "cpu", "auto")

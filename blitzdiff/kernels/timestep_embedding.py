@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backends import (
-    call_cpu,
     check_backend,
     check_kernel_support,
     choose_backend,
@@ -27,7 +26,7 @@ from ._backends import (
     profiled,
     refuse_grad,
 )
-from ._library import define, launch, native
+from ._library import define, launch
 
 BACKENDS = ("ref", "cpu", "cuda", "triton", "auto")
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -121,13 +120,9 @@ def _embed(timesteps: Tensor, dim: int, flip: bool, shift: float, scale: float, 
         with device_guard(out.device):
             triton_kernels.timestep_embedding(out, timesteps, freqs, flip, scale)
         return out
-    args = (out.data_ptr(), timesteps.data_ptr(), timesteps.stride(0), _TIMESTEP_DTYPES[timesteps.dtype],
-            freqs.data_ptr(), out.shape[0], dim, flip, scale)
-    if backend == "cpu":  # call_cpu: seen by a CPU graph capture
-        call_cpu(native("timestep_embedding", "cpu").timestep_embedding_cpu, *args, torch.get_num_threads(),
-                 keep=(out, timesteps, freqs))
-    else:
-        launch("timestep_embedding", backend, out.device, *args)
+    launch("timestep_embedding", backend, out.device, out.data_ptr(), timesteps.data_ptr(), timesteps.stride(0),
+           _TIMESTEP_DTYPES[timesteps.dtype], freqs.data_ptr(), out.shape[0], dim, flip, scale, threaded=True,
+           keep=(out, timesteps, freqs))  # keep: a CPU graph capture records the CPU call
     return out
 
 

@@ -49,7 +49,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ..kernels._backends import call_cpu, cpu_kernel, eager_cpu, profiled
+from ..kernels._backends import cpu_kernel, eager_cpu, profiled
+from ..kernels._library import call_cpu
 
 # PyTorch's own threshold: a batch-1 input with more elements runs oneDNN there too (use_mkldnn, see above)
 ONEDNN_MIN_INPUT = 20480
