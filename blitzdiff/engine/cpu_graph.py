@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..kernels._library import set_recorder
+from .inputs import positive_int
 from .network import network_dtype
 
 # torch calls returning something else than tensors that read no tensor values, only layouts and flags (a call
@@ -258,7 +259,8 @@ class CpuGraphs:
     buffers."""
 
     def __init__(self, model: torch.nn.Module, *, max_graphs: int = 4, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.model, self.max_graphs, self.max_bytes = model, max_graphs, max_bytes
+        self.model = model
+        self.max_graphs, self.max_bytes = positive_int("max_graphs", max_graphs), positive_int("max_bytes", max_bytes)
         self.graphs: OrderedDict[tuple, CpuGraph | str] = OrderedDict()  # key -> graph, or why it was refused
         self.lock = threading.Lock()
 

@@ -253,6 +253,13 @@ def test_the_graphs_together_stay_within_max_bytes():
     assert [s["shapes"]["sample"][0] for s in graphs.stats()] == [1, 3] and graphs.bytes() <= graphs.max_bytes
 
 
+@pytest.mark.parametrize(("options", "message"), [({"max_graphs": 0}, "max_graphs must be an int >= 1, got 0"),
+                                                  ({"max_bytes": 1.5}, "max_bytes must be an int >= 1, got 1.5")])
+def test_bad_limits_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        CpuGraphs(nn.Linear(2, 2), **options)
+
+
 def test_profiler_and_gradients_see_the_eager_forward():
     model, graphs, x = graphed("UNet2DModel")
     with torch.no_grad(), torch.profiler.profile() as prof:
