@@ -11,7 +11,9 @@
 // noise; zero coefficients already dropped on the host), at most kMaxSolverStepTerms. Every buffer is contiguous
 // with n elements of the one dtype `dtype` ("float32", "float64"; the CUDA kernel also takes "float16" and
 // "bfloat16"); pointers arrive as integers (Tensor.data_ptr()) so the module never links to torch. The outputs
-// must not overlap any input; inputs may alias each other. Half types compute in float32, the others in their
+// must not overlap any input, except that the CPU kernel's x_next may be the very buffer of x, a history term or the
+// point (the same pointer: each element is read before it is written; the eager loop updates its state in place);
+// inputs may alias each other. Half types compute in float32, the others in their
 // own precision; the D_0 term reads the denoised value as stored (rounded to dtype). The CPU kernel splits large
 // calls over up to `threads` threads (parallel.h) in whole chunks: the same bits for any count, and takes
 // denoised == 0 (not stored: the loop's stages whose estimate no later stage reads). Bad arguments throw

@@ -52,13 +52,14 @@ BLITZDIFF_INLINE void scale(T* __restrict__ d, const T* __restrict__ g, T c_out,
 // two-operation form, c_0 t_0 + c_1 t_1 + ..., the same bits as one axpy pass per term (starting the sum at 0, one add
 // more per element, cost 10% of an Euler update of 16384 floats and changed only the sign of a zero).
 template <typename T, int K>
-BLITZDIFF_INLINE void accumulate(T* __restrict__ acc, const T* const* terms, const T* coefs, std::int64_t len) {
-  const T* __restrict__ t[K > 0 ? K : 1];
+BLITZDIFF_INLINE void accumulate(T* acc, const T* const* terms, const T* coefs, std::int64_t len) {
+  const T* t[K > 0 ? K : 1];
   T c[K > 0 ? K : 1];
   for (int k = 0; k < K; ++k) {
     t[k] = terms[k];
     c[k] = coefs[k];
   }
+#pragma GCC ivdep  // acc may be a term's own buffer (kInPlace): element i is read before it is written
   for (std::int64_t i = 0; i < len; ++i) {
     T a = K > 0 ? c[0] * t[0][i] : T(0);  // the loop's first term: coef * t
 #pragma GCC unroll 16
@@ -80,15 +81,16 @@ BLITZDIFF_INLINE void accumulate_n(std::integer_sequence<int, Ks...>, std::size_
 // accumulate, so the same bits, without writing and re-reading the chunk's D (and g): a 2-term update of 131072
 // floats 22.1 -> 19.9 us on one thread (AMD EPYC, torch's buffers, interleaved rounds).
 template <typename T, int K, bool kGuided, bool kStore>
-BLITZDIFF_INLINE void one_pass(T* __restrict__ next, T* __restrict__ den, const T* __restrict__ u,
-                               const T* __restrict__ c, const T* __restrict__ p, const T* const* terms,
+BLITZDIFF_INLINE void one_pass(T* next, T* __restrict__ den, const T* __restrict__ u,
+                               const T* __restrict__ c, const T* p, const T* const* terms,
                                const T* coefs, T w, T skip, T cout, std::int64_t len) {
-  const T* __restrict__ t[K];
+  const T* t[K];
   T cf[K];
   for (int k = 0; k < K; ++k) {
     t[k] = terms[k];
     cf[k] = coefs[k];
   }
+#pragma GCC ivdep  // next may be x's or the point's own buffer (kInPlace): element i is read before it is written
   for (std::int64_t i = 0; i < len; ++i) {
     const T g = kGuided ? u[i] + w * (c[i] - u[i]) : u[i];
     const T d = p[i] * skip + cout * g;

@@ -90,7 +90,8 @@ class FusedPlan(NamedTuple):
     stages: list[FusedStage | None]  # per stage, its FusedStage or None (run unfused)
     points: list[FusedPoint | None]  # per stage, its FusedPoint or None (no point combination, or run by `combine`)
     kernel: object  # the kernel's copy: a blitzdiff._C.SolverStepPlan of each fused stage's scalars and coefficients
-    histories: bool  # keeps_histories(plan)
+    histories: bool  # whether a stage reads an earlier stage's denoised estimate or point: the loop keeps them
+    points_read: bool  # whether a stage reads an earlier stage's point: the loop keeps points too
 
 
 def fused_plan(plan: Plan, denoiser: Denoiser) -> FusedPlan:
@@ -123,7 +124,8 @@ def _fused_plan(plan: Plan, scalars: Sequence) -> FusedPlan:
                                                            ("noise", 0) in live[0]))
     kernel = extension.SolverStepPlan([None if f is None else (f.c_skip, f.c_out, list(f.coefs)) for f in stages],
                                       [None if f is None else list(f.coefs) for f in points])
-    return FusedPlan(stages, points, kernel, keeps_histories(plan))
+    points_read = reads_earlier_points(plan)
+    return FusedPlan(stages, points, kernel, points_read or any(read), points_read)
 
 
 def _read_later(plan: Plan) -> list[bool]:
@@ -141,15 +143,15 @@ def _read_later(plan: Plan) -> list[bool]:
     return read
 
 
-def keeps_histories(plan: Plan) -> bool:
-    """Whether a stage reads an earlier stage's denoised estimate or evaluation point (multistep samplers): the loop
-    must then keep them. A point combination's P_j is P_{m-1-j}; an update's P_j, j >= 1, is P_{m-j}."""
+def reads_earlier_points(plan: Plan) -> bool:
+    """Whether a stage reads an earlier stage's evaluation point (UniPC, ...; not DDIM, Euler or DPM-Solver++(2M)):
+    the loop must then keep the points. A point combination's P_j is P_{m-1-j}; an update's P_j, j >= 1, is P_{m-j}."""
 
     def reads_earlier_point(stage) -> bool:
         point = stage.point is not None and any(coef != 0.0 for coef in stage.point.points)
         return point or (stage.update is not None and any(coef != 0.0 for coef in stage.update.points[1:]))
 
-    return any(_read_later(plan)) or any(reads_earlier_point(s) for s in plan.stages)
+    return any(reads_earlier_point(s) for s in plan.stages)
 
 
 def _live_terms(c: Combination | None, before: int) -> tuple[tuple, tuple] | None:
@@ -211,7 +213,8 @@ def run_fused(
     after it keep its shape, dtype and device). history / points: the loop's, oldest first, before this stage's
     entries; x, point, noise: [B, ...] on the CPU. plain: the caller knows x, point, noise and the histories to be
     contiguous of x's dtype (PlanRun tracks it), so only `out` is checked. buffer: where to write x_next, a contiguous
-    tensor like x that nothing else references (unshared), else None: a new one. Per call this does no more than the
+    tensor like x that nothing else references (unshared): x itself (the kernel reads each element before writing
+    it), else None: a new one. Per call this does no more than the
     checks that keep the kernel's pointers valid: it runs once per stage of every eager sampling loop."""
     dtype = x.dtype
     if out.dtype is not dtype or not out.is_cpu:

@@ -73,10 +73,11 @@ class PlanRun:
     "cpu" (guidance, preconditioning and update in one kernel call where a stage allows it: blitzdiff.engine.
     fused_step; float32 / float64 CPU tensors, `denoise` a Denoiser, an eager loop) or "auto" ("cpu" where it can).
     Tensors are never mutated in place: a stage only rebinds x and the histories, so the tensors one captured stage
-    leaves behind are the static inputs of the next. The one exception, in fused CPU runs that keep no histories: the
-    state two stages back, a buffer this run's kernel wrote, is written again when nothing but the loop references it
-    any more (`unshared`), which keeps a run's state in two buffers (glibc's aligned allocations would otherwise cycle
-    through three or more: a larger cache footprint).
+    leaves behind are the static inputs of the next. The one exception, in fused CPU runs: where the state x is a
+    buffer this run's kernel wrote and nothing but the loop references it (`unshared`: not the network, a callback, a
+    view or a history), the kernel writes x_next over it, element by element after reading it. A run's state then
+    lives in one buffer: an update reads its inputs and writes back lines already in the cache, where a new buffer
+    costs a read for ownership of each line and a larger cache footprint (an 8x4x64x64 DDIM step 13.5 -> 9 us).
     """
 
     def __init__(self, plan: Plan, denoise: Denoise, x: torch.Tensor, seeds: torch.Tensor,
@@ -95,8 +96,7 @@ class PlanRun:
         self.points: list[torch.Tensor] = []  # where each of them was evaluated
         self.raw: torch.Tensor | None = None
         self.depth = plan.history
-        self.spare: torch.Tensor | None = None  # the previous state, a kernel output of this run (recycled)
-        self.ours = False  # whether x is a kernel output of this run
+        self.ours = False  # whether x is a kernel output of this run (which it may write again)
         # x0 post-processing (clip, thresholding) runs between the network and the update: not fused
         fuse = resolve_step_backend(step_backend, x.device, x.dtype) == "cpu" and isinstance(denoise, Denoiser) and \
             postprocess is None
@@ -108,11 +108,11 @@ class PlanRun:
         # ops on such tensors; a stage run by the Denoiser's ops (on an output of any layout or dtype) rechecks.
         self.plain = fuse and x.is_contiguous()
         # Whether a fused stage must record its estimate and point: not where no stage reads an earlier stage's
-        # (DDIM, Euler, ...; a stage run by the Denoiser's ops records its own, which its update reads).
+        # (DDIM, Euler, ...; a stage run by the Denoiser's ops records its own, which its update reads). Its point
+        # only where a stage reads an earlier point (UniPC, ...): a point that is x would keep x from being updated
+        # in place.
         self.histories = fuse and fused.histories
-        # Whether a fused stage may write its x_next into the previous state's buffer (never where histories hold
-        # states, or the checks would only cost time)
-        self.recycle = fuse and not self.histories
+        self.points_read = fuse and fused.points_read
         self.constants = run_constants(denoise, x, fused.kernel) if fuse else None
 
     def _combine(self, c: Combination, stream: int) -> torch.Tensor:
@@ -124,21 +124,25 @@ class PlanRun:
         if self.scope is not None:
             return self._scoped_stage(stage, k, fused)
         # the fast path, flat: no context managers, few calls (an eager loop pays each at every stage)
-        point = self.x if stage.point is None else self._point(stage.point, k)
         if fused is None:
+            point = self.x if stage.point is None else self._point(stage.point, k)
             return self._record(stage, k, self.denoise(point, k), point)
+        if stage.point is None:  # evaluated at x, which no local names: self.x may be its only reference
+            return self._update_fused(stage, k, fused, self.denoise.network(self.x, k), None)
+        point = self._point(stage.point, k)
         self._update_fused(stage, k, fused, self.denoise.network(point, k), point)
 
     def _scoped_stage(self, stage: Stage, k: int, fused: FusedStage | None) -> None:
         """stage(k) with the profiler's ranges: the point and update as "solver", the network call as "network"."""
         scope = self.scope
         with scope(k, "solver"):
-            point = self.x if stage.point is None else self._point(stage.point, k)
+            point = None if stage.point is None else self._point(stage.point, k)  # None: x (see stage)
         with scope(k, "network"):
-            out = self.denoise(point, k) if fused is None else self.denoise.network(point, k)
+            out = self.denoise(self.x if point is None else point, k) if fused is None else \
+                self.denoise.network(self.x if point is None else point, k)
         with scope(k, "solver"):
             if fused is None:
-                return self._record(stage, k, out, point)
+                return self._record(stage, k, out, self.x if point is None else point)
             self._update_fused(stage, k, fused, out, point)
 
     def _point(self, c: Combination, k: int) -> torch.Tensor:
@@ -150,11 +154,14 @@ class PlanRun:
         noise = draw_noise(self.seeds, 2 * k, self.x, self.noise_backend) if fused.noise else None
         return run_point(fused, k, self.constants, self.x, self.history, self.points, noise)
 
-    def _update_fused(self, stage: Stage, k: int, fused: FusedStage, out: torch.Tensor, point: torch.Tensor) -> None:
-        """The update of a fused stage from the network output `out`: one kernel call where it takes `out`."""
+    def _update_fused(self, stage: Stage, k: int, fused: FusedStage, out: torch.Tensor,
+                      point: torch.Tensor | None) -> None:
+        """The update of a fused stage from the network output `out` at `point` (None: x): one kernel call where
+        it takes `out`, writing x_next over x where x is this run's and unshared (see PlanRun)."""
+        # x, unless it is about to be remembered as this stage's point; checked before any local names it
+        buffer = self.x if self.ours and not (point is None and self.points_read) and unshared(self.x) else None
+        point = self.x if point is None else point
         noise = draw_noise(self.seeds, 2 * k + 1, self.x, self.noise_backend) if fused.noise else None
-        buffer = self.spare if self.spare is not None and unshared(self.spare) else None
-        self.spare = None
         if self.scope is None:
             result = run_fused(fused, k, self.constants, self.denoise, out, self.x, point, self.history,
                                self.points, noise, self.plain, buffer)
@@ -164,12 +171,10 @@ class PlanRun:
                                    self.points, noise, self.plain, buffer)
         if result is None:  # a network output the kernel does not take: the Denoiser's ops
             return self._record(stage, k, self.denoise.precondition(self.denoise.guide(out), point, k), point)
-        if self.recycle and self.ours:
-            self.spare = self.x
         self.raw, self.x = result
         self.ours = True
         if self.histories:
-            self._remember(self.raw, point)
+            self._remember(self.raw, point if self.points_read else None)
 
     def _record(self, stage: Stage, k: int, raw: torch.Tensor, point: torch.Tensor) -> None:
         """The end of a stage run by the Denoiser's and `combine`'s ops, from its denoised estimate `raw`."""

@@ -383,13 +383,27 @@ def run_stages(plan, denoiser, x, seeds, post):
     return run.output(), pointers
 
 
-@pytest.mark.parametrize("name", ["euler", "ddim", "euler_ancestral"])
-def test_a_first_order_run_keeps_its_state_in_two_buffers(name):
-    """Where no history holds states, a fused stage writes its x_next into the state two stages back, a buffer of the
-    run's own that nothing else references: two buffers for the whole run, and the unfused loop's samples."""
+@pytest.mark.parametrize("name", ["euler", "ddim", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_a_run_updates_its_state_in_place(name):
+    """A fused stage writes its x_next over x once x is a buffer of the run's own (after stage 0) that nothing else
+    references, which holds where no stage reads an earlier point or the points are not x (UniPC's are its
+    corrector's combinations): one buffer for the whole run (UniPC's stage 0 has no update), and the unfused loop's
+    samples."""
     plan, denoiser, x, seeds, post = parts(name, 3.0, steps=8)
     out, pointers = run_stages(plan, denoiser, x, seeds, post)
-    assert len(set(pointers)) == 2 and pointers[2::2] == [pointers[0]] * len(pointers[2::2])
+    written = pointers[1:] if name == "unipc" else pointers
+    assert written == [written[0]] * len(written) and x.data_ptr() not in written
+    torch.testing.assert_close(out, run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref"),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_a_state_remembered_as_a_point_is_never_written():
+    """Where a later stage reads an earlier point and the point is x (DPM-Solver's noise-prediction updates), x is
+    kept as that point: every stage writes a new state, and the samples are the unfused loop's (writing x over its
+    remembered point fails this: 120 off)."""
+    plan, denoiser, x, seeds, post = parts("dpm_solver", 3.0, steps=8)
+    out, pointers = run_stages(plan, denoiser, x, seeds, post)
+    assert all(state != previous for previous, state in zip(pointers, pointers[1:], strict=False))
     torch.testing.assert_close(out, run_plan(plan, denoiser, x, seeds, post, "cpu", step_backend="ref"),
                                rtol=1e-12, atol=1e-12)
 

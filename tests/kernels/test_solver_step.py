@@ -475,6 +475,41 @@ def test_cpu_per_sample_guidance_rows(dtype):
                         "float32", 1.0, 1.0, 1.0, [], [], 1, scales.data_ptr(), 7)
 
 
+IN_PLACE_UPDATES = {  # name -> (c_skip, the terms' sources, coefficients): the one-pass and the chunked paths
+    "one pass: x, D, h": (1.1, ["x", "new", "h"], [0.9, 0.3, 0.1]),
+    "chunked: D, x, h": (1.1, ["new", "x", "h"], [0.3, 0.9, 0.1]),
+    "chunked: c_skip 0": (0.0, ["x", "new", "h"], [0.9, 0.3, 0.1]),
+}
+
+
+@pytest.mark.parametrize("over", ["x", "point", "h"])
+@pytest.mark.parametrize("update", list(IN_PLACE_UPDATES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_x_next_over_an_input_gives_the_same_bits(dtype, update, over):
+    """The eager loop writes x_next over its state x (PlanRun); the kernel's contract allows x_next to be the very
+    buffer of x, the point or a history term: each element is read before it is written. Same bits as into a
+    separate buffer, guided, over several chunks and threads."""
+    from blitzdiff._C import solver_step_cpu
+
+    n = 2 * 256 * 1024 + 77
+    c_skip, sources, coefs = IN_PLACE_UPDATES[update]
+    name = str(dtype).removeprefix("torch.")
+    gen = torch.Generator().manual_seed(4)
+    out = torch.randn(2 * n, generator=gen, dtype=dtype)  # guided: [uncond; cond]
+    inputs = {key: torch.randn(n, generator=gen, dtype=dtype) for key in ("x", "point", "h")}
+    for threads in (1, 2):
+        results = []
+        for target in (None, over):
+            tensors = {key: value.clone() for key, value in inputs.items()}
+            x_next = torch.empty(n, dtype=dtype) if target is None else tensors[target]
+            denoised = torch.empty(n, dtype=dtype)
+            terms = [0 if source == "new" else tensors[source].data_ptr() for source in sources]
+            solver_step_cpu(denoised.data_ptr(), x_next.data_ptr(), out.data_ptr(), tensors["point"].data_ptr(), n,
+                            True, name, c_skip, -0.2, 2.5, terms, coefs, threads)
+            results.append((denoised, x_next.clone()))
+        assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_denoised_zero_is_not_stored_and_x_next_is_unchanged(dtype):
     """denoised = 0: the loop's stages whose estimate no later stage reads. x_next has the same bits as with the
