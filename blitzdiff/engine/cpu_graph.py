@@ -13,6 +13,11 @@ under a `TorchFunctionMode` that sees every torch call, while the models' direct
 - an in-place torch call (`add_`, `copy_`, `x[i] = ...`, `inplace=True`): made again;
 - views, metadata reads and `empty` allocations: nothing (their memory is the captured buffers').
 
+The buffers the forward makes live in one arena (blitzdiff.engine.arena): a capture records the forward twice, first
+for each buffer's lifetime, then with each buffer placed at an offset that no buffer alive at the same time overlaps
+(dit-digits' guided batch-8 forward: 33.1 MiB of buffers in a 2.6 MiB arena, which stays in cache as an eager
+forward's reused allocations do).
+
 Like a CUDA graph: the inputs are copied into static buffers, and nothing the forward decided from them in Python
 may change between calls of one layout; a call that reads tensor values on the host (`.item()`, `bool(t)`) ends
 the capture (the forward then stays eager for that layout). Each capture is proven before use: its replay on
@@ -34,6 +39,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..kernels._library import set_recorder
+from .arena import Lifetime, plan_arena
 from .inputs import positive_int
 from .network import network_dtype
 
@@ -53,7 +59,7 @@ IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
                               "__iand__"})
 
 
-DEFAULT_MAX_BYTES = 256 * 2**20  # the graphs' buffers (every intermediate of a forward, none reused) at most
+DEFAULT_MAX_BYTES = 256 * 2**20  # the graphs' arenas together, at most
 
 
 class CaptureRefused(RuntimeError):
@@ -77,20 +83,39 @@ def _storage(t: Tensor) -> int | None:
 
 
 class _Recorder(TorchFunctionMode):
-    """Records the calls of one forward as replay steps (module docstring)."""
+    """Records the calls of one forward (module docstring), in one of two passes. Without a plan it only notes the
+    lifetime of each buffer the forward makes (blitzdiff.engine.arena) and holds nothing, so the forward frees its
+    buffers as an eager one does; with `arena` and `plan` (each buffer's offset and size, in the order they are
+    made) it records the replay steps and places each new buffer in the arena at its offset (the forward goes on
+    with the arena's tensor, the same values)."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, arena: Tensor | None = None, plan: list[tuple[int, int]] | None = None):
         super().__init__()
-        self.max_bytes, self.bytes = max_bytes, 0  # the buffers made so far, all held until the graph goes
-        self.steps: list[Callable[[], Any]] = []
+        self.arena, self.plan = arena, plan
+        self.steps: list[Callable[[], Any] | None] = []  # None in the first pass: only counted
         self.held: list[Any] = []  # every tensor and kernel object the steps point at
         self.depth = 0  # > 0 inside a torch call: the kernels it runs are its own, replayed with it
+        self.made: list[tuple[int, int]] = []  # per new buffer, in order: (bytes, the step that first writes it)
+        self.last_step: dict[int, int] = {}  # per new buffer (its index in made): the last step that uses it
+        # storage address -> the new buffer there now (in the first pass a freed buffer's address may be reused)
+        self.buffer_at: dict[int, int] = {}
+
+    def _step(self, step: Callable[[], Any], tensors: list[Any]) -> None:
+        """Append a replay step that reads or writes `tensors` (and other objects its kernel reads; the graph holds
+        them all)."""
+        for t in tensors:
+            if isinstance(t, Tensor) and (buffer := self.buffer_at.get(_storage(t))) is not None:
+                self.last_step[buffer] = len(self.steps)
+        if self.plan is None:
+            self.steps.append(None)
+            return
+        self.steps.append(step)
+        self.held.extend(tensors)
 
     def native(self, kernel: Callable, args: tuple, keep: tuple) -> None:
         """A direct kernel call (blitzdiff.kernels._library.call_cpu)."""
         if self.depth == 0:
-            self.steps.append(_bind(kernel, args))
-            self.held.extend(keep)
+            self._step(_bind(kernel, args), list(keep))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -100,39 +125,59 @@ class _Recorder(TorchFunctionMode):
         finally:
             self.depth -= 1
         if self.depth == 0:
-            self._record(func, args, kwargs, out)
+            return self._record(func, args, kwargs, out)
         return out
 
-    def _record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+    def _record(self, func, args: tuple, kwargs: dict, out: Any) -> Any:
+        """Record one torch call of the forward; returns what the forward gets: `out`, or its arena copy."""
         name = getattr(func, "__name__", "")
         arguments = _tensors((args, kwargs))
         if (name in IN_PLACE_DUNDERS or "out" in kwargs or kwargs.get("inplace") is True
                 or (name.endswith("_") and not name.startswith("_"))):
-            self.steps.append(_bind(func, args, kwargs))
-            self.held.extend(arguments)
-            return
+            self._step(_bind(func, args, kwargs), arguments)
+            return out
         results = _tensors(out)
         if not results:
             if name not in METADATA:
                 raise CaptureRefused(f"the forward reads tensor values on the host ({name} returned "
                                      f"{type(out).__name__})")
-            return
+            return out
         inputs = {_storage(t) for t in arguments if t.numel()} - {None}
         fresh = [t for t in results if t.numel() and _storage(t) not in inputs]
         if not fresh:
-            self.held.extend(results)  # views of what the graph holds: their memory is replayed
-            return
+            if self.plan is not None:
+                self.held.extend(results)  # views of what the graph holds: their memory is replayed
+            return out
         if not isinstance(out, Tensor):
             raise CaptureRefused(f"{name} made several new tensors in one call")
         if _storage(out) is None:
             raise CaptureRefused(f"{name} made a tensor without storage ({out.layout})")
-        self.held.append(out)
-        self.bytes += out.untyped_storage().nbytes()
-        if self.bytes > self.max_bytes:  # raised through the forward: its buffers are freed as it unwinds
-            raise CaptureRefused(f"the forward's buffers take more than max_bytes ({self.max_bytes} bytes)")
+        nbytes = out.untyped_storage().nbytes()
+        if self.plan is not None:
+            out = self._place(out, nbytes, copy=name not in EMPTY_FACTORIES)
+            self.held.append(out)
+        self.buffer_at[_storage(out)] = len(self.made)
+        self.made.append((nbytes, len(self.steps)))
         if name not in EMPTY_FACTORIES:
-            self.steps.append(_recompute(func, args, kwargs, out))
-            self.held.extend(arguments)
+            self._step(_recompute(func, args, kwargs, out), [*arguments, out])
+        return out
+
+    def _place(self, out: Tensor, nbytes: int, copy: bool) -> Tensor:
+        """`out` (a new buffer of nbytes) as a tensor in the arena at its planned offset, its values copied."""
+        index = len(self.made)
+        if index >= len(self.plan) or self.plan[index][1] != nbytes:
+            raise CaptureRefused("the forward made other buffers when recorded again")
+        placed = torch.empty(0, dtype=out.dtype).set_(
+            self.arena.untyped_storage(), self.plan[index][0] // out.element_size() + out.storage_offset(),
+            out.shape, out.stride())
+        return placed.copy_(out) if copy else placed
+
+    def lifetimes(self, output: Tensor) -> list[Lifetime]:
+        """The new buffers' lifetimes in order of birth; the output's to the end of the replay."""
+        last = dict(self.last_step)
+        if (buffer := self.buffer_at.get(_storage(output))) is not None:
+            last[buffer] = len(self.steps)
+        return [Lifetime(nbytes, birth, last.get(index, birth)) for index, (nbytes, birth) in enumerate(self.made)]
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict | None = None) -> Callable[[], Any]:
@@ -180,18 +225,33 @@ class CpuGraph:
         self.state = self._state()
         self.inputs = {name: value.clone() for name, value in inputs.items()}  # the static input buffers
         forward(model, self.inputs)  # eager first: plans and packed weights are made outside the capture
-        recorder = _Recorder(max_bytes)
+        # Recorded twice: first for the lifetimes of the buffers the forward makes (freed as it goes, as in an eager
+        # forward), then into one arena where buffers never alive at once share memory (blitzdiff.engine.arena).
+        first, out = self._record(_Recorder())
+        lifetimes, steps = first.lifetimes(out), len(first.steps)
+        del first, out
+        offsets, size = plan_arena(lifetimes)
+        if size > max_bytes:
+            raise CaptureRefused(f"the forward's buffers take more than max_bytes ({max_bytes} bytes)")
+        arena = torch.empty(size, dtype=torch.uint8)
+        plan = [(offset, life.nbytes) for offset, life in zip(offsets, lifetimes, strict=True)]
+        recorder, self.output = self._record(_Recorder(arena, plan))
+        if len(recorder.made) != len(lifetimes) or len(recorder.steps) != steps:
+            raise CaptureRefused("the forward made other buffers when recorded again")
+        self.steps, self.held, self.bytes = recorder.steps, [*recorder.held, arena], size
+        self._prove()
+
+    def _record(self, recorder: _Recorder) -> tuple[_Recorder, Tensor]:
+        """(recorder, the forward's output) after one forward on the input buffers under `recorder`."""
         set_recorder(recorder)
         try:
             with recorder:
-                out = forward(model, self.inputs)
+                out = forward(self.model, self.inputs)
         finally:
             set_recorder(None)
         if not isinstance(out, Tensor):
             raise CaptureRefused(f"the forward returned {type(out).__name__}, not a tensor")
-        self.steps, self.held, self.output = recorder.steps, recorder.held, out
-        self.bytes = recorder.bytes
-        self._prove()
+        return recorder, out
 
     def _prove(self) -> None:
         """CaptureRefused unless a replay on perturbed inputs equals an eager forward on them, bit for bit."""
@@ -253,7 +313,7 @@ def _perturbed(t: Tensor) -> Tensor:
 class CpuGraphs:
     """The network as the eager loop calls it on the CPU, `fn(sample, timestep, **cond)`: each input layout (shapes,
     dtypes; torch's thread count, inference mode and CPU autocast) replays its own CpuGraph, at most `max_graphs` of
-    them holding at most `max_bytes` of buffers together (the least recently used dropped). Eager where a capture was
+    them holding at most `max_bytes` of arenas together (the least recently used dropped). Eager where a capture was
     refused, while torch's profiler runs (profiles show the forward's own calls) or with gradients enabled. Returns
     a new tensor each call (the loop keeps some outputs across steps); a lock serializes the replays, which share
     buffers."""
@@ -294,7 +354,7 @@ class CpuGraphs:
         return graph
 
     def bytes(self) -> int:
-        """The buffers the kept graphs hold."""
+        """The bytes of the kept graphs' arenas."""
         return sum(graph.bytes for graph in self.graphs.values() if isinstance(graph, CpuGraph))
 
     def clear(self) -> None:
