@@ -16,7 +16,8 @@ under a `TorchFunctionMode` that sees every torch call, while the models' direct
 The buffers the forward makes live in one arena (blitzdiff.engine.arena): a capture records the forward twice, first
 for each buffer's lifetime, then with each buffer placed at an offset that no buffer alive at the same time overlaps
 (dit-digits' guided batch-8 forward: 33.1 MiB of buffers in a 2.6 MiB arena, which stays in cache as an eager
-forward's reused allocations do).
+forward's reused allocations do). A tensor the forward makes and keeps past its return (a module caching it) lives in
+the arena too, and later replays write other buffers over it: such a network needs `CpuGraphs` off.
 
 Like a CUDA graph: the inputs are copied into static buffers, and nothing the forward decided from them in Python
 may change between calls of one layout; a call that reads tensor values on the host (`.item()`, `bool(t)`) ends
