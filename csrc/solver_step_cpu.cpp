@@ -59,7 +59,7 @@ BLITZDIFF_INLINE void accumulate(T* acc, const T* const* terms, const T* coefs, 
     t[k] = terms[k];
     c[k] = coefs[k];
   }
-#pragma GCC ivdep  // acc may be a term's own buffer (kInPlace): element i is read before it is written
+#pragma GCC ivdep  // acc may be a term's own buffer (solver_step.h): element i is read before it is written
   for (std::int64_t i = 0; i < len; ++i) {
     T a = K > 0 ? c[0] * t[0][i] : T(0);  // the loop's first term: coef * t
 #pragma GCC unroll 16
@@ -90,7 +90,7 @@ BLITZDIFF_INLINE void one_pass(T* next, T* __restrict__ den, const T* __restrict
     t[k] = terms[k];
     cf[k] = coefs[k];
   }
-#pragma GCC ivdep  // next may be x's or the point's own buffer (kInPlace): element i is read before it is written
+#pragma GCC ivdep  // next may be x's or the point's buffer (solver_step.h): element i is read before it is written
   for (std::int64_t i = 0; i < len; ++i) {
     const T g = kGuided ? u[i] + w * (c[i] - u[i]) : u[i];
     const T d = p[i] * skip + cout * g;

@@ -97,6 +97,7 @@ class _Recorder(TorchFunctionMode):
         self.held: list[Any] = []  # every tensor and kernel object the steps point at
         self.depth = 0  # > 0 inside a torch call: the kernels it runs are its own, replayed with it
         self.made: list[tuple[int, int]] = []  # per new buffer, in order: (bytes, the step that first writes it)
+        # The lifetimes (read from the first pass only: in the second every placed buffer shares the arena's storage)
         self.last_step: dict[int, int] = {}  # per new buffer (its index in made): the last step that uses it
         # storage address -> the new buffer there now (in the first pass a freed buffer's address may be reused)
         self.buffer_at: dict[int, int] = {}
