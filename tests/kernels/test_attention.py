@@ -90,7 +90,7 @@ def test_triton_head_dims_within_budget(head_dim, dtype):
     assert_within_budget(attention(q, k, v, backend="triton"), q, k, v)
 
 
-@pytest.mark.parametrize("scale", [0.3, -0.5, 0.0])
+@pytest.mark.parametrize("scale", [0.3, -0.5, 0.0, 40.0, -40.0])
 def test_triton_explicit_scale(scale):
     # A negative scale makes the smallest score the largest; 0 gives every key the same weight (the mean of v).
     q, k, v = make_qkv(2, 1, 7, 40, 64, torch.float32, TRITON_DEVICE)
@@ -154,16 +154,20 @@ def test_cpu_head_dims_within_budget(head_dim, generic):
     assert_within_budget(native_attention(q, k, v, generic=generic), q, k, v, factor=CPU_FACTOR)
 
 
-@pytest.mark.parametrize("scale", [0.3, -0.5, 0.0, 40.0])
-def test_cpu_explicit_scale(scale):
-    # A negative scale makes the smallest score the largest; 0 gives every key the same weight (the mean of v); 40
-    # makes the scores span hundreds, where a softmax without its max subtracted overflows.
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("scale", [0.3, -0.5, 0.0, 40.0, -40.0])
+def test_cpu_explicit_scale(scale, generic):
+    # A negative scale makes the smallest score the largest; 0 gives every key the same weight (the mean of v); +-40
+    # makes the scores span hundreds, where a softmax without its max subtracted overflows (with a negative scale,
+    # subtracting the largest score instead of the smallest did).
     q, k, v = make_qkv(2, 1, 7, 40, 64, torch.float32)
-    out = attention(q, k, v, scale, backend="cpu")
+    out = native_attention(q, k, v, scale, generic=generic)
     assert out.isfinite().all()
     assert_within_budget(out, q, k, v, scale, factor=CPU_FACTOR)
     if scale == 0.0:
         torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand_as(out))
+    if not generic:
+        assert torch.equal(attention(q, k, v, scale, backend="cpu"), out)
 
 
 @pytest.mark.parametrize("layout", ["blhd", "fused_kv"])
