@@ -55,7 +55,7 @@ EMPTY_FACTORIES = frozenset({"empty", "empty_like", "empty_strided", "new_empty"
 # name of a call making a new tensor -> its form writing into a given one (Tensor.add and torch.add alike): the same
 # kernels, the same bits. F.linear's own out= form is not one (on a 3-D input it runs a matmul then adds the bias,
 # where F.linear runs one addmm over the rows): _linear_step.
-OUT_FORMS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "cat": torch.cat}
+OUT_FORMS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "cat": torch.cat, "index_select": torch.index_select}
 IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__",
                               "__iand__"})
 

@@ -199,7 +199,9 @@ def _packed_conditioning(t_freq: Tensor, labels: Tensor, linear_1: tuple[Tensor,
     depth = w2.shape[0] // dim
     h = F.silu(F.linear(t_freq, w1, b1)).view(-1, depth, dim).transpose(0, 1)  # [depth, B, D]
     c = torch.baddbmm(b2.view(depth, 1, dim), h, w2.view(depth, dim, dim).transpose(1, 2))  # [depth, B, D]
-    c = c + labels_table.view(depth, -1, dim)[:, labels]  # + each block's label row: [depth, B, D]
+    # + each block's label row: [depth, B, D] (index_select: one gather kernel, with an out= form for CPU graphs;
+    # advanced indexing took 40 us of a replayed dit-digits forward)
+    c = c + torch.index_select(labels_table.view(depth, -1, dim), 1, labels)
     modulation = torch.baddbmm(ba.view(depth, 1, 6 * dim), F.silu(c),
                                wa.view(depth, 6 * dim, dim).transpose(1, 2))  # [depth, B, 6D]
     return c[0], [m.chunk(6, dim=1) for m in modulation.unbind(0)]

@@ -249,6 +249,24 @@ def test_cpu_threads_give_the_same_bits():
     torch.testing.assert_close(results[0][1], adaln_gated_residual_ref(x, y, gate))
 
 
+@pytest.mark.parametrize("dim", [96, 33, 8, 1])
+def test_cpu_row_groups_give_each_row_its_own_bits(dim):
+    """On AVX-512 the float32 kernel takes its statistics four rows at a time, the rows past the last group one at a
+    time: each row's result is the one it gets alone (the same bits; rows 0-3 here are a group, 4-6 are not)."""
+    gen = torch.Generator().manual_seed(dim)
+    x = 3 * torch.randn(2, 7, dim, generator=gen) + 1
+    shift, scale = (torch.randn(2, dim, generator=gen) for _ in range(2))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        together = adaln_modulate(x, shift, scale, 1e-6, backend="cpu")
+        alone = [adaln_modulate(x[:, i:i + 1].contiguous(), shift, scale, 1e-6, backend="cpu") for i in range(7)]
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(together, torch.cat(alone, dim=1))
+    torch.testing.assert_close(together, adaln_modulate_ref(x, shift, scale, 1e-6), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_one_openmp_runtime_in_the_process():
     """The module's OpenMP (csrc/parallel.h) is torch's own libgomp.so.1: after the threaded kernels ran, the process
