@@ -26,7 +26,8 @@ class NetworkCall:
     one bool [B'] per evaluation (B' = B, or 2B with guidance)."""
 
     def __init__(self, model: Any, channels: int, callback: Callback | None = None, progress: Any = None):
-        self.model, self.channels, self.callback, self.progress = model, channels, callback, progress
+        self.network, self.channels, self.callback, self.progress = model, channels, callback, progress
+        self.model = for_run(model)
         self.dtype = network_dtype(model)
         self.finite: list[torch.Tensor] = []
         self.timesteps: list[torch.Tensor] = []  # 0-d, one per evaluation
@@ -42,8 +43,9 @@ class NetworkCall:
         return out.to(x.dtype)
 
     def reset(self) -> None:
-        """Forget the recorded flags (before another run of the same loop)."""
+        """Forget the recorded flags (before another run of the same loop), which starts a new run of the network."""
         self.finite, self.timesteps = [], []
+        self.model = for_run(self.network)
 
     def flags(self) -> torch.Tensor:
         """bool [evaluations, B'] (device tensor; no sync)."""
@@ -53,6 +55,14 @@ class NetworkCall:
         """(evaluation index, its timestep) of the first network output that is non-finite in one of the first
         `rows` samples of the (padded) batch of `batch`, or None; one host sync."""
         return first_non_finite(self.flags(), torch.stack(self.timesteps), batch, rows)
+
+
+def for_run(model: Any) -> Any:
+    """What one run of the loop calls for `model`: the CPU graphs' run (CpuGraphs.run: each graph checked once a run),
+    else the model itself."""
+    from .cpu_graph import CpuGraphs  # cpu_graph imports this module
+
+    return model.run() if isinstance(model, CpuGraphs) else model
 
 
 def network_dtype(model: Any) -> torch.dtype:

@@ -235,6 +235,33 @@ def test_changed_weights_and_backends_are_captured_again():
         assert torch.equal(call(graphs, x), call(model, x))
 
 
+@pytest.mark.parametrize("runtime", [False, True])
+def test_a_sampling_run_checks_each_graph_once_and_the_next_run_sees_changes(monkeypatch, runtime):
+    """pipe.sample (and each request of compile("eager")) checks a layout's graph against the network on its first
+    call only (CpuGraphs.run); a weight changed in place between two runs is replayed with its new values."""
+    pipe = blitzdiff.Pipeline(tiny_model("DiTTransformer2DModel"), SCHEDULER, name="tiny")
+    if runtime:
+        pipe.compile("eager", buckets=(2,))
+    kwargs = {"steps": 4, "sampler": "dpmpp_2m", "seeds": [3, 4], "class_labels": [1, 2], "output_type": "raw",
+              "progress": False}
+    pipe.sample(2, **kwargs)  # captures
+    checks, captures = [], []
+    current, capture = CpuGraph.current, CpuGraphs._capture
+    monkeypatch.setattr(CpuGraph, "current", lambda graph: checks.append(graph) or current(graph))
+    monkeypatch.setattr(CpuGraphs, "_capture", lambda graphs, *args: captures.append(args) or capture(graphs, *args))
+    pipe.sample(2, **kwargs)
+    assert len(checks) == 1 and not captures  # 4 network calls, one layout (guided: both halves in one call)
+    with torch.no_grad():
+        pipe.model.proj_out_2.weight.mul_(2.0)  # in place: the version counter moves
+    changed = pipe.sample(2, **kwargs)
+    assert len(checks) == 2 and len(captures) == 1
+    graphs, pipe.cpu_graphs = pipe.cpu_graphs, None
+    if runtime:
+        pipe.compile("eager", buckets=(2,))  # a runtime network without the graphs
+    assert torch.equal(changed, pipe.sample(2, **kwargs))
+    pipe.cpu_graphs = graphs
+
+
 def test_buffers_past_max_bytes_refuse_the_capture():
     model, graphs, x = graphed("UNet2DModel", max_bytes=4096)
     with torch.no_grad():
