@@ -119,3 +119,14 @@ def test_a_script_runs_with_another_checkouts_blitzdiff(tmp_path):
     prefix = f"blitzdiff from {checkout.resolve()}, blitzdiff._C from "
     assert first.startswith(prefix) and not first.removeprefix(prefix).startswith(str(checkout.resolve())), first
     assert table_rows("\n".join(rest))[0][0] == "ddim"
+
+
+def test_cpu_graph_steps_times_each_step_of_a_replay():
+    result = subprocess.run([sys.executable, str(HERE / "cpu_graph_steps.py"), "--batch", "1", "--threads", "1",
+                             "--repeats", "2"], capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dit-digits batch 1 (") and lines[0].endswith(" ms"), lines[0]
+    kinds = {line.split()[0]: int(line.split()[1]) for line in lines[1:]}
+    assert kinds["addmm"] > 10 and kinds["attention_cpu"] == 6 and kinds["gelu_tanh_cpu"] == 6, kinds
+    assert sum(kinds.values()) == int(lines[0].split("(")[1].split()[0])  # every step counted once
