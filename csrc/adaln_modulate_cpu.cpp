@@ -124,11 +124,6 @@ __attribute__((target("avx512f"))) void modulate_f32_avx512(float* out, const fl
   }
   modulate(out, x, shift, scale, r, r_end, tokens, dim, param_stride, eps);
 }
-
-bool has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 #endif
 
 template <typename T>
@@ -192,7 +187,7 @@ void adaln_modulate_cpu(std::uintptr_t out, std::uintptr_t x, std::uintptr_t shi
   if (dtype == "float32") {
     over_rows(rows, dim, threads, [&](std::int64_t first, std::int64_t last) {
 #ifdef BLITZDIFF_MODULATE_AVX512
-      if (has_avx512()) {
+      if (cpu_has_avx512()) {
         modulate_f32_avx512(reinterpret_cast<float*>(out), in<float>(x), in<float>(shift), in<float>(scale), first,
                             last, tokens, dim, param_stride, eps);
         return;

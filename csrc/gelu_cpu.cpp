@@ -28,8 +28,8 @@ BLITZDIFF_INLINE float gelu_f32(float x) {
   return x / (1.0f + exp_approx<true>(kMinus2C * multiply_add<true>(static_cast<float>(kCubic) * x, x * x, x)));
 }
 
-BLITZDIFF_CPU_CLONES_FMA void gelu_f32_range(float* __restrict__ out, const float* __restrict__ x, std::int64_t begin,
-                                         std::int64_t end) {
+BLITZDIFF_CPU_CLONES_FMA void gelu_f32_range(float* __restrict__ out, const float* __restrict__ x,
+                                             std::int64_t begin, std::int64_t end) {
   for (std::int64_t i = begin; i < end; ++i) out[i] = gelu_f32(x[i]);
 }
 

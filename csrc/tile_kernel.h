@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "vectorize.h"  // cpu_has_avx512
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define BLITZDIFF_HAVE_AVX512_TILE 1
@@ -179,15 +181,6 @@ inline void tile_generic(const Tile& t, int pixels, int blocks) {
 // ~1-2 us of one core's work (a thread's wake-up costs microseconds).
 inline std::int64_t min_items_per_thread(std::int64_t macs_per_item) {
   return std::max<std::int64_t>(1, (std::int64_t{1} << 18) / macs_per_item);
-}
-
-inline bool cpu_has_avx512() {
-#ifdef BLITZDIFF_HAVE_AVX512_TILE
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
 }
 
 // One tile of `pixels` rows and `blocks` blocks, by the AVX-512 loop where `avx512` (the caller checked

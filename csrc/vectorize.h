@@ -32,6 +32,17 @@ namespace blitzdiff {
 constexpr std::uint32_t kBits87 = 0x42AE0000u;  // the IEEE bits of 87.0f
 constexpr std::uint32_t kBits89 = 0x42B20000u;  // and of 89.0f
 
+// Whether this CPU runs AVX-512 (F) code: the dispatch of the hand-vectorized loops (tile_kernel.h and its users,
+// adaLN modulation's statistics).
+inline bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
 // a * b + c, rounded once (std::fma) where Fused, else twice (-ffp-contract=off keeps the two apart).
 template <bool Fused>
 BLITZDIFF_INLINE float multiply_add(float a, float b, float c) {
