@@ -348,8 +348,8 @@ class CpuGraphs:
                *((name, t.shape, t.dtype, t.device) for name, t in inputs.items()))
         with self.lock:
             graph = self.graphs.get(key)
-            if graph is None or (isinstance(graph, CpuGraph) and not (checked is not None and key in checked)
-                                 and not graph.current()):
+            trusted = checked is not None and key in checked  # found current earlier in this run
+            if graph is None or (isinstance(graph, CpuGraph) and not trusted and not graph.current()):
                 graph = self._capture(key, inputs)
             self.graphs.move_to_end(key)
             if checked is not None:
