@@ -21,12 +21,16 @@ import blitzdiff
 
 
 def step_name(step) -> str:
-    """The function a replay step calls: the closure's torch function, out= form or kernel, "addmm" for a linear."""
+    """The function a replay step calls: the closure's torch function, out= form or kernel (a kernel object's method
+    as Class.method: Conv2dNhwc.run runs the direct convolutions and models.linear's layers), "addmm" for a linear."""
     cells = dict(zip(step.__code__.co_freevars, (c.cell_contents for c in step.__closure__ or ()), strict=True))
     if "rows" in cells:  # cpu_graph._linear_step
         return "addmm" if "bias" in cells else "mm"
     target = cells.get("func") or cells.get("form") or cells.get("kernel")
-    return getattr(target, "__name__", None) or step.__code__.co_name
+    name = getattr(target, "__name__", None) or step.__code__.co_name
+    owner = getattr(target, "__self__", None)
+    kernel_object = owner is not None and type(owner).__module__ == "blitzdiff._C"  # not a module's function
+    return f"{type(owner).__name__}.{name}" if kernel_object else name
 
 
 def main() -> None:

@@ -131,16 +131,17 @@ class PrepackedWeight:
         return PrepackedWeight, ()
 
 
-def _made_from(entry: tuple | None, weight: Tensor) -> bool:
-    """Whether a PrepackedWeight entry was made from `weight` as it is now (same tensor, address and version; an
-    inference tensor, which has no version counter and stays one, is entered with version None and nothing made)."""
+def made_from(entry: tuple | None, weight: Tensor) -> bool:
+    """Whether a packed-weight entry (a PrepackedWeight's, a linear.DirectLinear's) was made from `weight` as it is
+    now (same tensor, address and version; an inference tensor, which has no version counter and stays one, is
+    entered with version None and nothing made)."""
     return (entry is not None and entry[0]() is weight and entry[1] == weight.data_ptr()
             and (entry[2] is None or entry[2] == weight._version))
 
 
-def _entry(weight: Tensor, make) -> tuple:
-    """A PrepackedWeight entry for `weight`: make(weight) for a float32 weight that is no inference tensor, else
-    None (PyTorch's call runs)."""
+def weight_entry(weight: Tensor, make) -> tuple:
+    """A packed-weight entry for `weight` (made_from): make(weight) for a float32 weight that is no inference tensor,
+    else None (PyTorch's call runs)."""
     if weight.is_inference():
         return weakref.ref(weight), weight.data_ptr(), None, None
     return weakref.ref(weight), weight.data_ptr(), weight._version, (
@@ -248,7 +249,7 @@ class Conv2d(nn.Conv2d):
         """Whether this call's tensors allow `path`: float32 x without gradients, and a layout whose result
         PyTorch's call returns channels-last too, as every path does: x or the weight channels-last, and for the
         native kernels x itself (they read it as dense NHWC). The weight itself is looked at where it is packed
-        (_entry)."""
+        (weight_entry)."""
         if x.dtype != torch.float32 or (torch.is_grad_enabled() and (
                 x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
             return False
@@ -257,20 +258,21 @@ class Conv2d(nn.Conv2d):
         return path == "onednn" and weight.is_contiguous(memory_format=torch.channels_last)
 
     def _onednn_weight(self, weight: Tensor, x: Tensor) -> Tensor | None:
-        """The weight in oneDNN's layout (made again when the weight changed), or None (_entry)."""
+        """The weight in oneDNN's layout (made again when the weight changed), or None (weight_entry)."""
         entry = self.prepacked.onednn
-        if not _made_from(entry, weight):
+        if not made_from(entry, weight):
             # one assignment: a concurrent call sees the old entry or the new one whole
-            entry = self.prepacked.onednn = _entry(weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-                w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
+            entry = self.prepacked.onednn = weight_entry(
+                weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+                    w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
         return entry[3]
 
     def _native_kernel(self, weight: Tensor, path: str) -> tuple[Tensor, object] | None:
         """(packed weight, the blitzdiff._C kernel object of `path` reading it: "direct": Conv2dNhwc; "winograd",
-        "winograd4": Conv2dWinograd of 2x2 / 4x4 tiles), made again when the weight changed, or None (_entry; or
+        "winograd4": Conv2dWinograd of 2x2 / 4x4 tiles), made again when the weight changed, or None (weight_entry; or
         without blitzdiff._C)."""
         entry = getattr(self.prepacked, path)
-        if not _made_from(entry, weight):
+        if not made_from(entry, weight):
             factory = cpu_kernel("Conv2dNhwc" if path == "direct" else "Conv2dWinograd")
             if factory is None:
                 return None
@@ -285,6 +287,6 @@ class Conv2d(nn.Conv2d):
                 return packed, factory(self.in_channels, self.out_channels, *self.kernel_size, *self.stride,
                                        *self.padding, packed.data_ptr())
 
-            entry = _entry(weight, make)
+            entry = weight_entry(weight, make)
             setattr(self.prepacked, path, entry)  # one assignment: a concurrent call sees the old entry or the new
         return entry[3]

@@ -50,7 +50,8 @@ from ..kernels.gelu import gelu_tanh_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 from .conv import Conv2d
 from .layers import TimestepEmbedding, attend  # TimestepEmbedding: DiT's t_embedder.mlp
-from .packing import PackedParameters, PackingOwner, QKVPacking, eager_inference
+from .linear import DirectLinear, Linear
+from .packing import PackedParameters, PackingOwner, QKVPacking, eager_inference, packed_linear
 
 # DiTTransformer2DModel's defaults (diffusers 0.42), i.e. DiT-XL/2 at 256x256 with a fixed (not learned) sigma.
 DEFAULTS: dict[str, Any] = {
@@ -190,14 +191,15 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor, backend: str) -> Tensor:
 
 
 def _packed_conditioning(t_freq: Tensor, labels: Tensor, linear_1: tuple[Tensor, Tensor],
-                         linear_2: tuple[Tensor, Tensor], table: tuple[Tensor], adaln: tuple[Tensor, Tensor]
-                         ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+                         linear_2: tuple[Tensor, Tensor], table: tuple[Tensor], adaln: tuple[Tensor, Tensor],
+                         direct: DirectLinear | None, backend: str) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
     """DiT.conditioning on the packed buffers of `depth` blocks: linear_1 [depth*D, 256] / [depth*D], linear_2
-    [depth*D, D] / [depth*D], the label tables [depth*(classes+1), D], adaLN [depth*6D, D] / [depth*6D]."""
-    (w1, b1), (w2, b2), (labels_table,), (wa, ba) = linear_1, linear_2, table, adaln
+    [depth*D, D] / [depth*D], the label tables [depth*(classes+1), D], adaLN [depth*6D, D] / [depth*6D]; linear_1
+    by models.linear's kernel on the "auto" backend where it applies (`direct`: its blocked copy)."""
+    (w2, b2), (labels_table,), (wa, ba) = linear_2, table, adaln
     dim = w2.shape[1]
     depth = w2.shape[0] // dim
-    h = F.silu(F.linear(t_freq, w1, b1)).view(-1, depth, dim).transpose(0, 1)  # [depth, B, D]
+    h = F.silu(packed_linear(t_freq, linear_1, direct, backend)).view(-1, depth, dim).transpose(0, 1)  # [depth, B, D]
     c = torch.baddbmm(b2.view(depth, 1, dim), h, w2.view(depth, dim, dim).transpose(1, 2))  # [depth, B, D]
     # + each block's label row: [depth, B, D] (index_select: one gather kernel, with an out= form for CPU graphs;
     # advanced indexing took 40 us of a replayed dit-digits forward)
@@ -240,7 +242,7 @@ class AdaLayerNormZero(nn.Module):
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
         self.emb = CombinedTimestepLabelEmbeddings(num_classes, dim)  # this block's copy (see module docstring)
-        self.linear = nn.Linear(dim, 6 * dim)
+        self.linear = Linear(dim, 6 * dim)
 
     def forward(self, c: Tensor) -> tuple[Tensor, ...]:
         # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp: 6 x [B, D] (DiT's and diffusers' order)
@@ -256,10 +258,10 @@ class Attention(QKVPacking, nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.to_k = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.to_v = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])  # key `to_out.0` (diffusers: + dropout)
+        self.to_q = Linear(dim, heads * head_dim, bias=bias)
+        self.to_k = Linear(dim, heads * head_dim, bias=bias)
+        self.to_v = Linear(dim, heads * head_dim, bias=bias)
+        self.to_out = nn.ModuleList([Linear(heads * head_dim, dim)])  # key `to_out.0` (diffusers: + dropout)
         self.backend = "ref"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -277,7 +279,7 @@ class GELU(nn.Module):
 
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner_dim)
+        self.proj = Linear(dim, inner_dim)
         self.backend = "ref"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -289,7 +291,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.net = nn.ModuleList([GELU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+        self.net = nn.ModuleList([GELU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.net:
@@ -324,6 +326,7 @@ class DiT(PackingOwner, nn.Module):
     diffusers_class: ClassVar[str] = "DiTTransformer2DModel"
     PACKED = ("_packed_conditioning",)
     _packed_conditioning: tuple[PackedParameters, ...] | None = None
+    _packed_direct: DirectLinear | None = None  # the packed linear_1's blocked copy for models.linear's kernel
 
     def __init__(self, **config: Any):
         super().__init__()
@@ -334,8 +337,8 @@ class DiT(PackingOwner, nn.Module):
         self.out_channels = cfg["out_channels"] or cfg["in_channels"]
         self.pos_embed = PatchEmbed(cfg["in_channels"], dim, p, cfg["sample_size"] // p)
         self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg["num_layers"])])
-        self.proj_out_1 = nn.Linear(dim, 2 * dim)  # final layer's adaLN: shift, scale (no gate)
-        self.proj_out_2 = nn.Linear(dim, p * p * self.out_channels)
+        self.proj_out_1 = Linear(dim, 2 * dim)  # final layer's adaLN: shift, scale (no gate)
+        self.proj_out_2 = Linear(dim, p * p * self.out_channels)
         self.backend = "ref"
 
     @classmethod
@@ -377,7 +380,7 @@ class DiT(PackingOwner, nn.Module):
         calls per block."""
         if (self._packed_conditioning is not None and eager_inference(t_freq)
                 and (tensors := self.packed_buffers("_packed_conditioning"))):
-            return _packed_conditioning(t_freq, labels, *tensors)
+            return _packed_conditioning(t_freq, labels, *tensors, self._packed_direct, self.backend)
         c = [block.norm1.emb(t_freq, labels) for block in self.transformer_blocks]  # depth x [B, D]
         return c[0], [block.norm1(c_block) for block, c_block in zip(self.transformer_blocks, c, strict=True)]
 
@@ -390,6 +393,7 @@ class DiT(PackingOwner, nn.Module):
             PackedParameters([b.norm1.emb.timestep_embedder.linear_2 for b in blocks], linear),
             PackedParameters([b.norm1.emb.class_embedder.embedding_table for b in blocks], ("weight",)),
             PackedParameters([b.norm1.linear for b in blocks], linear))
+        self._packed_direct = DirectLinear()
 
     def _check_inputs(self, sample: Tensor, class_labels: Tensor | None, encoder_hidden_states: Tensor | None) -> int:
         """Shape / type checks at the public boundary (host metadata only, no device sync); returns the batch size."""

@@ -29,6 +29,7 @@ from ..kernels.attention import attention_module_cpu
 from ..kernels.group_norm import group_norm_module_cpu
 from ..kernels.timestep_embedding import timestep_embedding_module_cpu
 from .conv import Conv2d
+from .linear import Linear
 from .packing import QKVPacking, split_heads
 
 # (channels, layer index within its block) -> the attention module after that layer's resnet
@@ -115,8 +116,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -179,7 +180,7 @@ class ResnetBlock2D(nn.Module):
         self.norm1 = nn.GroupNorm(groups, in_channels, eps)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         proj_dim = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
-        self.time_emb_proj = None if temb_channels is None else nn.Linear(temb_channels, proj_dim)
+        self.time_emb_proj = None if temb_channels is None else Linear(temb_channels, proj_dim)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -266,10 +267,10 @@ class Attention(QKVPacking, nn.Module):
         super().__init__()
         inner, kv_dim = heads * dim_head, cross_attention_dim or query_dim
         self.group_norm = None if norm_num_groups is None else nn.GroupNorm(norm_num_groups, query_dim, eps)
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # diffusers' to_out.1 is a Dropout
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(kv_dim, inner, bias=bias)
+        self.to_v = Linear(kv_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim)])  # diffusers' to_out.1 is a Dropout
         self.heads, self.residual_connection, self.rescale_output_factor = heads, residual_connection, \
             rescale_output_factor
         self.cross_attention = cross_attention_dim is not None
@@ -314,7 +315,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
+        self.proj = Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -326,7 +327,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -359,10 +360,10 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
-        self.proj_in = nn.Linear(in_channels, inner) if use_linear_projection else Conv2d(in_channels, inner, 1)
+        self.proj_in = Linear(in_channels, inner) if use_linear_projection else Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim) for _ in range(num_layers))
-        self.proj_out = nn.Linear(inner, in_channels) if use_linear_projection else Conv2d(inner, in_channels, 1)
+        self.proj_out = Linear(inner, in_channels) if use_linear_projection else Conv2d(inner, in_channels, 1)
         self.use_linear_projection = use_linear_projection
         self.backend = "ref"
 

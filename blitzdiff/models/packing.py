@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels._backends import eager_tensor
 from ..malloc import release_free_heap
+from .linear import DirectLinear, linear
 
 
 class PackedParameters:
@@ -118,13 +118,15 @@ class PackingOwner:
 
 
 class QKVPacking(PackingOwner):
-    """For attention modules (nn.Module subclasses) with `to_q`, `to_k`, `to_v` nn.Linear layers: `pack_qkv()`
-    packs them, and `project_qkv(x, heads)` gives q, k, v [B, heads, N, D] from x [B, N, C], by one GEMM when
-    packed and running eagerly without gradients (sampling), else by the three layers (training, torch.compile and
-    export tracing, dispatch modes see the module's own parameters)."""
+    """For attention modules (nn.Module subclasses with a kernel `backend`) with `to_q`, `to_k`, `to_v` nn.Linear
+    layers: `pack_qkv()` packs them, and `project_qkv(x, heads)` gives q, k, v [B, heads, N, D] from x [B, N, C], by
+    one linear when packed and running eagerly without gradients (sampling; on the "auto" backend by
+    models.linear's kernel where it applies), else by the three layers (training, torch.compile and export tracing,
+    dispatch modes see the module's own parameters)."""
 
     PACKED = ("_packed",)
     _packed: PackedParameters | None = None
+    _packed_direct: DirectLinear | None = None  # the packed weight's blocked copy for models.linear's kernel
 
     def packable(self) -> bool:
         """Whether to_q, to_k and to_v read the same input (self-attention); cross-attention modules override it."""
@@ -133,12 +135,20 @@ class QKVPacking(PackingOwner):
     def pack_qkv(self) -> None:
         layers = [self.to_q, self.to_k, self.to_v]
         self._packed = PackedParameters(layers, ("weight",) if self.to_q.bias is None else ("weight", "bias"))
+        self._packed_direct = DirectLinear()
 
     def project_qkv(self, x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
         if self._packed is not None and eager_inference(x) and (tensors := self.packed_buffers("_packed")):
-            qkv = F.linear(x, *tensors).view(x.shape[0], x.shape[1], 3, heads, -1)  # [B, N, 3, heads, D]
+            qkv = packed_linear(x, tensors, self._packed_direct, self.backend)
+            qkv = qkv.view(x.shape[0], x.shape[1], 3, heads, -1)  # [B, N, 3, heads, D]
             return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, N, D]
         return split_heads(self.to_q(x), heads), split_heads(self.to_k(x), heads), split_heads(self.to_v(x), heads)
+
+
+def packed_linear(x: Tensor, tensors: tuple[Tensor, ...], direct: DirectLinear | None, backend: str) -> Tensor:
+    """F.linear(x, *tensors) on packed buffers (a weight, and a bias or not), by models.linear's kernel on the "auto"
+    backend where it applies (with `direct`, the packing's blocked copy)."""
+    return linear(x, tensors[0], tensors[1] if len(tensors) > 1 else None, direct if backend == "auto" else None)
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:

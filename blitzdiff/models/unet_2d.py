@@ -38,7 +38,8 @@ from .layers import (
     spatial_attention,
     timestep_batch,
 )
-from .packing import PackedParameters, PackingOwner, eager_inference
+from .linear import DirectLinear
+from .packing import PackedParameters, PackingOwner, eager_inference, packed_linear
 
 # diffusers' UNet2DModel.__init__ defaults (a test checks them against the installed diffusers).
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -96,6 +97,7 @@ class UNetBody(PackingOwner, nn.Module):
     config: dict[str, Any]
     PACKED = ("_packed_time",)
     _packed_time: PackedParameters | None = None  # the resnets' time_emb_proj layers (pack_conditioning)
+    _packed_time_direct: DirectLinear | None = None  # its blocked copy for models.linear's kernel
 
     def __init__(self, cfg: Mapping[str, Any], *, time_proj: nn.Module, timestep_dim: int, layers: Sequence[int],
                  down_attention: Callable[[int], AttentionFactory | None],
@@ -177,11 +179,13 @@ class UNetBody(PackingOwner, nn.Module):
             resnet.projection_columns = slice(start, start + width)
             start += width
         self._packed_time = packed
+        self._packed_time_direct = DirectLinear()
 
     def _time_projections(self, temb: Tensor) -> Tensor | ProjectedTime:
         """temb [B, temb] itself, or every resnet's projection of it by one GEMM where packed and eager."""
         if self._packed_time is not None and eager_inference(temb) and (tensors := self.packed_buffers("_packed_time")):
-            return ProjectedTime(F.linear(temb, *tensors))  # [B, sum of the projection widths]
+            # [B, sum of the projection widths]
+            return ProjectedTime(packed_linear(temb, tensors, self._packed_time_direct, self.backend))
         return temb
 
 

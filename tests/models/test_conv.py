@@ -19,12 +19,13 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import blitzdiff
 from blitzdiff.models import conv as conv_module
 from blitzdiff.models import set_backend
 from blitzdiff.models.conv import Conv2d, direct_pays, onednn_available, prepack_pays
+
+from .dispatch import OpRecorder
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
@@ -246,18 +247,9 @@ def test_torchs_call_wherever_the_packed_ones_do_not_apply(path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_dispatch_modes_and_tracing_see_torchs_call():
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     for path in PATHS:
         conv, x = path_case(path, 8)
-        with torch.inference_mode(), Recorder() as recorder:
+        with torch.inference_mode(), OpRecorder() as recorder:
             conv(x)
         assert "aten.conv2d.default" in recorder.ops
         assert not any("_convolution_pointwise" in op for op in recorder.ops)

@@ -236,9 +236,10 @@ def test_backend_is_passed_to_every_kernel_call():
     model = DiT(**SMALL)
     sample, timestep, labels = inputs()
     users = [m for m in model.modules() if hasattr(m, "backend")]
-    assert {type(m).__name__ for m in users} == {"DiT", "DiTBlock", "Attention", "GELU", "Conv2d"}
-    # the patch embedding's Conv2d calls no kernel op: its backend only picks prepacked oneDNN on "auto" (test_conv)
-    for module in [m for m in users if type(m).__name__ != "Conv2d"]:
+    assert {type(m).__name__ for m in users} == {"DiT", "DiTBlock", "Attention", "GELU", "Conv2d", "Linear"}
+    # the patch embedding's Conv2d and the Linears call no kernel op: their backend only picks a packed path on
+    # "auto" (test_conv, test_linear)
+    for module in [m for m in users if type(m).__name__ not in ("Conv2d", "Linear")]:
         module.backend = "no-such-backend"
         with pytest.raises(ValueError, match="no backend 'no-such-backend'"):
             model(sample, timestep, labels)

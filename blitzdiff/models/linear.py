@@ -1,0 +1,124 @@
+"""The models' linear layers: nn.Linear whose eager CPU float32 calls with at most DIRECT_MAX_IN_FEATURES inputs run
+blitzdiff's register-tiled kernel (blitzdiff._C.Conv2dNhwc, csrc/conv2d_cpu.cpp, as a 1x1 convolution over the
+rows) from a weight blocked once (conv.pack_direct), instead of PyTorch's addmm (MKL's sgemm on x86 wheels).
+
+Measured on a 2-core AMD EPYC (Zen 4), torch 2.13 (benchmarks/kernels/bench_linear.py, README "Linear layers"):
+with 96-384 inputs the kernel took 0.86-0.93x addmm's time at dit-digits' batch-8 shapes (1024 rows), 0.68-0.72x at
+batch 1 (128 rows) and 0.43-0.66x for the 16-row conditioning layers; with 1152 inputs (DiT-XL/2) it was mixed
+(0.76-1.05x) and with 4608 no faster, its error growing with the inputs (one multiply-add chain per output: 3.5x
+MKL's largest error at 1152, 9x at 4608), hence the bound.
+
+Each output is one FMA chain, bias first, then the inputs in order: a row's values do not depend on the other rows,
+the batch or the thread count. The results are not addmm's bits (another summation order), within float32 rounding
+of them (tests/models/test_linear.py bounds the error by the dot products' rounding bound).
+
+Only eager calls on float32 CPU tensors without gradients take the kernel (kernels._backends.eager_cpu): tracing,
+torch.compile, export and training see F.linear. As for conv.Conv2d, the blocked weight is a copy (the weight's size
+again, rounded up to 16 output features, while the layer lives), made on the first such call and again whenever
+the weight was replaced, moved or written in place; a write through `weight.data` is not seen, and inference-mode
+weights keep F.linear. The copy is never pickled or deep-copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels._backends import cpu_kernel, eager_cpu, profiled
+from ..kernels._library import call_cpu
+from .conv import direct_isa, made_from, pack_direct, weight_entry
+
+# The kernel for layers of at most this many input features (module docstring: faster up to 384 in every shape
+# measured, mixed at 1152 with 3.5x MKL's error)
+DIRECT_MAX_IN_FEATURES = 512
+
+
+class DirectLinear:
+    """The blocked copy of one weight [out, in] and the blitzdiff._C.Conv2dNhwc reading it (a weak reference to the
+    weight, its address and version counter when blocked, (blocked weight, kernel)), for the layer that holds it;
+    `__call__` runs F.linear's math by the kernel where it applies."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self):
+        self.entry: tuple | None = None
+
+    def __deepcopy__(self, memo: dict) -> DirectLinear:
+        return DirectLinear()
+
+    def __reduce__(self):
+        return DirectLinear, ()
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """F.linear(x, weight, bias) [..., in] -> [..., out] by the kernel, or None where it does not apply
+        (`applies`; the caller runs F.linear)."""
+        if not applies(x, weight, bias):
+            return None
+        kernel = self._kernel(weight)
+        if kernel is None:
+            return None
+        rows = x.numel() // x.shape[-1]
+        out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32, device="cpu")
+        with profiled("linear_direct"):  # a range profiles list as they list ops
+            # rows as one image row of 1x1 pixels: [1, 1, rows, in] -> [1, 1, rows, out]
+            call_cpu(kernel[1].run, out.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), 1, 1, rows,
+                     torch.get_num_threads(), keep=(out, x, bias, *kernel))
+        return out
+
+    def _kernel(self, weight: Tensor) -> tuple[Tensor, object] | None:
+        """(blocked weight, Conv2dNhwc), made again when the weight changed; None for an inference-mode weight or
+        without blitzdiff._C."""
+        entry = self.entry
+        if not made_from(entry, weight):
+            factory = cpu_kernel("Conv2dNhwc")
+            if factory is None:
+                return None
+            out_features, in_features = weight.shape
+
+            def make(w: Tensor) -> tuple[Tensor, object]:
+                packed = pack_direct(w.detach()[:, :, None, None])
+                return packed, factory(in_features, out_features, 1, 1, 1, 1, 0, 0, packed.data_ptr())
+
+            entry = self.entry = weight_entry(weight, make)  # one assignment: a concurrent call sees old or new
+        return entry[3]
+
+
+def applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the kernel runs F.linear(x, weight, bias): an eager CPU call (eager_cpu) on contiguous float32 x with
+    at least one row, a 2-D float32 weight of at most DIRECT_MAX_IN_FEATURES inputs matching x's last dimension, a
+    contiguous float32 bias or none, no gradient to record, on a CPU where the kernel's AVX-512 loop runs (the one
+    measured)."""
+    if not (x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 1 and eager_cpu(x)):
+        return False
+    if not (0 < weight.shape[1] <= DIRECT_MAX_IN_FEATURES and x.shape[-1] == weight.shape[1] and x.numel() > 0):
+        return False
+    if bias is not None and not (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]
+                                 and bias.is_contiguous()):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return x.is_contiguous() and direct_isa() == "avx512f"
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, direct: DirectLinear | None) -> Tensor:
+    """F.linear(x, weight, bias), by the kernel where `direct` is given and applies."""
+    if direct is not None and (out := direct(x, weight, bias)) is not None:
+        return out
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, state-dict keys and results, within float rounding) whose eager CPU float32
+    calls on the "auto" backend with at most DIRECT_MAX_IN_FEATURES inputs run blitzdiff's kernel (module
+    docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = "ref"
+        self.direct = DirectLinear()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., in] -> [..., out]."""
+        return linear(x, self.weight, self.bias, self.direct if self.backend == "auto" else None)
