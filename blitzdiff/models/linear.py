@@ -3,10 +3,9 @@ blitzdiff's register-tiled kernel (blitzdiff._C.Conv2dNhwc, csrc/conv2d_cpu.cpp,
 rows) from a weight blocked once (conv.pack_direct), instead of PyTorch's addmm (MKL's sgemm on x86 wheels).
 
 Measured on a 2-core AMD EPYC (Zen 4), torch 2.13 (benchmarks/kernels/bench_linear.py, README "Linear layers"):
-with 96-384 inputs the kernel took 0.86-0.93x addmm's time at dit-digits' batch-8 shapes (1024 rows), 0.68-0.72x at
-batch 1 (128 rows) and 0.43-0.66x for the 16-row conditioning layers; with 1152 inputs (DiT-XL/2) it was mixed
-(0.76-1.05x) and with 4608 no faster, its error growing with the inputs (one multiply-add chain per output: 3.5x
-MKL's largest error at 1152, 9x at 4608), hence the bound.
+with 96-384 inputs the kernel took 0.87-0.94x addmm's time at dit-digits' batch-8 shapes (1024 rows), 0.85-0.90x at
+batch 1 (128 rows), 0.70x for the 16-row packed timestep layer; with 1152 and 4608 inputs (DiT-XL/2) 0.80x and
+1.11x, its error 7x and 13x addmm's (one multiply-add chain per output, where MKL sums in blocks), hence the bound.
 
 Each output is one FMA chain, bias first, then the inputs in order: a row's values do not depend on the other rows,
 the batch or the thread count. The results are not addmm's bits (another summation order), within float32 rounding
@@ -29,8 +28,8 @@ from ..kernels._backends import cpu_kernel, eager_cpu, profiled
 from ..kernels._library import call_cpu
 from .conv import direct_isa, made_from, pack_direct, weight_entry
 
-# The kernel for layers of at most this many input features (module docstring: faster up to 384 in every shape
-# measured, mixed at 1152 with 3.5x MKL's error)
+# The kernel for layers of at most this many input features (module docstring: faster at 96-384 inputs in every
+# model shape measured, and at SD 1.5's 320; at 1152 faster but with 7x MKL's error, at 4608 slower)
 DIRECT_MAX_IN_FEATURES = 512
 
 
