@@ -29,6 +29,7 @@ STEPS = 3
 # PyTorch's call, prepacked oneDNN and the native kernels' ranges (models.conv)
 CONVOLUTIONS = {"aten::convolution", "mkldnn::_convolution_pointwise", "blitzdiff::conv2d_direct",
                 "blitzdiff::conv2d_winograd", "blitzdiff::conv2d_winograd4"}
+LINEARS = {"aten::linear", "blitzdiff::linear_direct"}  # PyTorch's, or blitzdiff's kernel (models.linear)
 
 
 def stage_count(pipe, sampler: str, steps: int) -> int:
@@ -140,7 +141,7 @@ def test_heun_profiles_every_stage_of_a_dit():
     stages = stage_count(pipe, "heun", STEPS)
     assert stages == 2 * STEPS - 1
     assert [s.step for s in result.steps] == list(range(stages))
-    assert all("aten::linear" in {op.name for op in s.ops if op.part == "network"} for s in result.steps)
+    assert all(LINEARS & {op.name for op in s.ops if op.part == "network"} for s in result.steps)
     assert result.trace_path is None
 
 

@@ -4,8 +4,9 @@ register-tiled kernel (blitzdiff.models.linear: blitzdiff._C.Conv2dNhwc as a 1x1
     python benchmarks/kernels/bench_linear.py [--repeats 30] [--threads N] [--json out.json] [--quick]
 
 Rows (rows x in -> out): dit-digits' layers at batch 1 and 8 with guidance (128 / 1024 token rows; 16 rows for the
-packed conditioning), unet-digits' attention and time layers, and larger models' (SD 1.5's first level, DiT-XL/2 at
-256 px, one image with guidance) that decide linear.DIRECT_MAX_IN_FEATURES. Columns: "addmm" (F.linear), "kernel"
+packed conditioning), unet-digits' attention and time layers, and larger models' (SD 1.5's first level, its VAE
+decoder's mid-block attention at 512 px, DiT-XL/2 at 256 px, one image with guidance) that decide
+linear.DIRECT_MAX_IN_FEATURES. Columns: "addmm" (F.linear), "kernel"
 (linear.DirectLinear's call: the kernel, its output's allocation and the Python checks), their ratio, and each one's
 largest error against float64, relative to the largest |output|. Each figure is a median over `repeats` timed
 blocks of calls after warm-up (benchmarks/_timing.py); GFLOP/s counts 2 per multiply-add.
@@ -40,6 +41,8 @@ SHAPES = {
     "unet-digits b8 time linear_1": (8, 32, 128),
     "SD 64x64 level 1 qkv": (8192, 320, 960),
     "SD 64x64 level 1 ff out": (8192, 1280, 320),
+    "SD VAE 64x64 mid attention qkv": (4096, 512, 1536),
+    "SD VAE 64x64 mid attention out": (4096, 512, 512),
     "DiT-XL/2 256px qkv": (512, 1152, 3456),
     "DiT-XL/2 256px ff out": (512, 4608, 1152),
 }
