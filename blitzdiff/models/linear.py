@@ -3,9 +3,9 @@ blitzdiff's register-tiled kernel (blitzdiff._C.Conv2dNhwc, csrc/conv2d_cpu.cpp,
 rows) from a weight blocked once (conv.pack_direct), instead of PyTorch's addmm (MKL's sgemm on x86 wheels).
 
 Measured on a 2-core AMD EPYC (Zen 4), torch 2.13 (benchmarks/kernels/bench_linear.py, README "Linear layers"):
-with 96-384 inputs the kernel took 0.87-0.94x addmm's time at dit-digits' batch-8 shapes (1024 rows), 0.85-0.90x at
-batch 1 (128 rows), 0.70x for the 16-row packed timestep layer; with 1152 and 4608 inputs (DiT-XL/2) 0.80x and
-1.11x, its error 7x and 13x addmm's (one multiply-add chain per output, where MKL sums in blocks), hence the bound.
+with 96-512 inputs the kernel took 0.86-0.96x addmm's time at the embedded models' and SD 1.5's shapes (16-8192
+rows), its largest error 1.5-4.5x addmm's; with 1152 and 4608 inputs (DiT-XL/2) 0.84x and 0.97x, its error 9x and
+12x addmm's (one multiply-add chain per output, where MKL sums in blocks), hence the bound.
 
 Each output is one FMA chain, bias first, then the inputs in order: a row's values do not depend on the other rows,
 the batch or the thread count. The results are not addmm's bits (another summation order), within float32 rounding
@@ -28,8 +28,8 @@ from ..kernels._backends import cpu_kernel, eager_cpu, profiled
 from ..kernels._library import call_cpu
 from .conv import direct_isa, made_from, pack_direct, weight_entry
 
-# The kernel for layers of at most this many input features (module docstring: faster at 96-384 inputs in every
-# model shape measured, and at SD 1.5's 320; at 1152 faster but with 7x MKL's error, at 4608 slower)
+# The kernel for layers of at most this many input features (module docstring: faster at 96-512 inputs in every
+# model shape measured; at 1152 faster too but with 9x MKL's error, at 4608 no faster)
 DIRECT_MAX_IN_FEATURES = 512
 
 
