@@ -250,9 +250,10 @@ class Conv2d(nn.Conv2d):
         PyTorch's call returns channels-last too, as every path does: x or the weight channels-last, and for the
         native kernels x itself (they read it as dense NHWC). The weight itself is looked at where it is packed
         (weight_entry)."""
-        if x.dtype != torch.float32 or (torch.is_grad_enabled() and (
-                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-            return False
+        if x.dtype != torch.float32 or not weight.is_cpu or torch.is_autocast_enabled("cpu") or (
+                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))):
+            return False  # (CPU autocast: PyTorch's call runs and returns bfloat16; another device: its error)
         if x.is_contiguous(memory_format=torch.channels_last):
             return True
         return path == "onednn" and weight.is_contiguous(memory_format=torch.channels_last)

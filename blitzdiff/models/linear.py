@@ -84,16 +84,18 @@ class DirectLinear:
 
 
 def applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether the kernel runs F.linear(x, weight, bias): an eager CPU call (eager_cpu) on contiguous float32 x with
-    at least one row, a 2-D float32 weight of at most DIRECT_MAX_IN_FEATURES inputs matching x's last dimension, a
-    contiguous float32 bias or none, no gradient to record, on a CPU where the kernel's AVX-512 loop runs (the one
-    measured)."""
-    if not (x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 1 and eager_cpu(x)):
+    """Whether the kernel runs F.linear(x, weight, bias): an eager CPU call (eager_cpu) outside CPU autocast (where
+    F.linear runs in bfloat16 and returns it) on contiguous float32 x with at least one row, a 2-D float32 CPU weight
+    of at most DIRECT_MAX_IN_FEATURES inputs matching x's last dimension, a contiguous float32 CPU bias or none, no
+    gradient to record, on a CPU where the kernel's AVX-512 loop runs (the one measured). Anything else is
+    F.linear's to run, or to refuse with its own error (mismatched shapes or devices)."""
+    if not (x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 1 and weight.is_cpu
+            and eager_cpu(x) and not torch.is_autocast_enabled("cpu")):
         return False
     if not (0 < weight.shape[1] <= DIRECT_MAX_IN_FEATURES and x.shape[-1] == weight.shape[1] and x.numel() > 0):
         return False
     if bias is not None and not (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]
-                                 and bias.is_contiguous()):
+                                 and bias.is_contiguous() and bias.is_cpu):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):

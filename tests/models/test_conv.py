@@ -245,6 +245,15 @@ def test_torchs_call_wherever_the_packed_ones_do_not_apply(path):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_autocast_keeps_torchs_call(path):
+    """Under CPU autocast PyTorch's convolution runs in bfloat16 and returns it; the packed paths would not."""
+    conv, x = path_case(path, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ran = ran_path(conv, x)
+    assert ran == "torch" and out.dtype == torch.bfloat16
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_dispatch_modes_and_tracing_see_torchs_call():
     for path in PATHS:

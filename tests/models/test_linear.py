@@ -130,6 +130,16 @@ def test_torchs_linear_wherever_the_kernel_does_not_apply():
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(5, 32))
 
 
+def test_autocast_and_other_devices_keep_torchs_linear():
+    layer, x = make_linear(32, 24), rows_of(5, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, kernel = ran_kernel(layer, x)
+    assert not kernel and out.dtype == torch.bfloat16  # as PyTorch's linear returns it under autocast
+    layer.to("meta")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="device"):  # PyTorch's error, not the kernel's crash
+        layer(x)
+
+
 def test_a_cpu_without_the_measured_loop_keeps_torchs_linear(monkeypatch):
     monkeypatch.setattr(linear_module, "direct_isa", lambda: "generic")  # the only loop measured is AVX-512's
     with torch.no_grad():
