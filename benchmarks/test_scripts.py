@@ -16,7 +16,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = sorted([*HERE.glob("bench_*.py"), *(HERE / "kernels").glob("bench_*.py")])
-HEADER_WORDS = ("variant", "sampler")  # every script's table header names one of these columns
+HEADER_WORDS = ("variant", "sampler", "layer")  # every script's table header names one of these columns
 
 
 def run_script(script: Path, *args: str) -> str:
