@@ -161,6 +161,13 @@ def pack_direct(weight: Tensor) -> Tensor:
     return padded.reshape(-1, DIRECT_LANES, in_channels, kernel_h, kernel_w).permute(0, 3, 4, 2, 1).contiguous()
 
 
+def direct_kernel(factory, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int]) -> tuple[Tensor, object]:
+    """(weight [O, C, KH, KW] blocked by pack_direct, the blitzdiff._C.Conv2dNhwc made by `factory` reading it)."""
+    out_channels, in_channels, kernel_h, kernel_w = weight.shape
+    packed = pack_direct(weight)
+    return packed, factory(in_channels, out_channels, kernel_h, kernel_w, *stride, *padding, packed.data_ptr())
+
+
 def pack_winograd(weight: Tensor, tile: int = 2) -> Tensor:
     """[O, C, 3, 3] -> blitzdiff._C.Conv2dWinograd's transformed weight for output tiles of tile x tile pixels,
     [(tile + 2)^2, ceil(O / 16), C, 16]: U = G g G^T per (o, c), computed in float64 and rounded once, position
@@ -284,9 +291,7 @@ class Conv2d(nn.Conv2d):
                     packed = pack_winograd(w, tile)
                     return packed, factory(self.in_channels, self.out_channels, *self.padding, packed.data_ptr(),
                                            tile)
-                packed = pack_direct(w)
-                return packed, factory(self.in_channels, self.out_channels, *self.kernel_size, *self.stride,
-                                       *self.padding, packed.data_ptr())
+                return direct_kernel(factory, w, self.stride, self.padding)
 
             entry = weight_entry(weight, make)
             setattr(self.prepacked, path, entry)  # one assignment: a concurrent call sees the old entry or the new

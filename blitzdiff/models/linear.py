@@ -1,6 +1,6 @@
 """The models' linear layers: nn.Linear whose eager CPU float32 calls with at most DIRECT_MAX_IN_FEATURES inputs run
 blitzdiff's register-tiled kernel (blitzdiff._C.Conv2dNhwc, csrc/conv2d_cpu.cpp, as a 1x1 convolution over the
-rows) from a weight blocked once (conv.pack_direct), instead of PyTorch's addmm (MKL's sgemm on x86 wheels).
+rows) from a weight blocked once (conv.direct_kernel), instead of PyTorch's addmm (MKL's sgemm on x86 wheels).
 
 Measured on a 2-core AMD EPYC (Zen 4), torch 2.13 (benchmarks/kernels/bench_linear.py, README "Linear layers"):
 with 96-512 inputs the kernel took 0.86-0.96x addmm's time at the embedded models' and SD 1.5's shapes (16-8192
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..kernels._backends import cpu_kernel, eager_cpu, profiled
 from ..kernels._library import call_cpu
-from .conv import direct_isa, made_from, pack_direct, weight_entry
+from .conv import direct_isa, direct_kernel, made_from, weight_entry
 
 # The kernel for layers of at most this many input features (module docstring: faster at 96-512 inputs in every
 # model shape measured; at 1152 faster too but with 9x MKL's error, at 4608 no faster)
@@ -73,13 +73,9 @@ class DirectLinear:
             factory = cpu_kernel("Conv2dNhwc")
             if factory is None:
                 return None
-            out_features, in_features = weight.shape
-
-            def make(w: Tensor) -> tuple[Tensor, object]:
-                packed = pack_direct(w.detach()[:, :, None, None])
-                return packed, factory(in_features, out_features, 1, 1, 1, 1, 0, 0, packed.data_ptr())
-
-            entry = self.entry = weight_entry(weight, make)  # one assignment: a concurrent call sees old or new
+            # [out, in] as a 1x1 convolution's weight [out, in, 1, 1], stride 1, no padding
+            entry = self.entry = weight_entry(  # one assignment: a concurrent call sees the old entry or the new
+                weight, lambda w: direct_kernel(factory, w[:, :, None, None], (1, 1), (0, 0)))
         return entry[3]
 
 
